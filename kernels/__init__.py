@@ -1,0 +1,1 @@
+"""Triton kernels (backend layer). Imports nothing from sparsebert."""

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job on its embedded default: sets itself up, then runs `sparsebert demo` (no arguments needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+exec sparsebert demo "$@"

@@ -1,0 +1,11 @@
+"""sparsebert: fused Triton and C++/CUDA kernels for sparse and pruned BERT-family encoders.
+
+Layers (bottom to top): backends (sparsebert.kernels, sparsebert._C) -> ops -> nn -> pruning/debias/data
+-> cli. See docs/ARCHITECTURE.md.
+"""
+from .nn import SparseLinear, densify, sparsify, sparsity_report
+from .ops import masked_linear, score_masked_linear, topk_threshold
+
+__version__ = "0.1.0"
+__all__ = ["SparseLinear", "sparsify", "densify", "sparsity_report", "masked_linear", "score_masked_linear",
+           "topk_threshold", "__version__"]

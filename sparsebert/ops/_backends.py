@@ -1,0 +1,157 @@
+"""Backend discovery and dispatch.
+
+Backends implement the 2-D contract of docs/ARCHITECTURE.md:
+  torch   plain torch (`_torch_backend`), always available;
+  cpp     the C++ CPU kernels of the extension `sparsebert._C` (CPU tensors);
+  cuda    the CUDA kernels of the same extension (CUDA tensors);
+  triton  `sparsebert.kernels` (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1).
+"auto" picks cuda > triton on a CUDA device and cpp > torch on the CPU. The environment variable
+SPARSEBERT_BACKEND replaces "auto" (useful to force a backend in a whole run).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from types import SimpleNamespace
+from typing import Dict, List
+
+import torch
+
+from . import _ext
+
+log = logging.getLogger("sparsebert.ops")
+
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+_OPS = (
+    "masked_linear_fwd", "masked_linear_bwd_input", "masked_linear_bwd_weight",
+    "score_masked_linear_fwd", "score_masked_linear_bwd_input", "score_masked_linear_bwd_weight_scores",
+    "topk_threshold",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+        return True
+    except Exception as exc:  # pragma: no cover - depends on the install
+        log.debug("triton not importable: %s", exc)
+        return False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _probe(device_type: str, interpreting: bool) -> tuple:
+    found = []
+    if device_type == "cuda":
+        if _ext.has_cuda():
+            found.append("cuda")
+        if triton_available():
+            found.append("triton")
+    else:
+        if _ext.has_cpu():
+            found.append("cpp")
+        if triton_available() and interpreting:
+            found.append("triton")
+    found.append("torch")
+    return tuple(found)
+
+
+_AVAILABLE: Dict[tuple, tuple] = {}
+
+
+def available_backends(device: torch.device | str = "cpu") -> List[str]:
+    """Backends that can run on `device`, fastest first (probed once per device type)."""
+    key = (torch.device(device).type, _interpreting())
+    if key not in _AVAILABLE:
+        _AVAILABLE[key] = _probe(*key)
+    return list(_AVAILABLE[key])
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """Turn "auto" (or an explicit name) into a backend that runs on `device`, or raise ValueError."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}, got {type(name).__name__}")
+    if name == "auto":
+        name = os.environ.get("SPARSEBERT_BACKEND", "auto")
+    usable = available_backends(device)
+    if name == "auto":
+        order = ("cuda", "triton", "torch") if torch.device(device).type == "cuda" else ("cpp", "torch")
+        choice = next(b for b in order if b in usable)
+    elif name not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    elif name not in usable:
+        raise ValueError(f"backend {name!r} is not available for tensors on {torch.device(device)}; available: {usable}")
+    else:
+        choice = name
+    if not torch.compiler.is_compiling():
+        _log_choice(choice, str(torch.device(device)))
+    return choice
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(backend: str, device: str) -> None:
+    log.debug("sparsebert ops on %s use the %s backend", device, backend)
+
+
+def _ext_namespace() -> SimpleNamespace:
+    ns = torch.ops.sparsebert_ext
+
+    def topk(scores, k_prune):
+        return ns.topk_threshold(list(scores), int(k_prune))
+
+    def bws(dy, x, weight, scores, threshold, need_dweight):
+        ds, dw = ns.score_masked_linear_bwd_weight_scores(dy, x, weight, scores, float(threshold), bool(need_dweight))
+        return ds, (dw if need_dweight else None)
+
+    def fwd_s(x, weight, bias, scores, threshold):
+        return ns.score_masked_linear_fwd(x, weight, bias, scores, float(threshold))
+
+    def bwi_s(dy, weight, scores, threshold):
+        return ns.score_masked_linear_bwd_input(dy, weight, scores, float(threshold))
+
+    return SimpleNamespace(
+        masked_linear_fwd=ns.masked_linear_fwd,
+        masked_linear_bwd_input=ns.masked_linear_bwd_input,
+        masked_linear_bwd_weight=ns.masked_linear_bwd_weight,
+        score_masked_linear_fwd=fwd_s,
+        score_masked_linear_bwd_input=bwi_s,
+        score_masked_linear_bwd_weight_scores=bws,
+        topk_threshold=topk,
+    )
+
+
+def _triton_namespace() -> SimpleNamespace:
+    ml = importlib.import_module("sparsebert.kernels.masked_linear")
+    sml = importlib.import_module("sparsebert.kernels.score_masked_linear")
+    topk = importlib.import_module("sparsebert.kernels.topk_threshold")
+    return SimpleNamespace(**{n: getattr(ml, n) for n in _OPS[:3]}, **{n: getattr(sml, n) for n in _OPS[3:6]},
+                           topk_threshold=topk.topk_threshold)
+
+
+_IMPLS: Dict[str, SimpleNamespace] = {}
+
+
+def impl(backend: str) -> SimpleNamespace:
+    """The namespace of 2-D functions of one backend."""
+    if backend not in _IMPLS:
+        if backend == "torch":
+            from . import _torch_backend as mod
+            _IMPLS[backend] = SimpleNamespace(**{n: getattr(mod, n) for n in _OPS})
+        elif backend in ("cpp", "cuda"):
+            if not _ext.load():
+                raise RuntimeError("the sparsebert._C extension is not built; reinstall with a compiler present")
+            _IMPLS[backend] = _ext_namespace()
+        elif backend == "triton":
+            _IMPLS[backend] = _triton_namespace()
+        else:
+            raise ValueError(f"unknown backend {backend!r}")
+    return _IMPLS[backend]
+
+
+# Probe the CPU backends at import, so that a torch.compile trace only reads the cached answer.
+available_backends("cpu")

@@ -1,0 +1,101 @@
+"""Input checks shared by the ops: clear errors that name the argument, raised before any kernel runs."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int32)
+
+
+def check_tensor(name: str, t, *, ndim: Optional[int] = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_float(name: str, t: Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_same_device(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move both to one device")
+
+
+def check_linear(x, weight, bias) -> None:
+    """x (..., K), weight (N, K), bias (N,) or None; one float dtype, one device."""
+    check_tensor("x", x)
+    check_tensor("weight", weight, ndim=2)
+    check_float("x", x)
+    check_float("weight", weight)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., in_features), got a scalar")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dimension but weight expects {weight.shape[1]} "
+            f"(weight shape {tuple(weight.shape)} = (out_features, in_features))"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}; they must match")
+    check_same_device("weight", weight, "x", x)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias has {bias.shape[0]} elements but weight has {weight.shape[0]} output rows")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but weight has {weight.dtype}; they must match")
+        check_same_device("bias", bias, "x", x)
+
+
+def check_mask(mask, weight: Tensor) -> bool:
+    """Returns True for a bit-packed (int32) mask. Shapes: (N, K), or (N, ceil(K/32)) when packed."""
+    check_tensor("mask", mask, ndim=2)
+    if mask.dtype not in MASK_DTYPES:
+        raise TypeError(f"mask must be bool or uint8 (dense) or int32 (bit-packed), got {mask.dtype}")
+    n, k = weight.shape
+    packed = mask.dtype == torch.int32
+    expected = (n, (k + 31) // 32) if packed else (n, k)
+    if tuple(mask.shape) != expected:
+        kind = "bit-packed int32 mask" if packed else "mask"
+        raise ValueError(f"{kind} must have shape {expected} for weight {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    check_same_device("mask", mask, "weight", weight)
+    return packed
+
+
+def check_scores(scores, weight: Tensor) -> None:
+    check_tensor("scores", scores, ndim=2)
+    check_float("scores", scores)
+    if scores.shape != weight.shape:
+        raise ValueError(f"scores must have the weight's shape {tuple(weight.shape)}, got {tuple(scores.shape)}")
+    check_same_device("scores", scores, "weight", weight)
+
+
+def as_threshold(threshold, device: torch.device) -> Tensor:
+    """A float or 0-dim tensor -> 0-dim fp32 tensor on `device`; NaN is refused."""
+    if isinstance(threshold, Tensor):
+        if threshold.numel() != 1:
+            raise ValueError(f"threshold must be a scalar or a 1-element tensor, got shape {tuple(threshold.shape)}")
+        t = threshold.detach().reshape(()).to(device=device, dtype=torch.float32)
+        # A host-side NaN check costs nothing on the CPU; on a GPU (or while tracing) it would force a sync.
+        if t.device.type == "cpu" and not torch.compiler.is_compiling() and torch.isnan(t).item():
+            raise ValueError("threshold is NaN; a mask cannot be taken from it")
+        return t
+    if not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a float or a 0-dim tensor, got {type(threshold).__name__}")
+    if math.isnan(threshold):
+        raise ValueError("threshold is NaN; a mask cannot be taken from it")
+    return torch.tensor(float(threshold), dtype=torch.float32, device=device)
+
+
+def check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a float in [0, 1), got {type(sparsity).__name__}")
+    if not (0.0 <= float(sparsity) < 1.0) or math.isnan(sparsity):
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return float(sparsity)

@@ -1,0 +1,81 @@
+"""Plain-torch references: the ground truth every backend is tested against.
+
+Same signatures as the public ops in `sparsebert.ops`. They are also the "unfused" baseline of the
+benchmarks: `score_masked_linear` materializes W * (s >= tau) and calls F.linear, exactly as
+movement-pruning code does, with a straight-through estimator for the scores.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """(N, K) bool/uint8 mask -> (N, ceil(K/32)) int32 words; bit k % 32 of word k // 32, LSB first."""
+    n, k = mask.shape
+    words = (k + 31) // 32
+    bits = torch.zeros(n, words * 32, dtype=torch.int64, device=mask.device)
+    bits[:, :k] = (mask != 0).to(torch.int64)
+    shifts = torch.arange(32, device=mask.device, dtype=torch.int64)
+    packed = (bits.view(n, words, 32) << shifts).sum(dim=-1)
+    # Reinterpret the low 32 bits as a signed int32 (bit 31 set => negative).
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def unpack_mask(packed: Tensor, in_features: int) -> Tensor:
+    """Inverse of `pack_mask`: (N, ceil(K/32)) int32 -> (N, K) bool."""
+    shifts = torch.arange(32, device=packed.device, dtype=torch.int64)
+    bits = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :in_features].bool()
+
+
+def dense_mask(mask: Tensor, in_features: int) -> Tensor:
+    """Any supported mask format -> (N, K) bool."""
+    if mask.dtype == torch.int32:
+        return unpack_mask(mask, in_features)
+    return mask != 0
+
+
+def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor) -> Tensor:
+    """y = x (W * m)^T + b. Autograd gives dX and dW * m (the mask is a constant)."""
+    m = dense_mask(mask, weight.shape[1]).to(weight.dtype)
+    return F.linear(x, weight * m, bias)
+
+
+class _StraightThroughMask(torch.autograd.Function):
+    """m = (scores >= threshold) forward; the gradient passes straight through to the scores."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, threshold: Tensor) -> Tensor:
+        return (scores >= threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def score_masked_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, threshold: Union[float, Tensor]
+) -> Tensor:
+    """y = x (W * [s >= tau])^T + b, with dScores = (dY^T X) * W by the straight-through estimator."""
+    tau = torch.as_tensor(threshold, dtype=torch.float32, device=scores.device)
+    m = _StraightThroughMask.apply(scores, tau.to(scores.dtype) if scores.dtype != torch.float32 else tau)
+    return F.linear(x, weight * m.to(weight.dtype), bias)
+
+
+def topk_threshold(scores: Union[Tensor, Sequence[Tensor]], sparsity: float) -> Tensor:
+    """The threshold tau such that `s >= tau` prunes round(sparsity * n) of the n scores (ties aside).
+
+    Global over all tensors when given a list. Returns a 0-dim fp32 tensor; -inf when nothing is pruned.
+    """
+    tensors = [scores] if isinstance(scores, Tensor) else list(scores)
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    k_prune = int(round(sparsity * flat.numel()))
+    if k_prune == 0:
+        return torch.tensor(-math.inf, device=flat.device)
+    return flat.kthvalue(k_prune + 1).values if k_prune < flat.numel() else flat.max()

@@ -1,0 +1,19 @@
+"""Shared test helpers: precision-derived tolerances and a relative-error measure."""
+import torch
+
+# Norm-relative error bounds derived from each dtype's unit roundoff (fp32 2^-24, fp16 2^-11, bf16 2^-8)
+# with headroom for accumulation over K <= 128 terms and the final rounding of the output.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN never passes."""
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(out, ref, dtype, what=""):
+    err = rel_err(out, ref)
+    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3g} > {REL_TOL[dtype]:.3g} for {dtype}"

@@ -1,0 +1,26 @@
+"""Test set-up shared by every test module.
+
+Triton kernels run on CPU tensors under the interpreter in CI, so TRITON_INTERPRET must be set before
+anything imports triton. On a machine with a GPU, `pytest -m cuda` runs the compiled paths instead
+(set SPARSEBERT_TEST_GPU=1 to leave the interpreter off).
+"""
+import os
+
+if os.environ.get("SPARSEBERT_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    no_gpu = not torch.cuda.is_available()
+    for item in items:
+        if "cuda" in item.keywords and no_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
