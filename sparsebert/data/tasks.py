@@ -1,0 +1,440 @@
+"""Tasks, the common example type, and loaders for the local evaluation files.
+
+Every loader reads one local file in its published format and returns ``list[Example]``. A missing file
+raises ``FileNotFoundError`` naming it; a malformed one raises :class:`DataFormatError` (a ``ValueError``)
+naming the file, the 1-based line number and what was expected there.
+
+Label conventions (index = position in ``TaskSpec.label_names``):
+
+* mnli: 0 entailment, 1 neutral, 2 contradiction.
+* hans, hans_style, synthetic: 0 entailment, 1 non-entailment.
+* qqp, paws, paws_qqp, mrpc: 0 not paraphrase, 1 paraphrase.
+* sst2: 0 negative, 1 positive (``text_b`` is None).
+* fever, fever_symmetric: 0 SUPPORTS, 1 REFUTES, 2 NOT ENOUGH INFO.
+
+For FEVER the pair is ordered like NLI: ``text_a`` = evidence (premise), ``text_b`` = claim (hypothesis).
+
+What is real and what is generated in :func:`load_task` (the data folder holds only the files listed in
+``../shared/data/README.md``; MNLI train, QQP, FEVER train and the official HANS set are NOT here):
+
+* mnli: train = REAL MNLI dev_matched.tsv, seeded stratified split (1 - dev_fraction); id_dev = REAL,
+  the held-out part; ood = GENERATED HANS-style set (``hans_style.py``; not the official HANS).
+* mrpc: train = REAL MRPC train.tsv; id_dev = REAL MRPC dev.tsv; ood = REAL PAWS-QQP dev_and_test.tsv.
+* paws_qqp: train = REAL PAWS-QQP train.tsv, seeded split; id_dev = REAL, held-out part of train.tsv;
+  ood = REAL PAWS-QQP dev_and_test.tsv (its official evaluation set).
+* sst2: train = REAL SST-2 train.tsv; id_dev = REAL SST-2 dev.tsv; ood = None (none available).
+* fever_symmetric: train = REAL Fever-Symmetric v0.2_dev.jsonl, seeded split grouped by claim (each
+  claim occurs twice there, once per label); id_dev = REAL, held-out
+  part; ood = REAL Fever-Symmetric v0.1_generated.jsonl (symmetric pairs: claim-only cues do not predict the label).
+* synthetic: all three GENERATED (``synthetic.py``), the spurious feature decorrelated in ood.
+
+``meta["source"]`` on every example says where it came from (file name, or the generator's name).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+__all__ = [
+    "Example", "TaskSpec", "TASKS", "get_task", "DataFormatError", "TaskSplits",
+    "default_data_dir", "load_mnli", "load_hans", "load_qqp", "load_paws", "load_mrpc", "load_sst2",
+    "load_fever", "load_fever_symmetric", "split_examples", "load_task", "mnli_to_hans_probs",
+]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One classification example. ``text_b`` is None for single-sentence tasks; ``meta`` carries
+    provenance and extras (``source``, ``heuristic``/``subcase``/``template`` for HANS, ``bias_probs``)."""
+
+    text_a: str
+    text_b: str | None
+    label: int
+    meta: dict = field(default_factory=dict, hash=False, compare=True)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    num_labels: int
+    label_names: tuple[str, ...]
+    metric: str  # "accuracy" or "f1" (F1 of the positive class, label 1)
+    pair: bool = True
+
+    def label_id(self, name: str) -> int:
+        return self.label_names.index(name)
+
+
+_NLI2 = ("entailment", "non-entailment")
+_PARA = ("not_paraphrase", "paraphrase")
+_FEVER = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("mnli", 3, ("entailment", "neutral", "contradiction"), "accuracy"),
+        TaskSpec("hans", 2, _NLI2, "accuracy"),
+        TaskSpec("hans_style", 2, _NLI2, "accuracy"),
+        TaskSpec("qqp", 2, _PARA, "f1"),
+        TaskSpec("paws", 2, _PARA, "f1"),
+        TaskSpec("paws_qqp", 2, _PARA, "f1"),
+        TaskSpec("mrpc", 2, _PARA, "f1"),
+        TaskSpec("sst2", 2, ("negative", "positive"), "accuracy", pair=False),
+        TaskSpec("fever", 3, _FEVER, "accuracy"),
+        TaskSpec("fever_symmetric", 3, _FEVER, "accuracy"),
+        TaskSpec("synthetic", 2, _NLI2, "accuracy"),
+    )
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise ValueError(f"task: unknown task {name!r}; expected one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def mnli_to_hans_probs(probs):
+    """Collapse 3-way MNLI probabilities (..., 3) to HANS's 2 classes (..., 2): entailment stays,
+    neutral + contradiction become non-entailment (the usual HANS evaluation of MNLI models)."""
+    if probs.shape[-1] != 3:
+        raise ValueError(f"probs: expected last dim 3 (MNLI classes), got shape {tuple(probs.shape)}")
+    import torch
+
+    return torch.stack([probs[..., 0], probs[..., 1] + probs[..., 2]], dim=-1)
+
+
+class DataFormatError(ValueError):
+    """A data file does not have the expected format; the message names the file and line."""
+
+    def __init__(self, path, line: int | None, expected: str, got: str | None = None):
+        where = f"{path}" + (f", line {line}" if line is not None else "")
+        msg = f"{where}: expected {expected}"
+        if got is not None:
+            msg += f", got {got}"
+        super().__init__(msg)
+        self.path, self.line = str(path), line
+
+
+# ----------------------------------------------------------------------------------------------- paths
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def default_data_dir() -> Path:
+    """``$SPARSEBERT_DATA`` if set, else ``<repo root>/../shared/data`` (not required to exist)."""
+    env = os.environ.get("SPARSEBERT_DATA")
+    if env:
+        return Path(env).expanduser().resolve()
+    return (_repo_root() / ".." / "shared" / "data").resolve()
+
+
+def _check_file(path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found (see ../shared/data/README.md for the "
+                                "expected layout, or set SPARSEBERT_DATA)")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ raw readers
+def _read_tsv(path, what: str, *, encoding: str = "utf-8") -> tuple[list[str], Iterator[tuple[int, dict]]]:
+    """Header + rows of a tab-separated file with no quoting (GLUE style). Rows are checked for the
+    header's field count. Yields (1-based line number, {column: value})."""
+    path = _check_file(path, what)
+    with open(path, encoding=encoding, newline="") as f:
+        lines = f.read().splitlines()
+    if not lines or not lines[0].strip():
+        raise DataFormatError(path, 1, "a tab-separated header row", "an empty file")
+    header = [h.strip() for h in lines[0].split("\t")]
+    if header and header[0].startswith("\ufeff"):
+        header[0] = header[0][1:]  # a BOM read without utf-8-sig
+
+    def rows():
+        for number, line in enumerate(lines[1:], start=2):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != len(header):
+                raise DataFormatError(path, number, f"{len(header)} tab-separated fields ({', '.join(header)})",
+                                      f"{len(fields)}")
+            yield number, dict(zip(header, fields))
+
+    return header, rows()
+
+
+def _pick_column(header: list[str], candidates: Sequence[str], path, purpose: str) -> str:
+    for c in candidates:
+        if c in header:
+            return c
+    raise DataFormatError(path, 1, f"a header with a {purpose} column named one of {list(candidates)}",
+                          f"columns {header}")
+
+
+def _label(value: str, mapping: dict[str, int], path, line: int, column: str) -> int:
+    key = value.strip()
+    if key not in mapping:
+        raise DataFormatError(path, line, f"column {column!r} to be one of {sorted(mapping)}", repr(value))
+    return mapping[key]
+
+
+def _pair_tsv(path, what, a_cols, b_cols, label_cols, mapping, task, *, encoding="utf-8",
+              skip_labels=()) -> list[Example]:
+    header, rows = _read_tsv(path, what, encoding=encoding)
+    col_a = _pick_column(header, a_cols, path, "first text")
+    col_b = _pick_column(header, b_cols, path, "second text") if b_cols else None
+    col_y = _pick_column(header, label_cols, path, "label")
+    source = Path(path).name
+    out = []
+    for line, row in rows:
+        if row[col_y].strip() in skip_labels:
+            continue
+        label = _label(row[col_y], mapping, path, line, col_y)
+        out.append(Example(row[col_a].strip(), row[col_b].strip() if col_b else None, label,
+                           {"source": f"{task}:{source}", "line": line}))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- loaders
+def load_mnli(path) -> list[Example]:
+    """MNLI: the GLUE tsv (sentence1/sentence2/gold_label, many columns) or the local dev_matched.tsv
+    layout (index, premise, hypothesis, gold_label, number of correct responses). Rows with gold
+    label ``-`` (no annotator consensus) are skipped."""
+    mapping = {n: i for i, n in enumerate(TASKS["mnli"].label_names)}
+    return _pair_tsv(path, "MNLI tsv", ("sentence1", "premise"), ("sentence2", "hypothesis"), ("gold_label",),
+                     mapping, "mnli", skip_labels=("-",))
+
+
+def load_hans(path) -> list[Example]:
+    """Official HANS ``heuristics_evaluation_set.txt`` (tsv: gold_label, sentence1_binary_parse,
+    sentence2_binary_parse, sentence1_parse, sentence2_parse, sentence1, sentence2, pairID, heuristic,
+    subcase, template). Columns are read by name; heuristic/subcase/template/pairID go to meta."""
+    header, rows = _read_tsv(path, "HANS evaluation set")
+    for col in ("gold_label", "sentence1", "sentence2", "heuristic", "subcase", "template"):
+        _pick_column(header, (col,), path, col)
+    mapping = {"entailment": 0, "non-entailment": 1}
+    out = []
+    for line, row in rows:
+        meta = {k: row[k].strip() for k in ("heuristic", "subcase", "template")}
+        if "pairID" in row:
+            meta["pair_id"] = row["pairID"].strip()
+        meta.update(source=f"hans:{Path(path).name}", line=line)
+        out.append(Example(row["sentence1"].strip(), row["sentence2"].strip(),
+                           _label(row["gold_label"], mapping, path, line, "gold_label"), meta))
+    return out
+
+
+def load_qqp(path) -> list[Example]:
+    """QQP: GLUE layout (id, qid1, qid2, question1, question2, is_duplicate); also accepts the PAWS
+    layout (sentence1, sentence2, label). Label 1 = duplicate/paraphrase."""
+    return _pair_tsv(path, "QQP tsv", ("question1", "sentence1"), ("question2", "sentence2"),
+                     ("is_duplicate", "label"), {"0": 0, "1": 1}, "qqp")
+
+
+def load_paws(path) -> list[Example]:
+    """PAWS-QQP or PAWS-Wiki tsv: id, sentence1, sentence2, label (1 = paraphrase). CRLF line ends
+    (as in PAWS-QQP train.tsv) are accepted."""
+    return _pair_tsv(path, "PAWS tsv", ("sentence1",), ("sentence2",), ("label",), {"0": 0, "1": 1}, "paws")
+
+
+def load_mrpc(path) -> list[Example]:
+    """GLUE MRPC tsv: Quality, #1 ID, #2 ID, #1 String, #2 String; the file starts with a UTF-8 BOM."""
+    return _pair_tsv(path, "MRPC tsv", ("#1 String",), ("#2 String",), ("Quality",), {"0": 0, "1": 1}, "mrpc",
+                     encoding="utf-8-sig")
+
+
+def load_sst2(path) -> list[Example]:
+    """GLUE SST-2 tsv: sentence, label (1 = positive). ``text_b`` is None."""
+    return _pair_tsv(path, "SST-2 tsv", ("sentence",), None, ("label",), {"0": 0, "1": 1}, "sst2")
+
+
+_FEVER_MAP = {"SUPPORTS": 0, "REFUTES": 1, "NOT ENOUGH INFO": 2}
+
+
+def _fever_label(value, path, line) -> int:
+    if not isinstance(value, str):
+        raise DataFormatError(path, line, f"a string label in {sorted(_FEVER_MAP)}", repr(value))
+    key = value.strip().upper().replace("_", " ")
+    if key not in _FEVER_MAP:
+        raise DataFormatError(path, line, f"label in {sorted(_FEVER_MAP)}", repr(value))
+    return _FEVER_MAP[key]
+
+
+def load_fever(path, *, task: str = "fever") -> list[Example]:
+    """FEVER-style jsonl: one object per line with ``claim``, an evidence text (``evidence``,
+    ``evidence_sentence`` or ``sentence1``) and a label (``gold_label`` or ``label``: SUPPORTS, REFUTES,
+    NOT ENOUGH INFO). ``text_a`` = evidence, ``text_b`` = claim."""
+    path = _check_file(path, "FEVER jsonl")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(path, line_no, "one JSON object per line", f"invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataFormatError(path, line_no, "a JSON object", type(obj).__name__)
+            evidence_key = next((k for k in ("evidence", "evidence_sentence", "sentence1") if k in obj), None)
+            label_key = next((k for k in ("gold_label", "label") if k in obj), None)
+            if "claim" not in obj or evidence_key is None or label_key is None:
+                raise DataFormatError(path, line_no, "keys 'claim', 'evidence' (or 'evidence_sentence'/"
+                                      "'sentence1') and 'gold_label' (or 'label')", f"keys {sorted(obj)}")
+            evidence = obj[evidence_key]
+            if isinstance(evidence, list):  # a list of sentences
+                evidence = " ".join(str(e) for e in evidence)
+            if not isinstance(evidence, str) or not isinstance(obj["claim"], str):
+                raise DataFormatError(path, line_no, "string 'claim' and evidence fields")
+            meta = {"source": f"{task}:{path.name}", "line": line_no}
+            if "id" in obj:
+                meta["id"] = str(obj["id"])
+            out.append(Example(evidence.strip(), obj["claim"].strip(), _fever_label(obj[label_key], path, line_no),
+                               meta))
+    return out
+
+
+def load_fever_symmetric(path) -> list[Example]:
+    """Fever-Symmetric v0.1 (claim, evidence_sentence, label) or v0.2 (claim, evidence, gold_label, ...)."""
+    return load_fever(path, task="fever_symmetric")
+
+
+# ---------------------------------------------------------------------------------------------- splits
+def split_examples(examples: Sequence[Example], sizes: Sequence[float | int], seed: int = 0, *,
+                   stratify: bool = True, group_by: Callable[[Example], object] | None = None
+                   ) -> list[list[Example]]:
+    """Seeded disjoint split. ``sizes`` are either all fractions (floats in (0, 1], summing to <= 1; the
+    last part may absorb rounding) or all counts (ints, summing to <= len). With ``stratify`` each
+    part keeps the label proportions (classes are shuffled separately and interleaved by rank).
+    ``group_by`` (e.g. ``lambda ex: ex.text_b``) keeps examples with the same key in the same part:
+    groups are shuffled and each cut moves to the next group boundary, so part sizes are approximate
+    and ``stratify`` is not applied. Deterministic given the seed and the input order."""
+    n = len(examples)
+    if not sizes:
+        raise ValueError("sizes: expected at least one part size")
+    if all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+        counts = list(sizes)
+        if any(c < 0 for c in counts) or sum(counts) > n:
+            raise ValueError(f"sizes: counts must be >= 0 and sum to <= {n} examples, got {list(sizes)}")
+    elif all(isinstance(s, float) for s in sizes):
+        if any(not 0.0 < s <= 1.0 for s in sizes) or sum(sizes) > 1.0 + 1e-9:
+            raise ValueError(f"sizes: fractions must be in (0, 1] and sum to <= 1, got {list(sizes)}")
+        counts = [int(round(s * n)) for s in sizes]
+        if abs(sum(sizes) - 1.0) < 1e-9:
+            counts[-1] = n - sum(counts[:-1])
+        while sum(counts) > n:
+            counts[counts.index(max(counts))] -= 1
+    else:
+        raise TypeError(f"sizes: expected all floats (fractions) or all ints (counts), got {list(sizes)}")
+    rng = random.Random(seed)
+    if group_by is not None:
+        groups: dict[object, list[int]] = {}
+        for i, ex in enumerate(examples):
+            groups.setdefault(group_by(ex), []).append(i)
+        shuffled = list(groups.values())
+        rng.shuffle(shuffled)
+        order = [i for g in shuffled for i in g]
+        ends = [0]
+        for g in shuffled:
+            ends.append(ends[-1] + len(g))
+        parts, start, target = [], 0, 0
+        for c in counts:
+            target += c
+            stop = next(e for e in ends if e >= min(target, n)) if c else start
+            stop = max(stop, start)
+            parts.append([examples[i] for i in order[start:stop]])
+            start = stop
+        return parts
+    if stratify:
+        by_label: dict[int, list[int]] = {}
+        for i, ex in enumerate(examples):
+            by_label.setdefault(ex.label, []).append(i)
+        keyed = []
+        for label in sorted(by_label):
+            idx = by_label[label]
+            rng.shuffle(idx)
+            keyed += [((r + rng.random()) / len(idx), i) for r, i in enumerate(idx)]
+        order = [i for _, i in sorted(keyed)]
+    else:
+        order = list(range(n))
+        rng.shuffle(order)
+    parts, start = [], 0
+    for c in counts:
+        parts.append([examples[i] for i in order[start:start + c]])
+        start += c
+    return parts
+
+
+class TaskSplits(NamedTuple):
+    train: list[Example]
+    id_dev: list[Example]
+    ood: list[Example] | None
+    spec: TaskSpec          # label space of train / id_dev
+    ood_spec: TaskSpec | None  # label space of ood (HANS: 2 classes for the 3-class MNLI)
+    sources: dict           # split name -> human-readable provenance ("real: ..." / "GENERATED: ...")
+
+
+_SPLITS = ("train", "dev", "id_dev", "ood", "all")
+
+
+def load_task(name: str, split: str = "all", data_dir=None, *, seed: int = 0, dev_fraction: float = 0.2,
+              hans_per_subcase: int = 100, synthetic_sizes: tuple[int, int, int] = (2000, 500, 500)):
+    """The standard sets for ``name`` (see the module docstring for what is real and what is generated).
+    ``split``: "train", "dev"/"id_dev", "ood" (a list, or None when there is no OOD set) or "all" (a
+    :class:`TaskSplits`). ``seed`` drives the train/dev split and the generators."""
+    if split not in _SPLITS:
+        raise ValueError(f"split: expected one of {_SPLITS}, got {split!r}")
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if name == "mnli":
+        from .hans_style import HANS_STYLE_NAME, generate_hans_style
+
+        train, dev = split_examples(load_mnli(root / "mnli" / "dev_matched.tsv"),
+                                    [1.0 - dev_fraction, dev_fraction], seed)
+        ood = generate_hans_style(hans_per_subcase, seed) if split in ("ood", "all") else None
+        splits = TaskSplits(train, dev, ood, TASKS["mnli"], TASKS["hans_style"], {
+            "train": f"real: MNLI dev_matched.tsv, {1 - dev_fraction:.0%} seeded stratified split (seed {seed})",
+            "id_dev": f"real: MNLI dev_matched.tsv, the held-out {dev_fraction:.0%}",
+            "ood": f"GENERATED: {HANS_STYLE_NAME}, {hans_per_subcase} per subcase (seed {seed}); "
+                   "not the official HANS set"})
+    elif name == "mrpc":
+        splits = TaskSplits(load_mrpc(root / "mrpc" / "train.tsv"), load_mrpc(root / "mrpc" / "dev.tsv"),
+                            load_paws(root / "paws_qqp" / "dev_and_test.tsv"), TASKS["mrpc"], TASKS["paws_qqp"],
+                            {"train": "real: MRPC train.tsv", "id_dev": "real: MRPC dev.tsv",
+                             "ood": "real: PAWS-QQP dev_and_test.tsv"})
+    elif name in ("paws_qqp", "paws"):
+        train, dev = split_examples(load_paws(root / "paws_qqp" / "train.tsv"), [1.0 - dev_fraction, dev_fraction],
+                                    seed)
+        splits = TaskSplits(train, dev, load_paws(root / "paws_qqp" / "dev_and_test.tsv"), TASKS["paws_qqp"],
+                            TASKS["paws_qqp"], {
+                                "train": f"real: PAWS-QQP train.tsv, seeded split (seed {seed})",
+                                "id_dev": "real: PAWS-QQP train.tsv, held-out part",
+                                "ood": "real: PAWS-QQP dev_and_test.tsv (its official evaluation set)"})
+    elif name == "sst2":
+        splits = TaskSplits(load_sst2(root / "sst2" / "train.tsv"), load_sst2(root / "sst2" / "dev.tsv"), None,
+                            TASKS["sst2"], None, {"train": "real: SST-2 train.tsv", "id_dev": "real: SST-2 dev.tsv",
+                                                  "ood": "none available"})
+    elif name == "fever_symmetric":
+        # every v0.2 claim occurs twice, once per label: keep both copies in one part, or a claim-only
+        # model would see the claim with the opposite label in train
+        train, dev = split_examples(load_fever_symmetric(root / "fever_symmetric" / "v0.2_dev.jsonl"),
+                                    [1.0 - dev_fraction, dev_fraction], seed, group_by=lambda ex: ex.text_b)
+        splits = TaskSplits(train, dev, load_fever_symmetric(root / "fever_symmetric" / "v0.1_generated.jsonl"),
+                            TASKS["fever_symmetric"], TASKS["fever_symmetric"], {
+                                "train": "real: Fever-Symmetric v0.2_dev.jsonl, seeded split grouped by claim "
+                                         f"(seed {seed})",
+                                "id_dev": "real: Fever-Symmetric v0.2_dev.jsonl, held-out part",
+                                "ood": "real: Fever-Symmetric v0.1_generated.jsonl"})
+    elif name == "synthetic":
+        from .synthetic import SYNTHETIC_NAME, make_synthetic_task
+
+        train, dev, ood = make_synthetic_task(*synthetic_sizes, seed=seed)
+        splits = TaskSplits(train, dev, ood, TASKS["synthetic"], TASKS["synthetic"], {
+            k: f"GENERATED: {SYNTHETIC_NAME} (seed {seed})" for k in ("train", "id_dev", "ood")})
+    else:
+        raise ValueError(f"name: load_task knows mnli, mrpc, paws_qqp, sst2, fever_symmetric, synthetic; got {name!r}")
+    if split == "all":
+        return splits
+    return {"train": splits.train, "dev": splits.id_dev, "id_dev": splits.id_dev, "ood": splits.ood}[split]
