@@ -17,8 +17,8 @@ from ._backends import impl, resolve_backend
 
 
 def _tau(threshold: Tensor, backend: str):
-    # The compiled backends take the threshold as a host float; torch keeps it on the device.
-    return threshold if backend == "torch" else float(threshold)
+    # torch and Triton read the threshold on the device (no host sync); the C++/CUDA ops take a float.
+    return threshold if backend in ("torch", "triton") else float(threshold)
 
 
 @torch.library.custom_op("sparsebert::score_masked_linear", mutates_args=())

@@ -1,0 +1,450 @@
+"""The three GEMMs shared by `masked_linear` and `score_masked_linear`, with their tile helpers.
+
+Both ops are "a linear layer whose weight is multiplied by a 0/1 keep-mask"; they differ only in where
+the mask comes from (`MASK_KIND`):
+
+    MASK_UINT8   (N, K) uint8, nonzero = keep
+    MASK_PACKED  (N, ceil(K/32)) int32, bit k % 32 of word k // 32 (LSB first) = keep
+    MASK_SCORES  (N, K) scores of any float dtype, keep = scores >= threshold
+
+The mask is always built in registers from its source, right after the weight tile is loaded (forward
+and input-gradient GEMMs) or in the epilogue (weight-gradient GEMM); W * m is never written to memory.
+
+Kernels (block names: BLOCK_M x BLOCK_N is the output tile, BLOCK_K the reduction step):
+    linear_fwd_kernel          y  = x @ (W * m)^T + bias       (M, N), reduce over K  (tile of y^T)
+    linear_bwd_input_kernel    dx = dy @ (W * m)                (M, K), reduce over N  (tile of dx^T)
+    linear_bwd_weight_kernel   G  = dy^T @ x                    (N, K), reduce over M (optionally split),
+                               epilogue: dweight = G * m and/or dscores = G * W
+    weight_grad_finalize_kernel  sums the split-M partials of G and runs the same epilogue
+
+Accumulation is fp32; fp32 inputs use an exact fp32 dot (input_precision="ieee"). Tiles are visited in
+grouped order (GROUP_M rows of tiles at a time) so that the operand tiles stay in L2.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MASK_UINT8 = 1
+MASK_PACKED = 2
+MASK_SCORES = 3
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), chosen for H100/H200 (228 KB shared memory / SM).
+_GPU_TILES = [
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 64, 128, 4, 3),
+    (32, 64, 128, 4, 4),
+]
+_SHARED_MEMORY_BUDGET = 227 * 1024  # H100/H200 per-block maximum
+
+
+def _configs():
+    if INTERPRET:  # one small config: the interpreter runs every program in Python
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3}, num_warps=1, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in _GPU_TILES
+    ]
+
+
+def _pruner(rows_arg, cols_arg, operand_arg, mask_arg):
+    """early_config_prune: drop configs whose pipelined tiles overflow shared memory (operands over
+    num_stages buffers, the mask/scores tile, when read in the K loop, over num_stages - 1; a packed mask
+    is gathered as one int32 word per weight element), and tiles much larger than the output (they only
+    waste work at small token counts)."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        rows, cols = args[rows_arg], args[cols_arg]
+        elem = args[operand_arg].element_size()
+        mask_elem = args[mask_arg].element_size() if mask_arg else 0
+        kept = []
+        for cfg in configs:
+            bm, bn, bk, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], max(cfg.num_stages, 2)
+            smem = (bm + bn) * bk * elem * stages + bn * bk * mask_elem * (stages - 1)
+            if smem > _SHARED_MEMORY_BUDGET:
+                continue
+            if bm > max(32, triton.next_power_of_2(rows)) or bn > max(64, triton.next_power_of_2(cols)):
+                continue
+            kept.append(cfg)
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
+
+
+def _autotune(key, rows_arg, cols_arg, operand_arg, mask_arg=None):
+    prune = None if INTERPRET else {"early_config_prune": _pruner(rows_arg, cols_arg, operand_arg, mask_arg)}
+    return triton.autotune(configs=_configs(), key=key, prune_configs_by=prune)
+
+
+def bucket(n: int) -> int:
+    """Autotuning key for the token count: next power of two, so varying batch sizes share a tuning."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# tile helpers
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def grouped_tile(pid, rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(tile row, tile col) of program `pid`, walking GROUP_M tile rows column by column (L2 reuse)."""
+    num_pid_m = tl.cdiv(rows, BLOCK_M)
+    num_pid_n = tl.cdiv(cols, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def load_threshold(threshold, threshold_ptr, scores_ptr, THRESHOLD_FROM_PTR: tl.constexpr):
+    """The threshold as fp32, rounded to the scores' dtype first (torch's `scores >= tau` semantics).
+
+    From a Python float it arrives already rounded (the launcher does it); from a 0-dim fp32 tensor it is
+    read and rounded here, so the host never waits for the device."""
+    if THRESHOLD_FROM_PTR:
+        tau = tl.load(threshold_ptr).to(tl.float32).to(scores_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        tau = threshold
+    return tau
+
+
+@triton.jit
+def load_keep(mask_ptr, n, k, N, K, words_per_row, tau, MASK_KIND: tl.constexpr):
+    """Boolean keep-mask at weight coordinates (n, k) (broadcastable int tensors); False out of bounds."""
+    in_bounds = (n < N) & (k < K)
+    if MASK_KIND == 1:
+        keep = tl.load(mask_ptr + n * K + k, mask=in_bounds, other=0) != 0
+    elif MASK_KIND == 2:
+        word = tl.load(mask_ptr + n * words_per_row + k // 32, mask=in_bounds, other=0)
+        keep = ((word >> (k % 32)) & 1) != 0
+    else:
+        scores = tl.load(mask_ptr + n * K + k, mask=in_bounds, other=0.0).to(tl.float32)
+        keep = (scores >= tau) & in_bounds
+    return keep
+
+
+@triton.jit
+def mma(a, b, acc, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc += a @ b. IEEE_DOT: exact fp32 products (fp32 inputs). UPCAST_DOT: the interpreter's 16-bit dot
+    is wrong, so it multiplies the (exactly) upcast fp32 values instead; same math as the tensor cores."""
+    if UPCAST_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE_DOT:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------------
+# y = x @ (W * m)^T + bias, computed as y^T = (W * m) @ x^T: the masked weight tile is the dot's first
+# operand, which Hopper's wgmma reads from registers, so masking it costs no extra shared-memory trip.
+# ----------------------------------------------------------------------------------------------------
+@_autotune(key=["M_BUCKET", "N", "K"], rows_arg="M", cols_arg="N", operand_arg="x_ptr", mask_arg="mask_ptr")
+@triton.jit
+def linear_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, mask_ptr, y_ptr,
+    M, N, K, M_BUCKET, words_per_row, threshold, threshold_ptr,
+    MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, THRESHOLD_FROM_PTR: tl.constexpr,
+    IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # tokens
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
+    offs_k = tl.arange(0, BLOCK_K)
+    tau = 0.0
+    if MASK_KIND == 3:
+        tau = load_threshold(threshold, threshold_ptr, mask_ptr, THRESHOLD_FROM_PTR)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        w = tl.load(w_ptr + offs_n[:, None] * K + ks[None, :], mask=(offs_n[:, None] < N) & (ks[None, :] < K), other=0.0)
+        keep = load_keep(mask_ptr, offs_n[:, None], ks[None, :], N, K, words_per_row, tau, MASK_KIND)
+        # x^T tile (BLOCK_K, BLOCK_M): element [k, m] = x[m, k]
+        xt = tl.load(x_ptr + offs_m[None, :] * K + ks[:, None], mask=(ks[:, None] < K) & (offs_m[None, :] < M), other=0.0)
+        acc = mma(tl.where(keep, w, 0.0).to(xt.dtype), xt, acc, IEEE_DOT, UPCAST_DOT)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    y_mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dx = dy @ (W * m), computed as dx^T = (W * m)^T @ dy^T (masked weight again the register operand)
+# ----------------------------------------------------------------------------------------------------
+@_autotune(key=["M_BUCKET", "N", "K"], rows_arg="M", cols_arg="K", operand_arg="dy_ptr", mask_arg="mask_ptr")
+@triton.jit
+def linear_bwd_input_kernel(
+    dy_ptr, w_ptr, mask_ptr, dx_ptr,
+    M, N, K, M_BUCKET, words_per_row, threshold, threshold_ptr,
+    MASK_KIND: tl.constexpr, THRESHOLD_FROM_PTR: tl.constexpr,
+    IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # output tile: tokens offs_m x input features offs_c; reduction over output features r
+    pid_m, pid_c = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_K)
+    tau = 0.0
+    if MASK_KIND == 3:
+        tau = load_threshold(threshold, threshold_ptr, mask_ptr, THRESHOLD_FROM_PTR)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # dx^T tile
+    for n0 in range(0, N, BLOCK_K):
+        rs = n0 + offs_r
+        # W^T tile (BLOCK_N, BLOCK_K): element [c, r] = W[r, c]
+        w_mask = (offs_c[:, None] < K) & (rs[None, :] < N)
+        wt = tl.load(w_ptr + rs[None, :] * K + offs_c[:, None], mask=w_mask, other=0.0)
+        keep = load_keep(mask_ptr, rs[None, :], offs_c[:, None], N, K, words_per_row, tau, MASK_KIND)
+        # dy^T tile (BLOCK_K, BLOCK_M): element [r, m] = dy[m, r]
+        dyt = tl.load(dy_ptr + offs_m[None, :] * N + rs[:, None], mask=(rs[:, None] < N) & (offs_m[None, :] < M), other=0.0)
+        acc = mma(tl.where(keep, wt, 0.0).to(dyt.dtype), dyt, acc, IEEE_DOT, UPCAST_DOT)
+
+    dx_mask = (offs_c[:, None] < K) & (offs_m[None, :] < M)
+    tl.store(dx_ptr + offs_m[None, :] * K + offs_c[:, None], acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# G = dy^T @ x;  dweight = G * m,  dscores = G * W
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def weight_grad_epilogue(
+    g, offs_n, offs_k, N, K, w_ptr, mask_ptr, dweight_ptr, dscores_ptr, words_per_row, tau,
+    MASK_KIND: tl.constexpr, WRITE_DWEIGHT: tl.constexpr, WRITE_DSCORES: tl.constexpr,
+):
+    """Writes the requested outputs of the fp32 tile g = G[offs_n, offs_k]."""
+    out_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    idx = offs_n[:, None] * K + offs_k[None, :]
+    if WRITE_DWEIGHT:
+        keep = load_keep(mask_ptr, offs_n[:, None], offs_k[None, :], N, K, words_per_row, tau, MASK_KIND)
+        tl.store(dweight_ptr + idx, tl.where(keep, g, 0.0).to(dweight_ptr.dtype.element_ty), mask=out_mask)
+    if WRITE_DSCORES:
+        w = tl.load(w_ptr + idx, mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(dscores_ptr + idx, (g * w).to(dscores_ptr.dtype.element_ty), mask=out_mask)
+
+
+@_autotune(key=["M_BUCKET", "N", "K", "SPLIT_M"], rows_arg="N", cols_arg="K", operand_arg="x_ptr")
+@triton.jit
+def linear_bwd_weight_kernel(
+    dy_ptr, x_ptr, w_ptr, mask_ptr, dweight_ptr, dscores_ptr, partial_ptr,
+    M, N, K, M_BUCKET, words_per_row, threshold, threshold_ptr,
+    MASK_KIND: tl.constexpr, THRESHOLD_FROM_PTR: tl.constexpr,
+    WRITE_DWEIGHT: tl.constexpr, WRITE_DSCORES: tl.constexpr, SPLIT_M: tl.constexpr,
+    IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Program (tile, split): reduces tokens [split * chunk, (split + 1) * chunk). With SPLIT_M == 1 it runs
+    the epilogue itself; otherwise it writes its fp32 partial to partial_ptr[split] (deterministic, no
+    atomics) and weight_grad_finalize_kernel finishes."""
+    pid_n, pid_k = grouped_tile(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_K)
+    chunk = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_K) * BLOCK_K
+    m_start = split * chunk
+    m_end = min(m_start + chunk, M)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_K):
+        ms = m0 + offs_r
+        # dy^T tile (BLOCK_M, BLOCK_K): element [n, m] = dy[m, n]
+        dyt = tl.load(dy_ptr + ms[None, :] * N + offs_n[:, None], mask=(offs_n[:, None] < N) & (ms[None, :] < m_end), other=0.0)
+        x = tl.load(x_ptr + ms[:, None] * K + offs_k[None, :], mask=(ms[:, None] < m_end) & (offs_k[None, :] < K), other=0.0)
+        acc = mma(dyt, x, acc, IEEE_DOT, UPCAST_DOT)
+
+    if SPLIT_M == 1:
+        tau = 0.0
+        if MASK_KIND == 3:
+            tau = load_threshold(threshold, threshold_ptr, mask_ptr, THRESHOLD_FROM_PTR)
+        weight_grad_epilogue(acc, offs_n, offs_k, N, K, w_ptr, mask_ptr, dweight_ptr, dscores_ptr,
+                             words_per_row, tau, MASK_KIND, WRITE_DWEIGHT, WRITE_DSCORES)
+    else:
+        out_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        tl.store(partial_ptr + split * N * K + offs_n[:, None] * K + offs_k[None, :], acc, mask=out_mask)
+
+
+@triton.jit
+def weight_grad_finalize_kernel(
+    partial_ptr, w_ptr, mask_ptr, dweight_ptr, dscores_ptr,
+    N, K, words_per_row, threshold, threshold_ptr,
+    MASK_KIND: tl.constexpr, THRESHOLD_FROM_PTR: tl.constexpr,
+    WRITE_DWEIGHT: tl.constexpr, WRITE_DSCORES: tl.constexpr, SPLIT_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    out_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    idx = offs_n[:, None] * K + offs_k[None, :]
+    g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for split in range(SPLIT_M):
+        g += tl.load(partial_ptr + split * N * K + idx, mask=out_mask, other=0.0)
+    tau = 0.0
+    if MASK_KIND == 3:
+        tau = load_threshold(threshold, threshold_ptr, mask_ptr, THRESHOLD_FROM_PTR)
+    weight_grad_epilogue(g, offs_n, offs_k, N, K, w_ptr, mask_ptr, dweight_ptr, dscores_ptr,
+                         words_per_row, tau, MASK_KIND, WRITE_DWEIGHT, WRITE_DSCORES)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch helpers shared by the two op files
+# ----------------------------------------------------------------------------------------------------
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_INT32_LIMIT = 2**31
+
+
+def check_device(*tensors):
+    dev = tensors[0].device
+    for t in tensors:
+        if t is not None and t.device != dev:
+            raise ValueError(f"all tensors must be on one device; got {dev} and {t.device}")
+    if dev.type != "cuda" and not INTERPRET:
+        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {dev}")
+
+
+def check_matrix(name, t, shape=None, dtypes=FLOATS):
+    """t must be a contiguous 2-D tensor of one of `dtypes` (and `shape` where given, None = any)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if shape is not None and any(want is not None and want != got for want, got in zip(shape, t.shape)):
+        raise ValueError(f"{name} must have shape {tuple('*' if s is None else s for s in shape)}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if t.numel() >= _INT32_LIMIT:
+        raise ValueError(f"{name} has {t.numel()} elements; the kernels index with int32 (limit 2**31 - 1)")
+
+
+def check_mask(mask, packed, n, k):
+    """Validates a dense uint8/bool (N, K) or packed int32 (N, ceil(K/32)) mask; returns (tensor, kind, words)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if not isinstance(packed, bool):
+        raise TypeError(f"packed must be a bool, got {type(packed).__name__}")
+    if packed:
+        words = (k + 31) // 32
+        check_matrix("mask", mask, (n, words), (torch.int32,))
+        return mask, MASK_PACKED, words
+    check_matrix("mask", mask, (n, k), (torch.uint8, torch.bool))
+    return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask), MASK_UINT8, 0
+
+
+def threshold_args(threshold, scores):
+    """(value, pointer tensor or None) for the kernels' (threshold, threshold_ptr, THRESHOLD_FROM_PTR).
+
+    A Python number is rounded to the scores' dtype here (as `scores >= threshold` does in torch); a 0-dim
+    tensor stays on the device and is rounded in the kernel."""
+    if isinstance(threshold, torch.Tensor):
+        if threshold.numel() != 1 or not threshold.dtype.is_floating_point:
+            raise ValueError(f"threshold tensor must be a single float value, got shape {tuple(threshold.shape)} {threshold.dtype}")
+        if threshold.device != scores.device:
+            raise ValueError(f"threshold must be on the scores' device {scores.device}, got {threshold.device}")
+        return 0.0, threshold.reshape(()).to(torch.float32)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a float or a 0-dim tensor, got {type(threshold).__name__}")
+    return float(torch.tensor(float(threshold), dtype=scores.dtype).float()), None
+
+
+def dot_flags(dtype):
+    """(IEEE_DOT, UPCAST_DOT) for operands of `dtype`."""
+    return dtype == torch.float32, INTERPRET
+
+
+def split_m_for(m, n, k, device):
+    """How many token chunks the weight-gradient GEMM reduces separately: enough to fill the GPU when the
+    (N, K) output alone has too few 128x128 tiles (e.g. 768x768 at 16k tokens) and M is long."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    tiles = triton.cdiv(n, 128) * triton.cdiv(k, 128)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), m // 2048, 16))
+
+
+def fwd(x, weight, bias, mask_src, kind, words, threshold_val, threshold_ptr):
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y
+    ieee, upcast = dot_flags(x.dtype)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    linear_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, mask_src, y,
+        m, n, k, bucket(m), words, threshold_val, threshold_ptr if threshold_ptr is not None else x,
+        MASK_KIND=kind, HAS_BIAS=bias is not None, THRESHOLD_FROM_PTR=threshold_ptr is not None,
+        IEEE_DOT=ieee, UPCAST_DOT=upcast,
+    )
+    return y
+
+
+def bwd_input(dy, weight, mask_src, kind, words, threshold_val, threshold_ptr):
+    m, n = dy.shape
+    k = weight.shape[1]
+    dx = torch.empty((m, k), device=dy.device, dtype=dy.dtype)
+    if m == 0 or k == 0:
+        return dx
+    if n == 0:
+        return dx.zero_()
+    ieee, upcast = dot_flags(dy.dtype)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa: E731
+    linear_bwd_input_kernel[grid](
+        dy, weight, mask_src, dx,
+        m, n, k, bucket(m), words, threshold_val, threshold_ptr if threshold_ptr is not None else dy,
+        MASK_KIND=kind, THRESHOLD_FROM_PTR=threshold_ptr is not None, IEEE_DOT=ieee, UPCAST_DOT=upcast,
+    )
+    return dx
+
+
+def bwd_weight(dy, x, weight, mask_src, kind, words, threshold_val, threshold_ptr,
+               dweight_dtype, dscores_dtype, split_m=None):
+    """G = dy^T x with its epilogue outputs. dweight_dtype / dscores_dtype None = do not write it.
+    `weight` is only read for dscores. Returns (dweight or None, dscores or None)."""
+    m, k = x.shape
+    n = dy.shape[1]
+    dev = x.device
+    dweight = torch.empty((n, k), device=dev, dtype=dweight_dtype) if dweight_dtype is not None else None
+    dscores = torch.empty((n, k), device=dev, dtype=dscores_dtype) if dscores_dtype is not None else None
+    if n == 0 or k == 0:
+        return dweight, dscores
+    split = split_m_for(m, n, k, dev) if split_m is None else int(split_m)
+    split = max(1, min(split, max(m, 1)))
+    ieee, upcast = dot_flags(x.dtype)
+    thr_ptr = threshold_ptr if threshold_ptr is not None else x
+    w_arg = weight if weight is not None else x
+    common = dict(MASK_KIND=kind, THRESHOLD_FROM_PTR=threshold_ptr is not None,
+                  WRITE_DWEIGHT=dweight is not None, WRITE_DSCORES=dscores is not None, SPLIT_M=split)
+    partial = torch.empty((split, n, k), device=dev, dtype=torch.float32) if split > 1 else x
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), split)  # noqa: E731
+    linear_bwd_weight_kernel[grid](
+        dy, x, w_arg, mask_src, dweight if dweight is not None else x, dscores if dscores is not None else x, partial,
+        m, n, k, bucket(m), words, threshold_val, thr_ptr, IEEE_DOT=ieee, UPCAST_DOT=upcast, **common,
+    )
+    if split > 1:
+        block_n, block_k = (32, 32) if INTERPRET else (64, 128)
+        weight_grad_finalize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+            partial, w_arg, mask_src, dweight if dweight is not None else x, dscores if dscores is not None else x,
+            n, k, words, threshold_val, thr_ptr, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+        )
+    return dweight, dscores
