@@ -15,7 +15,7 @@ import importlib
 import logging
 import os
 from types import SimpleNamespace
-from typing import Dict, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
@@ -72,20 +72,23 @@ def available_backends(device: torch.device | str = "cpu") -> List[str]:
     return list(_AVAILABLE[key])
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
-    """Turn "auto" (or an explicit name) into a backend that runs on `device`, or raise ValueError."""
+def resolve_backend(name: str, device: torch.device | str, supports: Optional[Iterable[str]] = None) -> str:
+    """Turn "auto" (or an explicit name) into a backend that runs on `device`, or raise ValueError.
+
+    supports: the backends the op has (default: all); an op without a C++ kernel passes ("triton", "torch").
+    """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}, got {type(name).__name__}")
+    usable = [b for b in available_backends(device) if supports is None or b in supports]
     if name == "auto":
-        name = os.environ.get("SPARSEBERT_BACKEND", "auto")
-    usable = available_backends(device)
-    if name == "auto":
+        forced = os.environ.get("SPARSEBERT_BACKEND", "auto")
+        # A run-wide choice applies where the op has it; otherwise the op's own best.
         order = ("cuda", "triton", "torch") if torch.device(device).type == "cuda" else ("cpp", "torch")
-        choice = next(b for b in order if b in usable)
+        choice = forced if forced in usable else next(b for b in order if b in usable)
     elif name not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
     elif name not in usable:
-        raise ValueError(f"backend {name!r} is not available for tensors on {torch.device(device)}; available: {usable}")
+        raise ValueError(f"backend {name!r} is not available for this op on {torch.device(device)}; available: {usable}")
     else:
         choice = name
     if not torch.compiler.is_compiling():

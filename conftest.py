@@ -1,4 +1,4 @@
-"""Test set-up shared by every test module.
+"""Test set-up shared by every test and benchmark module (tests/ and bench/).
 
 Triton kernels run on CPU tensors under the interpreter in CI, so TRITON_INTERPRET must be set before
 anything imports triton. On a machine with a GPU, `pytest -m cuda` runs the compiled paths instead

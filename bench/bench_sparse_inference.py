@@ -1,0 +1,311 @@
+"""Sparse inference benchmark: compressed formats vs dense cuBLAS, in one run.
+
+Sweep (kernel level, launchers called directly so Python validation is not timed):
+    density  1.0 0.5 0.3 0.1  x  tokens 1 16 64 512 4096  x  BERT-base linears (K -> N) 768->768,
+    768->3072, 3072->768  x  formats:
+      dense      F.linear on a full weight (cuBLAS), the baseline of every speedup;
+      bitmask    sparsebert.kernels.bitmask_linear (unstructured weight at that density);
+      bsr16/32/64  sparsebert.kernels.bsr_linear (block-structured weight at that block density);
+      2:4        SemiStructuredLinear (policy "auto": timed probe, dense fallback when slower) and
+      2:4-sparse torch's semi-structured kernel forced; only at density 0.5, their natural density.
+End to end: a random-init BERT-base encoder (12 layers, bf16) pruned to each format's granularity,
+compressed, and timed at (batch, seq) = (1,1) (1,16) (1,64) (4,128) (32,128), eager and CUDA-graph replay.
+
+Times are medians of triton.testing.do_bench (L2 flushed between runs). Each row carries the bytes of
+the stored weight, its ratio to dense, the max error against the dense product of the same weight, and
+the environment (GPU, torch, triton, CUDA) via bench/_results.py. Writes bench/results/<gpu>-<date>.{csv,
+json} and <gpu>-<date>-sparse-inference.png (speedup vs density, one panel per token count), prints the
+issue's targets with PASS/MISS.
+
+    python bench/bench_sparse_inference.py              # the full GPU run
+    python bench/bench_sparse_inference.py --smoke      # tiny shapes on CPU, results to a temp dir
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import environment, save_results  # noqa: E402
+
+from sparsebert.nn.compress import (BitmaskLinear, BSRLinear, SemiStructuredLinear, compress,  # noqa: E402
+                                    footprint_report)
+from sparsebert.ops import reference_formats as rf  # noqa: E402
+from sparsebert.pruning.granularity import granular_topk_mask  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LINEARS = [(768, 768), (768, 3072), (3072, 768)]  # (K in_features, N out_features)
+E2E_SHAPES = [(1, 1), (1, 16), (1, 64), (4, 128), (32, 128)]  # (batch, seq)
+
+
+def timer(fn, cuda: bool) -> float:
+    """Median microseconds of fn()."""
+    if cuda:
+        import triton.testing
+        return 1000.0 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
+def unstructured(n, k, density, dtype, device):
+    w = torch.randn(n, k, device=device)
+    return (w * granular_topk_mask(torch.rand(n, k, device=device), 1 - density)).to(dtype)
+
+
+def block_sparse(n, k, block, density, dtype, device):
+    w = torch.randn(n, k, device=device)
+    return (w * granular_topk_mask(torch.rand(n, k, device=device), 1 - density, ("block", block))).to(dtype)
+
+
+def two_four(n, k, dtype, device):
+    w = torch.randn(n, k, device=device)
+    return (w * granular_topk_mask(w.abs(), 0.5, "2:4")).to(dtype)
+
+
+def kernel_fn(fmt, module, x, cuda):
+    """The call to time: the launcher itself on GPU (no validation), the op on CPU."""
+    if not cuda:
+        return lambda: module(x)
+    if fmt == "bitmask":
+        from sparsebert.kernels.bitmask_linear import bitmask_linear_fwd
+        m = module
+        return lambda: bitmask_linear_fwd(x, m.values, m.bitmask, m.tile_offsets, m.bias, m.in_features,
+                                          m.tile_n, m.tile_k)
+    if fmt.startswith("bsr"):
+        from sparsebert.kernels.bsr_linear import bsr_linear_fwd
+        m = module
+        return lambda: bsr_linear_fwd(x, m.values, m.crow_indices, m.col_indices, m.bias, m.in_features)
+    return lambda: module(x)
+
+
+def sweep(args, device, dtype, cuda):
+    rows = []
+    for k, n in args.linears:
+        dense_w = torch.randn(n, k, device=device, dtype=dtype)
+        bias = torch.randn(n, device=device, dtype=dtype)
+        dense_bytes = rf.dense_nbytes(n, k, dtype)
+        for tokens in args.tokens:
+            x = torch.randn(tokens, k, device=device, dtype=dtype)
+            t_dense = timer(lambda: F.linear(x, dense_w, bias), cuda)
+            rows.append(dict(kind="linear", shape=f"{k}x{n}", K=k, N=n, tokens=tokens, density=1.0,
+                             format="dense", time_us=t_dense, dense_time_us=t_dense, speedup=1.0,
+                             bytes=dense_bytes, dense_bytes=dense_bytes, bytes_ratio=1.0, max_abs_err=0.0))
+            cases = []
+            for density in args.densities:
+                if "bitmask" in args.formats:
+                    w = unstructured(n, k, density, dtype, device)
+                    cases.append(("bitmask", density, w, BitmaskLinear(w, bias, tile=tuple(args.tile))))
+                for block in (16, 32, 64):
+                    if f"bsr{block}" in args.formats and n % block == 0 and k % block == 0:
+                        w = block_sparse(n, k, block, density, dtype, device)
+                        cases.append((f"bsr{block}", density, w, BSRLinear(w, bias, block_size=block)))
+            if "2:4" in args.formats:
+                w = two_four(n, k, dtype, device)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    cases.append(("2:4", 0.5, w, SemiStructuredLinear(w, bias, policy="auto")))
+                    cases.append(("2:4-sparse", 0.5, w, SemiStructuredLinear(w, bias, policy="sparse")))
+            for fmt, density, w, module in cases:
+                fn = kernel_fn(fmt, module, x, cuda)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    y = fn()
+                    t = timer(fn, cuda)
+                err = (y.float() - F.linear(x.float(), w.float(), bias.float())).abs().max().item()
+                row = dict(kind="linear", shape=f"{k}x{n}", K=k, N=n, tokens=tokens, density=density, format=fmt,
+                           time_us=t, dense_time_us=t_dense, speedup=t_dense / t, bytes=module.weight_nbytes(),
+                           dense_bytes=dense_bytes, bytes_ratio=module.weight_nbytes() / dense_bytes,
+                           max_abs_err=err)
+                if isinstance(module, SemiStructuredLinear):
+                    row["plan"] = json.dumps(module.plan)
+                    row["fallback_reason"] = module.fallback_reason or ""
+                    row["sparse_impl"] = type(module._sparse).__name__ if module._sparse is not None else ""
+                rows.append(row)
+                print(f"{k:>5}x{n:<5} t={tokens:<5} d={density:<4} {fmt:<11} {t:9.2f} us  dense {t_dense:9.2f} us"
+                      f"  x{t_dense / t:5.2f}  bytes x{row['bytes_ratio']:.3f}  err {err:.2e}", flush=True)
+    return rows
+
+
+def end_to_end(args, device, dtype, cuda):
+    import transformers
+    config = transformers.BertConfig(**args.e2e_config)
+    base = transformers.BertModel(config, add_pooling_layer=False).to(device=device, dtype=dtype).eval()
+    targets = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")]
+    variants = [("dense", 1.0, None, {})]
+    for density in [d for d in args.densities if d < 1.0]:
+        variants.append(("bitmask", density, "element", {"tile": tuple(args.tile)}))
+        variants.append(("bsr", density, ("block", args.e2e_block), {"block_size": args.e2e_block}))
+    variants.append(("2:4", 0.5, "2:4", {}))
+    rows, dense_times = [], {}
+    for fmt, density, granularity, kwargs in variants:
+        model = copy.deepcopy(base)
+        if granularity is not None:
+            with torch.no_grad():
+                for name in targets:
+                    lin = model.get_submodule(name)
+                    lin.weight.mul_(granular_topk_mask(lin.weight.float().abs(), 1 - density, granularity))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                compress(model, fmt, modules=targets, **kwargs)
+        report = footprint_report(model)
+        for batch, seq in args.e2e_shapes:
+            ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                run = lambda: model(input_ids=ids).last_hidden_state  # noqa: E731
+                run()
+                t_eager = timer(run, cuda)
+                t_graph, graph_error = float("nan"), ""
+                if cuda and not args.no_graphs:
+                    try:
+                        stream = torch.cuda.Stream()
+                        stream.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(stream):
+                            for _ in range(3):
+                                run()
+                        torch.cuda.current_stream().wait_stream(stream)
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            run()
+                        t_graph = timer(graph.replay, cuda)
+                    except Exception as exc:  # report, keep going: eager numbers still stand
+                        graph_error = f"{type(exc).__name__}: {exc}"[:200]
+            key = (batch, seq)
+            if fmt == "dense":
+                dense_times[key] = (t_eager, t_graph)
+            de, dg = dense_times[key]
+            rows.append(dict(kind="encoder", shape=f"bert{config.num_hidden_layers}L-{config.hidden_size}",
+                             tokens=batch * seq, batch=batch, seq=seq, density=density,
+                             format=fmt if fmt != "bsr" else f"bsr{args.e2e_block}", time_us=t_eager,
+                             dense_time_us=de, speedup=de / t_eager, graph_time_us=t_graph,
+                             graph_dense_time_us=dg, graph_speedup=dg / t_graph if t_graph == t_graph else float("nan"),
+                             bytes=report["total_bytes"], dense_bytes=report["dense_bytes"],
+                             bytes_ratio=report["ratio"], graph_error=graph_error))
+            print(f"encoder {fmt:<8} d={density:<4} {batch}x{seq:<4} eager {t_eager:10.1f} us (x{de / t_eager:5.2f})"
+                  f"  graph {t_graph:10.1f} us  bytes x{report['ratio']:.3f} {graph_error}", flush=True)
+        del model
+    return rows
+
+
+def check_targets(rows):
+    """The issue's targets, each as (name, passed, detail)."""
+    lin = [r for r in rows if r["kind"] == "linear"]
+
+    def speedups(fmt, density, tok_ok):
+        return [r["speedup"] for r in lin if r["format"] == fmt and abs(r["density"] - density) < 1e-9
+                and tok_ok(r["tokens"])]
+
+    out = []
+    for name, fmt, dens, tok_ok, need in [
+        ("bitmask 10% density, <=64 tokens: >= 2x", "bitmask", 0.1, lambda t: t <= 64, 2.0),
+        ("bitmask 30% density, <=64 tokens: >= 1.4x", "bitmask", 0.3, lambda t: t <= 64, 1.4),
+        ("bsr64 10% density, 4096 tokens: >= 3x", "bsr64", 0.1, lambda t: t >= 4096, 3.0),
+        ("2:4 (auto), >= 4096 tokens: >= 1.1x", "2:4", 0.5, lambda t: t >= 4096, 1.1),
+        ("2:4 (auto) never slower than dense (5% noise)", "2:4", 0.5, lambda t: True, 0.95),
+    ]:
+        s = speedups(fmt, dens, tok_ok)
+        if s:
+            out.append((name, min(s) >= need, f"min x{min(s):.2f}, max x{max(s):.2f} over {len(s)} rows"))
+    mem = [r["bytes_ratio"] for r in lin if r["format"] == "bitmask" and abs(r["density"] - 0.3) < 1e-9]
+    if mem:
+        out.append(("bitmask 30% density bytes <= 0.45x dense", max(mem) <= 0.45, f"max x{max(mem):.3f}"))
+    return out
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lin = [r for r in rows if r["kind"] == "linear" and r["format"] != "dense"]
+    tokens = sorted({r["tokens"] for r in lin})
+    fig, axes = plt.subplots(1, len(tokens), figsize=(4 * len(tokens), 3.6), sharey=True, squeeze=False)
+    for ax, tok in zip(axes[0], tokens):
+        for fmt in sorted({r["format"] for r in lin}):
+            pts = {}
+            for r in lin:
+                if r["format"] == fmt and r["tokens"] == tok:
+                    pts.setdefault(r["density"], []).append(math.log(r["speedup"]))
+            xs = sorted(pts)
+            ys = [math.exp(sum(pts[d]) / len(pts[d])) for d in xs]  # geometric mean over the shapes
+            ax.plot(xs, ys, marker="o", label=fmt)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_title(f"{tok} tokens")
+        ax.set_xlabel("density")
+        ax.set_xscale("log")
+        ax.set_xticks([0.1, 0.3, 0.5, 1.0], ["0.1", "0.3", "0.5", "1"])
+    axes[0][0].set_ylabel("speedup over dense (geomean of shapes)")
+    axes[0][-1].legend(fontsize=7)
+    env = environment()
+    fig.suptitle(f"sparse inference vs dense cuBLAS: {env['gpu']}, torch {env['torch']}, triton {env['triton']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.1])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 512, 4096])
+    p.add_argument("--formats", nargs="+", default=["bitmask", "bsr16", "bsr32", "bsr64", "2:4"])
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--tile", type=int, nargs=2, default=[32, 64], help="bitmask (TILE_N, TILE_K)")
+    p.add_argument("--e2e-block", type=int, default=64, help="BSR block size of the end-to-end encoder")
+    p.add_argument("--no-e2e", action="store_true")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph end-to-end timings")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU; results go to a temp dir")
+    p.add_argument("--results-dir", default=None)
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    dtype = DTYPES[args.dtype]
+    args.linears = LINEARS
+    args.e2e_config = {}  # BertConfig defaults = BERT-base
+    args.e2e_shapes = E2E_SHAPES
+    results_dir = args.results_dir
+    if args.smoke:
+        dtype = torch.float32
+        args.linears, args.tokens, args.tile = [(64, 128), (128, 64)], [1, 16], [16, 32]
+        args.densities = [1.0, 0.3]
+        args.e2e_config = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+                               vocab_size=100)
+        args.e2e_shapes, args.e2e_block = [(1, 4), (2, 8)], 32
+        results_dir = results_dir or tempfile.mkdtemp(prefix="sparsebert-bench-smoke-")
+    elif not cuda:
+        p.error("no CUDA GPU visible: the sweep is a GPU benchmark (use --smoke for a CPU run of the script)")
+
+    torch.manual_seed(0)
+    rows = sweep(args, device, dtype, cuda)
+    if not args.no_e2e:
+        rows += end_to_end(args, device, dtype, cuda)
+    for r in rows:
+        r["dtype"] = args.dtype if not args.smoke else "fp32"
+    csv_path, json_path = save_results("sparse_inference", rows, results_dir=results_dir)
+    png = Path(str(csv_path)[: -len(".csv")] + "-sparse-inference.png")
+    plot(rows, png)
+    print(f"\nwrote {csv_path}\n      {json_path}\n      {png}")
+    print("\ntargets (issue 5):")
+    for name, ok, detail in check_targets(rows):
+        print(f"  [{'PASS' if ok else 'MISS'}] {name}: {detail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
