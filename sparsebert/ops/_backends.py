@@ -5,8 +5,10 @@ Backends implement the 2-D contract of docs/ARCHITECTURE.md:
   cpp     the C++ CPU kernels of the extension `sparsebert._C` (CPU tensors);
   cuda    the CUDA kernels of the same extension (CUDA tensors);
   triton  `sparsebert.kernels` (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1).
-"auto" picks cuda > triton on a CUDA device and cpp > torch on the CPU. The environment variable
-SPARSEBERT_BACKEND replaces "auto" (useful to force a backend in a whole run).
+"auto" picks triton > cuda on a CUDA device and cpp > torch on the CPU. Triton leads on the GPU
+because its GEMMs are autotuned and pipelined (wgmma on Hopper), while the CUDA C++ GEMM is a plain
+tiled kernel written to be verified by reading; `sparsebert bench` on a GPU is what should reorder
+this. The environment variable SPARSEBERT_BACKEND replaces "auto" (to force a backend in a whole run).
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ def resolve_backend(name: str, device: torch.device | str, supports: Optional[It
     if name == "auto":
         forced = os.environ.get("SPARSEBERT_BACKEND", "auto")
         # A run-wide choice applies where the op has it; otherwise the op's own best.
-        order = ("cuda", "triton", "torch") if torch.device(device).type == "cuda" else ("cpp", "torch")
+        order = ("triton", "cuda", "torch") if torch.device(device).type == "cuda" else ("cpp", "torch")
         choice = forced if forced in usable else next(b for b in order if b in usable)
     elif name not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")

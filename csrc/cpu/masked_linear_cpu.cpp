@@ -1,0 +1,76 @@
+// masked_linear on CPU: y = x @ (W ⊙ m)ᵀ + b with a fixed mask m (uint8 bytes or packed int32 bits).
+// Forward and input backward build W ⊙ m once in one parallel pass and call MKL/oneDNN through at::addmm;
+// the weight backward computes G = dyᵀ x once (fp32) and applies the mask in a fused parallel epilogue.
+#include <torch/library.h>
+
+#include "sparsebert_cpu.h"
+
+namespace sparsebert {
+
+at::Tensor masked_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& mask, bool packed) {
+  check_float_2d(x, "x");
+  check_float_2d(weight, "weight");
+  check_same_dtype(x, "x", weight, "weight");
+  TORCH_CHECK(x.size(1) == weight.size(1), "x has ", x.size(1), " features but weight expects ", weight.size(1));
+  check_mask(mask, packed, weight.size(0), weight.size(1));
+  check_bias(bias, x, weight.size(0));
+  const at::Tensor w_eff = masked_weight(weight, mask, packed);
+  return bias.has_value() ? at::addmm(*bias, x, w_eff.t()) : at::mm(x, w_eff.t());
+}
+
+at::Tensor masked_linear_bwd_input_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& mask,
+                                       bool packed) {
+  check_float_2d(dy, "dy");
+  check_float_2d(weight, "weight");
+  check_same_dtype(dy, "dy", weight, "weight");
+  TORCH_CHECK(dy.size(1) == weight.size(0), "dy has ", dy.size(1), " columns but weight has ", weight.size(0),
+              " rows");
+  check_mask(mask, packed, weight.size(0), weight.size(1));
+  return at::mm(dy, masked_weight(weight, mask, packed));
+}
+
+at::Tensor masked_linear_bwd_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask,
+                                        bool packed) {
+  check_float_2d(dy, "dy");
+  check_float_2d(x, "x");
+  check_same_dtype(dy, "dy", x, "x");
+  TORCH_CHECK(dy.size(0) == x.size(0), "dy has ", dy.size(0), " rows but x has ", x.size(0));
+  const int64_t N = dy.size(1), K = x.size(1);
+  check_mask(mask, packed, N, K);
+  const at::Tensor grad = weight_gradient_fp32(dy, x);  // (N, K) fp32
+  at::Tensor dweight = at::empty({N, K}, x.options());
+  const float* g = grad.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_linear_bwd_weight", [&] {
+    scalar_t* dw = dweight.data_ptr<scalar_t>();
+    if (packed) {
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
+      const int64_t W = packed_words(K);
+      at::parallel_for(0, N, rows_per_task(K), [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t k = 0; k < K; ++k)
+            dw[n * K + k] = static_cast<scalar_t>(((words[n * W + (k >> 5)] >> (k & 31)) & 1u) ? g[n * K + k] : 0.f);
+      });
+    } else {
+      const uint8_t* m = static_cast<const uint8_t*>(mask.data_ptr());
+      at::parallel_for(0, N * K, 32768, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) dw[i] = static_cast<scalar_t>(m[i] ? g[i] : 0.f);
+      });
+    }
+  });
+  return dweight;
+}
+
+}  // namespace sparsebert
+
+TORCH_LIBRARY_FRAGMENT(sparsebert_ext, m) {
+  m.def("masked_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor mask, bool packed) -> Tensor");
+  m.def("masked_linear_bwd_input(Tensor dy, Tensor weight, Tensor mask, bool packed) -> Tensor");
+  m.def("masked_linear_bwd_weight(Tensor dy, Tensor x, Tensor mask, bool packed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparsebert_ext, CPU, m) {
+  m.impl("masked_linear_fwd", &sparsebert::masked_linear_fwd_cpu);
+  m.impl("masked_linear_bwd_input", &sparsebert::masked_linear_bwd_input_cpu);
+  m.impl("masked_linear_bwd_weight", &sparsebert::masked_linear_bwd_weight_cpu);
+}

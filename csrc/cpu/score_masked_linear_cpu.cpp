@@ -1,0 +1,88 @@
+// score_masked_linear on CPU: y = x @ (W ⊙ [scores >= τ])ᵀ + b, the mask derived from learned scores.
+// Forward / input backward: one parallel pass builds the effective weight, then at::addmm / at::mm.
+// Weight+score backward: G = dyᵀ x once (fp32), then ONE fused parallel epilogue writes
+// dscores = G ⊙ W (scores dtype) and, when asked, dweight = G ⊙ [scores >= τ] (weight dtype).
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "sparsebert_cpu.h"
+
+namespace sparsebert {
+
+at::Tensor score_masked_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, const at::Tensor& scores,
+                                       double threshold) {
+  check_float_2d(x, "x");
+  check_float_2d(weight, "weight");
+  check_same_dtype(x, "x", weight, "weight");
+  TORCH_CHECK(x.size(1) == weight.size(1), "x has ", x.size(1), " features but weight expects ", weight.size(1));
+  check_scores(scores, weight.size(0), weight.size(1));
+  check_bias(bias, x, weight.size(0));
+  const at::Tensor w_eff = score_masked_weight(weight, scores, threshold);
+  return bias.has_value() ? at::addmm(*bias, x, w_eff.t()) : at::mm(x, w_eff.t());
+}
+
+at::Tensor score_masked_linear_bwd_input_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& scores,
+                                             double threshold) {
+  check_float_2d(dy, "dy");
+  check_float_2d(weight, "weight");
+  check_same_dtype(dy, "dy", weight, "weight");
+  TORCH_CHECK(dy.size(1) == weight.size(0), "dy has ", dy.size(1), " columns but weight has ", weight.size(0),
+              " rows");
+  check_scores(scores, weight.size(0), weight.size(1));
+  return at::mm(dy, score_masked_weight(weight, scores, threshold));
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight_scores_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores, double threshold,
+    bool need_dweight) {
+  check_float_2d(dy, "dy");
+  check_float_2d(x, "x");
+  check_float_2d(weight, "weight");
+  check_same_dtype(dy, "dy", x, "x");
+  TORCH_CHECK(dy.size(0) == x.size(0), "dy has ", dy.size(0), " rows but x has ", x.size(0));
+  const int64_t N = dy.size(1), K = x.size(1);
+  TORCH_CHECK(weight.size(0) == N && weight.size(1) == K, "weight must have shape (", N, ", ", K, "), got ",
+              weight.sizes());
+  check_scores(scores, N, K);
+
+  const at::Tensor grad = weight_gradient_fp32(dy, x);  // (N, K) fp32, computed once for both outputs
+  at::Tensor dscores = at::empty({N, K}, scores.options());
+  at::Tensor dweight = need_dweight ? at::empty({N, K}, weight.options()) : at::Tensor();
+  const float* g = grad.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "score_bwd_weight_scores", [&] {
+    using weight_t = scalar_t;
+    const weight_t* w = weight.data_ptr<weight_t>();
+    weight_t* dw = need_dweight ? dweight.data_ptr<weight_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "score_bwd_weight_scores", [&] {
+      const scalar_t* s = scores.data_ptr<scalar_t>();
+      scalar_t* ds = dscores.data_ptr<scalar_t>();
+      const float thr = rounded_threshold<scalar_t>(threshold);
+      at::parallel_for(0, N * K, 16384, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const float gi = g[i];
+          ds[i] = static_cast<scalar_t>(gi * static_cast<float>(w[i]));
+          if (dw != nullptr) dw[i] = static_cast<weight_t>(static_cast<float>(s[i]) >= thr ? gi : 0.f);
+        }
+      });
+    });
+  });
+  return std::make_tuple(dscores, need_dweight ? std::optional<at::Tensor>(dweight) : std::nullopt);
+}
+
+}  // namespace sparsebert
+
+TORCH_LIBRARY_FRAGMENT(sparsebert_ext, m) {
+  m.def("score_masked_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scores, float threshold) -> Tensor");
+  m.def("score_masked_linear_bwd_input(Tensor dy, Tensor weight, Tensor scores, float threshold) -> Tensor");
+  m.def(
+      "score_masked_linear_bwd_weight_scores(Tensor dy, Tensor x, Tensor weight, Tensor scores, float threshold, "
+      "bool need_dweight) -> (Tensor, Tensor?)");
+}
+
+TORCH_LIBRARY_IMPL(sparsebert_ext, CPU, m) {
+  m.impl("score_masked_linear_fwd", &sparsebert::score_masked_linear_fwd_cpu);
+  m.impl("score_masked_linear_bwd_input", &sparsebert::score_masked_linear_bwd_input_cpu);
+  m.impl("score_masked_linear_bwd_weight_scores", &sparsebert::score_masked_linear_bwd_weight_scores_cpu);
+}

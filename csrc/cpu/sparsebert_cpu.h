@@ -1,0 +1,132 @@
+// Shared helpers of the C++ CPU kernels (sparsebert._C). Header-only, included by csrc/cpu/*.cpp.
+//
+// The kernels follow one plan: build the effective weight W ⊙ m in ONE parallel pass (unpacking mask
+// bits or thresholding scores on the fly), then hand the dense GEMM to at::mm / at::addmm (MKL / oneDNN).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace sparsebert {
+
+// Rows handed to one at::parallel_for task: enough work per task to amortize the scheduling.
+inline int64_t rows_per_task(int64_t row_len) {
+  constexpr int64_t kElementsPerTask = 32768;
+  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(row_len, 1));
+}
+
+inline int64_t packed_words(int64_t in_features) { return (in_features + 31) / 32; }
+
+// --- input checks (the Python ops layer validates first; these are the last line of defense) -----------
+inline void check_float_2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, name,
+              " must be float32, float16 or bfloat16, got ", dt);
+}
+
+inline void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), a_name, " and ", b_name, " must share a dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+}
+
+// mask: uint8/bool (N, K) when !packed, int32 (N, ceil(K/32)) when packed.
+inline void check_mask(const at::Tensor& mask, bool packed, int64_t N, int64_t K) {
+  TORCH_CHECK(mask.dim() == 2, "mask must be 2-D, got ", mask.dim(), "-D");
+  TORCH_CHECK(mask.device().is_cpu(), "mask must be a CPU tensor, got ", mask.device());
+  TORCH_CHECK(mask.is_contiguous(), "mask must be contiguous");
+  if (packed) {
+    TORCH_CHECK(mask.scalar_type() == at::kInt, "packed mask must be int32, got ", mask.scalar_type());
+    TORCH_CHECK(mask.size(0) == N && mask.size(1) == packed_words(K), "packed mask must have shape (", N, ", ",
+                packed_words(K), "), got ", mask.sizes());
+  } else {
+    TORCH_CHECK(mask.scalar_type() == at::kByte || mask.scalar_type() == at::kBool,
+                "mask must be uint8 or bool, got ", mask.scalar_type());
+    TORCH_CHECK(mask.size(0) == N && mask.size(1) == K, "mask must have shape (", N, ", ", K, "), got ",
+                mask.sizes());
+  }
+}
+
+inline void check_scores(const at::Tensor& scores, int64_t N, int64_t K) {
+  check_float_2d(scores, "scores");
+  TORCH_CHECK(scores.size(0) == N && scores.size(1) == K, "scores must have shape (", N, ", ", K, "), got ",
+              scores.sizes());
+}
+
+inline void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
+  if (!bias.has_value()) return;
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == N, "bias must have shape (", N, "), got ", b.sizes());
+  TORCH_CHECK(b.device().is_cpu(), "bias must be a CPU tensor, got ", b.device());
+  check_same_dtype(b, "bias", x, "x");
+}
+
+// The threshold as torch's `scores >= threshold` sees it: a Python scalar is first rounded to the
+// dtype of scores (a 0-dim tensor does not promote), then compared.
+template <typename score_t>
+inline float rounded_threshold(double threshold) {
+  return static_cast<float>(static_cast<score_t>(static_cast<float>(threshold)));
+}
+
+// --- effective weights: one parallel pass --------------------------------------------------------------
+// W ⊙ mask, mask as bytes (nonzero = keep) or as packed int32 words (bit k%32 of word k/32, LSB first).
+inline at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask, bool packed) {
+  const int64_t N = weight.size(0), K = weight.size(1);
+  at::Tensor out = at::empty_like(weight);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "masked_weight", [&] {
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t zero = static_cast<scalar_t>(0);
+    if (packed) {
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
+      const int64_t W = packed_words(K);
+      at::parallel_for(0, N, rows_per_task(K), [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t k = 0; k < K; ++k)
+            o[n * K + k] = ((words[n * W + (k >> 5)] >> (k & 31)) & 1u) ? w[n * K + k] : zero;
+      });
+    } else {
+      const uint8_t* m = static_cast<const uint8_t*>(mask.data_ptr());  // bool and uint8 share a layout
+      at::parallel_for(0, N * K, 32768, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) o[i] = m[i] ? w[i] : zero;
+      });
+    }
+  });
+  return out;
+}
+
+// W ⊙ (scores >= threshold); scores may have another float dtype than W.
+inline at::Tensor score_masked_weight(const at::Tensor& weight, const at::Tensor& scores, double threshold) {
+  const int64_t NK = weight.numel();
+  at::Tensor out = at::empty_like(weight);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "score_masked_weight", [&] {
+    using weight_t = scalar_t;
+    const weight_t* w = weight.data_ptr<weight_t>();
+    weight_t* o = out.data_ptr<weight_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "score_masked_weight", [&] {
+      const scalar_t* s = scores.data_ptr<scalar_t>();
+      const float thr = rounded_threshold<scalar_t>(threshold);
+      at::parallel_for(0, NK, 32768, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i)
+          o[i] = static_cast<float>(s[i]) >= thr ? w[i] : static_cast<weight_t>(0);
+      });
+    });
+  });
+  return out;
+}
+
+// G = dyᵀ x with fp32 accumulation AND an fp32 result (the epilogues round once, into their own dtype).
+inline at::Tensor weight_gradient_fp32(const at::Tensor& dy, const at::Tensor& x) {
+  if (dy.scalar_type() == at::kFloat) return at::mm(dy.t(), x);
+  return at::mm(dy.t().to(at::kFloat), x.to(at::kFloat));
+}
+
+}  // namespace sparsebert

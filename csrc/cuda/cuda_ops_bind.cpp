@@ -1,0 +1,258 @@
+// Torch bindings of the CUDA kernels: TORCH_LIBRARY_IMPL(sparsebert_ext, CUDA) for the ops whose schemas
+// csrc/cpu/*.cpp define. Checks (the last line of defense; the Python ops layer validates first), picks
+// the device and the current stream, allocates outputs, and calls the torch-free launchers.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>  // c10::cuda::getCurrentCUDAStream (= at::cuda::getCurrentCUDAStream)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "launchers.cuh"
+
+namespace sparsebert {
+namespace {
+
+using cuda::DType;
+using cuda::MaskKind;
+using cuda::MaskSpec;
+
+DType device_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return DType::Float32;  // unreachable
+}
+
+void check_2d(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but the inputs are on ", ref.device());
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.size(0) <= std::numeric_limits<int>::max() && t.size(1) <= std::numeric_limits<int>::max(), name,
+              " is too large for the CUDA kernels (dims must fit in int32)");
+}
+
+void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), a_name, " and ", b_name, " must share a dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+}
+
+MaskSpec mask_spec(const at::Tensor& mask, bool packed, int64_t N, int64_t K, const at::Tensor& ref) {
+  check_2d(mask, "mask", ref);
+  if (packed) {
+    TORCH_CHECK(mask.scalar_type() == at::kInt, "packed mask must be int32, got ", mask.scalar_type());
+    TORCH_CHECK(mask.size(0) == N && mask.size(1) == (K + 31) / 32, "packed mask must have shape (", N, ", ",
+                (K + 31) / 32, "), got ", mask.sizes());
+    return MaskSpec{MaskKind::Bits, mask.data_ptr(), DType::Float32, 0.f};
+  }
+  TORCH_CHECK(mask.scalar_type() == at::kByte || mask.scalar_type() == at::kBool, "mask must be uint8 or bool, got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.size(0) == N && mask.size(1) == K, "mask must have shape (", N, ", ", K, "), got ", mask.sizes());
+  return MaskSpec{MaskKind::Bytes, mask.data_ptr(), DType::Float32, 0.f};
+}
+
+MaskSpec score_spec(const at::Tensor& scores, double threshold, int64_t N, int64_t K, const at::Tensor& ref) {
+  check_2d(scores, "scores", ref);
+  TORCH_CHECK(scores.size(0) == N && scores.size(1) == K, "scores must have shape (", N, ", ", K, "), got ",
+              scores.sizes());
+  return MaskSpec{MaskKind::Scores, scores.data_ptr(), device_dtype(scores, "scores"), static_cast<float>(threshold)};
+}
+
+// y = x @ (W ⊙ m)ᵀ + b for either mask kind.
+at::Tensor linear_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const MaskSpec& spec) {
+  const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
+  const void* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_cuda() && bias->device() == x.device(), "bias must be on ", x.device(), ", got ",
+                bias->device());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (", N, "), got ", bias->sizes());
+    TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous");
+    check_same_dtype(*bias, "bias", x, "x");
+    bias_ptr = bias->data_ptr();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  C10_CUDA_CHECK(cuda::masked_linear_forward(device_dtype(x, "x"), x.data_ptr(), weight.data_ptr(), bias_ptr, spec,
+                                             y.data_ptr(), static_cast<int>(M), static_cast<int>(N),
+                                             static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
+void check_fwd_inputs(const at::Tensor& x, const at::Tensor& weight) {
+  check_2d(x, "x", x);
+  check_2d(weight, "weight", x);
+  check_same_dtype(x, "x", weight, "weight");
+  device_dtype(x, "x");
+  TORCH_CHECK(x.size(1) == weight.size(1), "x has ", x.size(1), " features but weight expects ", weight.size(1));
+}
+
+void check_bwd_input_inputs(const at::Tensor& dy, const at::Tensor& weight) {
+  check_2d(dy, "dy", dy);
+  check_2d(weight, "weight", dy);
+  check_same_dtype(dy, "dy", weight, "weight");
+  device_dtype(dy, "dy");
+  TORCH_CHECK(dy.size(1) == weight.size(0), "dy has ", dy.size(1), " columns but weight has ", weight.size(0), " rows");
+}
+
+at::Tensor linear_bwd_input(const at::Tensor& dy, const at::Tensor& weight, const MaskSpec& spec) {
+  const int64_t M = dy.size(0), N = weight.size(0), K = weight.size(1);
+  at::Tensor dx = at::empty({M, K}, dy.options());
+  C10_CUDA_CHECK(cuda::masked_linear_input_grad(device_dtype(dy, "dy"), dy.data_ptr(), weight.data_ptr(), spec,
+                                                dx.data_ptr(), static_cast<int>(M), static_cast<int>(N),
+                                                static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
+  return dx;
+}
+
+void check_bwd_weight_inputs(const at::Tensor& dy, const at::Tensor& x) {
+  check_2d(dy, "dy", dy);
+  check_2d(x, "x", dy);
+  check_same_dtype(dy, "dy", x, "x");
+  device_dtype(x, "x");
+  TORCH_CHECK(dy.size(0) == x.size(0), "dy has ", dy.size(0), " rows but x has ", x.size(0));
+}
+
+// ---- the ops ----------------------------------------------------------------------------------------------
+at::Tensor masked_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  const at::Tensor& mask, bool packed) {
+  check_fwd_inputs(x, weight);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return linear_fwd(x, weight, bias, mask_spec(mask, packed, weight.size(0), weight.size(1), x));
+}
+
+at::Tensor masked_linear_bwd_input_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& mask,
+                                        bool packed) {
+  check_bwd_input_inputs(dy, weight);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  return linear_bwd_input(dy, weight, mask_spec(mask, packed, weight.size(0), weight.size(1), dy));
+}
+
+at::Tensor masked_linear_bwd_weight_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask,
+                                         bool packed) {
+  check_bwd_weight_inputs(dy, x);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
+  const MaskSpec spec = mask_spec(mask, packed, N, K, dy);
+  at::Tensor dweight = at::empty({N, K}, x.options());
+  C10_CUDA_CHECK(cuda::masked_linear_weight_grad(device_dtype(x, "x"), dy.data_ptr(), x.data_ptr(), nullptr, spec,
+                                                 nullptr, dweight.data_ptr(), static_cast<int>(M), static_cast<int>(N),
+                                                 static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
+  return dweight;
+}
+
+at::Tensor score_masked_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias, const at::Tensor& scores,
+                                        double threshold) {
+  check_fwd_inputs(x, weight);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return linear_fwd(x, weight, bias, score_spec(scores, threshold, weight.size(0), weight.size(1), x));
+}
+
+at::Tensor score_masked_linear_bwd_input_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& scores,
+                                              double threshold) {
+  check_bwd_input_inputs(dy, weight);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  return linear_bwd_input(dy, weight, score_spec(scores, threshold, weight.size(0), weight.size(1), dy));
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight_scores_cuda(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores, double threshold,
+    bool need_dweight) {
+  check_bwd_weight_inputs(dy, x);
+  check_2d(weight, "weight", dy);
+  const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
+  TORCH_CHECK(weight.size(0) == N && weight.size(1) == K, "weight must have shape (", N, ", ", K, "), got ",
+              weight.sizes());
+  check_same_dtype(weight, "weight", x, "x");
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const MaskSpec spec = score_spec(scores, threshold, N, K, dy);
+  at::Tensor dscores = at::empty({N, K}, scores.options());
+  at::Tensor dweight = need_dweight ? at::empty({N, K}, weight.options()) : at::Tensor();
+  C10_CUDA_CHECK(cuda::masked_linear_weight_grad(device_dtype(x, "x"), dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                                                 spec, dscores.data_ptr(), need_dweight ? dweight.data_ptr() : nullptr,
+                                                 static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                                                 c10::cuda::getCurrentCUDAStream()));
+  return std::make_tuple(dscores, need_dweight ? std::optional<at::Tensor>(dweight) : std::nullopt);
+}
+
+at::Tensor topk_threshold_cuda(at::TensorList scores, int64_t k_prune) {
+  TORCH_CHECK(!scores.empty(), "topk_threshold needs at least one scores tensor");
+  std::vector<at::Tensor> flat;
+  int64_t n = 0;
+  for (const at::Tensor& s : scores) {
+    TORCH_CHECK(s.is_cuda() && s.device() == scores[0].device(), "scores must all be on ", scores[0].device(),
+                ", got ", s.device());
+    device_dtype(s, "scores");
+    flat.push_back(s.reshape({-1}).to(at::kFloat));
+    n += s.numel();
+  }
+  TORCH_CHECK(k_prune >= 0 && k_prune <= n, "k_prune must lie in [0, ", n, "], got ", k_prune);
+  const c10::cuda::CUDAGuard guard(scores[0].device());
+  const auto out_options = scores[0].options().dtype(at::kFloat);
+  if (k_prune == 0) return at::full({}, -std::numeric_limits<float>::infinity(), out_options);
+  if (k_prune == n) return at::full({}, std::numeric_limits<float>::infinity(), out_options);
+  const at::Tensor values = flat.size() == 1 ? flat[0].contiguous() : at::cat(flat);
+  at::Tensor workspace = at::empty({cuda::topk_threshold_workspace_elems()}, out_options.dtype(at::kLong));
+  at::Tensor out = at::empty({}, out_options);
+  C10_CUDA_CHECK(cuda::topk_threshold_select(values.data_ptr<float>(), n, k_prune,
+                                             reinterpret_cast<unsigned long long*>(workspace.data_ptr<int64_t>()),
+                                             out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor pack_mask_cuda(const at::Tensor& mask) {
+  TORCH_CHECK(mask.is_cuda(), "mask must be a CUDA tensor, got ", mask.device());
+  TORCH_CHECK(mask.dim() >= 1, "mask must have at least one dimension");
+  TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte, "mask must be bool or uint8, got ",
+              mask.scalar_type());
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const at::Tensor m = mask.contiguous();
+  const int64_t K = m.size(-1), rows = K == 0 ? 0 : m.numel() / K;
+  std::vector<int64_t> shape(m.sizes().begin(), m.sizes().end());
+  shape.back() = (K + 31) / 32;
+  at::Tensor packed = at::empty(shape, m.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cuda::pack_mask(static_cast<const uint8_t*>(m.data_ptr()), rows, K, packed.data_ptr<int32_t>(),
+                                 c10::cuda::getCurrentCUDAStream()));
+  return packed;
+}
+
+at::Tensor unpack_mask_cuda(const at::Tensor& packed, int64_t in_features) {
+  TORCH_CHECK(packed.is_cuda(), "packed must be a CUDA tensor, got ", packed.device());
+  TORCH_CHECK(packed.dim() >= 1, "packed must have at least one dimension");
+  TORCH_CHECK(packed.scalar_type() == at::kInt, "packed must be int32, got ", packed.scalar_type());
+  TORCH_CHECK(in_features >= 0, "in_features must be >= 0, got ", in_features);
+  const int64_t words = (in_features + 31) / 32;
+  TORCH_CHECK(packed.size(-1) == words, "packed must have ceil(in_features / 32) = ", words, " words per row, got ",
+              packed.size(-1));
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const at::Tensor p = packed.contiguous();
+  const int64_t rows = words == 0 ? 0 : p.numel() / words;
+  std::vector<int64_t> shape(p.sizes().begin(), p.sizes().end());
+  shape.back() = in_features;
+  at::Tensor mask = at::empty(shape, p.options().dtype(at::kBool));
+  C10_CUDA_CHECK(cuda::unpack_mask(p.data_ptr<int32_t>(), rows, in_features, static_cast<uint8_t*>(mask.data_ptr()),
+                                   c10::cuda::getCurrentCUDAStream()));
+  return mask;
+}
+
+}  // namespace
+}  // namespace sparsebert
+
+TORCH_LIBRARY_IMPL(sparsebert_ext, CUDA, m) {
+  m.impl("masked_linear_fwd", &sparsebert::masked_linear_fwd_cuda);
+  m.impl("masked_linear_bwd_input", &sparsebert::masked_linear_bwd_input_cuda);
+  m.impl("masked_linear_bwd_weight", &sparsebert::masked_linear_bwd_weight_cuda);
+  m.impl("score_masked_linear_fwd", &sparsebert::score_masked_linear_fwd_cuda);
+  m.impl("score_masked_linear_bwd_input", &sparsebert::score_masked_linear_bwd_input_cuda);
+  m.impl("score_masked_linear_bwd_weight_scores", &sparsebert::score_masked_linear_bwd_weight_scores_cuda);
+  m.impl("topk_threshold", &sparsebert::topk_threshold_cuda);
+  m.impl("pack_mask", &sparsebert::pack_mask_cuda);
+  m.impl("unpack_mask", &sparsebert::unpack_mask_cuda);
+}

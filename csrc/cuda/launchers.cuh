@@ -1,0 +1,58 @@
+// Host-side API of the torch-free CUDA kernels in csrc/cuda/*.cu. Plain C++ (only the CUDA runtime
+// header), so both the .cu files and the torch bindings (*_bind.cpp, compiled by the host compiler)
+// include it. All pointers are device pointers to contiguous row-major data; every launcher enqueues
+// on `stream` and returns the launch error (cudaSuccess when nothing went wrong); none synchronizes.
+//
+// Shapes follow docs/ARCHITECTURE.md: x (M, K), weight (N, K), dy (M, N), bias (N,),
+// mask (N, K) uint8/bool bytes, or packed int32 words (N, ceil(K / 32)), bit k % 32 of word k / 32,
+// scores (N, K) of any float dtype. Accumulation is fp32; outputs are in the input dtype.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace sparsebert {
+namespace cuda {
+
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+
+enum class MaskKind : int {
+  Bytes = 0,   // data: const uint8_t* (N, K), nonzero = keep
+  Bits = 1,    // data: const int32_t* (N, ceil(K / 32)) packed words, LSB first
+  Scores = 2,  // data: scores (N, K) of dtype scores_dtype; keep where float(score) >= threshold
+};
+
+struct MaskSpec {
+  MaskKind kind;
+  const void* data;
+  DType scores_dtype;  // MaskKind::Scores only
+  float threshold;     // MaskKind::Scores only; rounded to scores_dtype first, as torch's `scores >= t` does
+};
+
+// y = x @ (weight ⊙ mask)ᵀ + bias   (bias may be null)
+cudaError_t masked_linear_forward(DType dtype, const void* x, const void* weight, const void* bias, MaskSpec mask,
+                                  void* y, int M, int N, int K, cudaStream_t stream);
+
+// dx = dy @ (weight ⊙ mask)
+cudaError_t masked_linear_input_grad(DType dtype, const void* dy, const void* weight, MaskSpec mask, void* dx, int M,
+                                     int N, int K, cudaStream_t stream);
+
+// G = dyᵀ @ x (one GEMM), then in its epilogue: dscores = G ⊙ weight (scores dtype; only for
+// MaskKind::Scores, skipped when dscores is null) and dweight = G ⊙ mask (dtype; skipped when null).
+cudaError_t masked_linear_weight_grad(DType dtype, const void* dy, const void* x, const void* weight, MaskSpec mask,
+                                      void* dscores, void* dweight, int M, int N, int K, cudaStream_t stream);
+
+// Radix select: *out = the value of rank k_prune (0-based, ascending) among values[0..n), found with
+// four 8-bit histogram passes over the order-preserving uint32 key of each float (no sort).
+// Requires 0 <= k_prune < n. `workspace` holds topk_threshold_workspace_elems() uint64 on the device.
+int64_t topk_threshold_workspace_elems();
+cudaError_t topk_threshold_select(const float* values, int64_t n, int64_t k_prune, unsigned long long* workspace,
+                                  float* out, cudaStream_t stream);
+
+// packed (rows, ceil(K/32)) int32 <- mask (rows, K) bytes; and back (mask bytes are 0/1, bool-compatible).
+cudaError_t pack_mask(const uint8_t* mask, int64_t rows, int64_t K, int32_t* packed, cudaStream_t stream);
+cudaError_t unpack_mask(const int32_t* packed, int64_t rows, int64_t K, uint8_t* mask, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace sparsebert

@@ -1,0 +1,314 @@
+// Torch-free self-test of the CUDA kernels: each launcher of launchers.cuh against a plain CPU loop on
+// random data and odd shapes. Prints one line per case; exit code 1 on any mismatch, 2 when no GPU.
+// Built by CMakeLists.txt as `sparsebert_cuda_selftest`.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "launchers.cuh"
+
+using sparsebert::cuda::DType;
+using sparsebert::cuda::MaskKind;
+using sparsebert::cuda::MaskSpec;
+
+#define CHECK_CUDA(expr)                                                                          \
+  do {                                                                                            \
+    const cudaError_t err_ = (expr);                                                              \
+    if (err_ != cudaSuccess) {                                                                    \
+      std::fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
+      std::exit(1);                                                                               \
+    }                                                                                             \
+  } while (0)
+
+namespace {
+
+int g_failures = 0;
+std::mt19937 g_rng(1234);
+
+// Host-side storage of one dtype: values are kept as the float each element rounds to.
+struct HostArray {
+  DType dtype;
+  std::vector<float> values;  // what the device sees, as float
+  size_t elem_size() const { return dtype == DType::Float32 ? 4 : 2; }
+  std::vector<unsigned char> bytes() const {
+    std::vector<unsigned char> out(values.size() * elem_size());
+    for (size_t i = 0; i < values.size(); ++i) {
+      if (dtype == DType::Float32) {
+        std::memcpy(&out[4 * i], &values[i], 4);
+      } else if (dtype == DType::Float16) {
+        const __half h = __float2half_rn(values[i]);
+        std::memcpy(&out[2 * i], &h, 2);
+      } else {
+        const __nv_bfloat16 b = __float2bfloat16_rn(values[i]);
+        std::memcpy(&out[2 * i], &b, 2);
+      }
+    }
+    return out;
+  }
+};
+
+float round_to(DType dtype, float v) {
+  if (dtype == DType::Float16) return __half2float(__float2half_rn(v));
+  if (dtype == DType::BFloat16) return __bfloat162float(__float2bfloat16_rn(v));
+  return v;
+}
+
+HostArray random_array(DType dtype, size_t n) {
+  std::normal_distribution<float> normal(0.f, 1.f);
+  HostArray a{dtype, std::vector<float>(n)};
+  for (float& v : a.values) v = round_to(dtype, normal(g_rng));
+  return a;
+}
+
+std::vector<float> to_floats(DType dtype, const std::vector<unsigned char>& bytes, size_t n) {
+  std::vector<float> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (dtype == DType::Float32) {
+      std::memcpy(&out[i], &bytes[4 * i], 4);
+    } else if (dtype == DType::Float16) {
+      __half h;
+      std::memcpy(&h, &bytes[2 * i], 2);
+      out[i] = __half2float(h);
+    } else {
+      __nv_bfloat16 b;
+      std::memcpy(&b, &bytes[2 * i], 2);
+      out[i] = __bfloat162float(b);
+    }
+  }
+  return out;
+}
+
+// Device buffer holding a copy of host bytes (or n zeroed bytes).
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  size_t size = 0;
+  explicit DeviceBuffer(size_t n) : size(n) {
+    CHECK_CUDA(cudaMalloc(&ptr, std::max<size_t>(n, 1)));
+    CHECK_CUDA(cudaMemset(ptr, 0, std::max<size_t>(n, 1)));
+  }
+  template <typename V>
+  explicit DeviceBuffer(const std::vector<V>& host) : DeviceBuffer(host.size() * sizeof(V)) {
+    if (size) CHECK_CUDA(cudaMemcpy(ptr, host.data(), size, cudaMemcpyHostToDevice));
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { cudaFree(ptr); }
+  std::vector<unsigned char> download() const {
+    std::vector<unsigned char> out(size);
+    if (size) CHECK_CUDA(cudaMemcpy(out.data(), ptr, size, cudaMemcpyDeviceToHost));
+    return out;
+  }
+};
+
+const char* dtype_name(DType d) { return d == DType::Float32 ? "f32" : (d == DType::Float16 ? "f16" : "bf16"); }
+
+// Relative tolerance of one output element: the output rounding of its dtype plus fp32 accumulation.
+double tolerance(DType out_dtype) {
+  return out_dtype == DType::Float32 ? 2e-5 : (out_dtype == DType::Float16 ? 2e-3 : 1.6e-2);
+}
+
+// |got - want| <= tol * (|want| + scale) elementwise; scale ~ the size of the summands' noise.
+void expect_close(const char* what, const std::vector<float>& got, const std::vector<double>& want, double tol,
+                  double scale) {
+  double worst = 0.0;
+  size_t bad = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double err = std::fabs(double(got[i]) - want[i]);
+    const double allowed = tol * (std::fabs(want[i]) + scale);
+    worst = std::max(worst, err / allowed);
+    if (!(err <= allowed)) ++bad;  // NaN counts as bad
+  }
+  std::printf("%-4s %-60s worst err/tol %.3f\n", bad ? "FAIL" : "ok", what, worst);
+  if (bad) ++g_failures;
+}
+
+// The mask of one case, in the three device forms the kernels accept; keep[n*K+k] is the truth.
+struct MaskCase {
+  MaskKind kind;
+  DType scores_dtype;
+  std::vector<unsigned char> keep;     // (N, K) 0/1
+  std::vector<unsigned char> bytes;    // device data for Bytes
+  std::vector<uint32_t> words;         // device data for Bits
+  HostArray scores{DType::Float32, {}};
+  float threshold = 0.f;
+};
+
+MaskCase make_mask(MaskKind kind, DType scores_dtype, int N, int K) {
+  MaskCase mc{kind, scores_dtype, std::vector<unsigned char>(size_t(N) * K)};
+  std::bernoulli_distribution coin(0.5);
+  if (kind == MaskKind::Scores) {
+    mc.scores = random_array(scores_dtype, size_t(N) * K);
+    mc.threshold = 0.1f;  // the kernel rounds it to scores_dtype, as torch does
+    const float thr = round_to(scores_dtype, mc.threshold);
+    for (size_t i = 0; i < mc.keep.size(); ++i) mc.keep[i] = mc.scores.values[i] >= thr;
+    return mc;
+  }
+  for (auto& v : mc.keep) v = coin(g_rng);
+  mc.bytes = mc.keep;
+  const int W = (K + 31) / 32;
+  mc.words.assign(size_t(N) * W, 0u);
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < K; ++k)
+      if (mc.keep[size_t(n) * K + k]) mc.words[size_t(n) * W + k / 32] |= 1u << (k % 32);
+  return mc;
+}
+
+const char* mask_name(const MaskCase& mc) {
+  if (mc.kind == MaskKind::Bytes) return "bytes";
+  if (mc.kind == MaskKind::Bits) return "bits";
+  return mc.scores_dtype == DType::Float32 ? "scores-f32" : (mc.scores_dtype == DType::Float16 ? "scores-f16" : "scores-bf16");
+}
+
+void run_gemm_case(DType dtype, const MaskCase& mc, int M, int N, int K) {
+  const HostArray x = random_array(dtype, size_t(M) * K), w = random_array(dtype, size_t(N) * K),
+                  bias = random_array(dtype, N), dy = random_array(dtype, size_t(M) * N);
+  DeviceBuffer dx_in(x.bytes()), dw_in(w.bytes()), dbias(bias.bytes()), ddy(dy.bytes());
+  DeviceBuffer dmask(mc.kind == MaskKind::Bytes ? mc.bytes.size()
+                                                : (mc.kind == MaskKind::Bits ? mc.words.size() * 4 : 0));
+  if (mc.kind == MaskKind::Bytes && !mc.bytes.empty())
+    CHECK_CUDA(cudaMemcpy(dmask.ptr, mc.bytes.data(), mc.bytes.size(), cudaMemcpyHostToDevice));
+  if (mc.kind == MaskKind::Bits && !mc.words.empty())
+    CHECK_CUDA(cudaMemcpy(dmask.ptr, mc.words.data(), mc.words.size() * 4, cudaMemcpyHostToDevice));
+  DeviceBuffer dscores_in(mc.kind == MaskKind::Scores ? mc.scores.bytes() : std::vector<unsigned char>{});
+  const MaskSpec spec{mc.kind, mc.kind == MaskKind::Scores ? dscores_in.ptr : dmask.ptr, mc.scores_dtype, mc.threshold};
+  const size_t es = x.elem_size();
+  char label[160];
+
+  // forward: y = x (W*m)^T + b
+  {
+    DeviceBuffer y(size_t(M) * N * es);
+    CHECK_CUDA(sparsebert::cuda::masked_linear_forward(dtype, dx_in.ptr, dw_in.ptr, dbias.ptr, spec, y.ptr, M, N, K, 0));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    std::vector<double> want(size_t(M) * N);
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n) {
+        double acc = bias.values[n];
+        for (int k = 0; k < K; ++k)
+          if (mc.keep[size_t(n) * K + k]) acc += double(x.values[size_t(m) * K + k]) * w.values[size_t(n) * K + k];
+        want[size_t(m) * N + n] = acc;
+      }
+    std::snprintf(label, sizeof label, "forward      %-4s %-11s M=%d N=%d K=%d", dtype_name(dtype), mask_name(mc), M, N, K);
+    expect_close(label, to_floats(dtype, y.download(), want.size()), want, tolerance(dtype), std::sqrt(double(K)));
+  }
+  // input gradient: dx = dy (W*m)
+  {
+    DeviceBuffer dxo(size_t(M) * K * es);
+    CHECK_CUDA(sparsebert::cuda::masked_linear_input_grad(dtype, ddy.ptr, dw_in.ptr, spec, dxo.ptr, M, N, K, 0));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    std::vector<double> want(size_t(M) * K, 0.0);
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n)
+        for (int k = 0; k < K; ++k)
+          if (mc.keep[size_t(n) * K + k])
+            want[size_t(m) * K + k] += double(dy.values[size_t(m) * N + n]) * w.values[size_t(n) * K + k];
+    std::snprintf(label, sizeof label, "input grad   %-4s %-11s M=%d N=%d K=%d", dtype_name(dtype), mask_name(mc), M, N, K);
+    expect_close(label, to_floats(dtype, dxo.download(), want.size()), want, tolerance(dtype), std::sqrt(double(N)));
+  }
+  // weight gradient: G = dy^T x; dweight = G*m; dscores = G*W (scores only)
+  {
+    const bool scores = mc.kind == MaskKind::Scores;
+    const size_t ses = scores ? mc.scores.elem_size() : 4;
+    DeviceBuffer dweight(size_t(N) * K * es), dscores(scores ? size_t(N) * K * ses : 0);
+    CHECK_CUDA(sparsebert::cuda::masked_linear_weight_grad(dtype, ddy.ptr, dx_in.ptr, scores ? dw_in.ptr : nullptr, spec,
+                                                           scores ? dscores.ptr : nullptr, dweight.ptr, M, N, K, 0));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    std::vector<double> grad(size_t(N) * K, 0.0);
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n)
+        for (int k = 0; k < K; ++k)
+          grad[size_t(n) * K + k] += double(dy.values[size_t(m) * N + n]) * x.values[size_t(m) * K + k];
+    std::vector<double> want_dw(grad.size()), want_ds(grad.size());
+    for (size_t i = 0; i < grad.size(); ++i) {
+      want_dw[i] = mc.keep[i] ? grad[i] : 0.0;
+      want_ds[i] = grad[i] * w.values[i];
+    }
+    std::snprintf(label, sizeof label, "weight grad  %-4s %-11s M=%d N=%d K=%d", dtype_name(dtype), mask_name(mc), M, N, K);
+    expect_close(label, to_floats(dtype, dweight.download(), grad.size()), want_dw, tolerance(dtype), std::sqrt(double(M)));
+    if (scores) {
+      std::snprintf(label, sizeof label, "score grad   %-4s %-11s M=%d N=%d K=%d", dtype_name(dtype), mask_name(mc), M, N, K);
+      expect_close(label, to_floats(mc.scores_dtype, dscores.download(), grad.size()), want_ds,
+                   std::max(tolerance(dtype), tolerance(mc.scores_dtype)), std::sqrt(double(M)));
+    }
+  }
+}
+
+uint32_t ordered_key(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+void run_topk_case(const char* what, const std::vector<float>& values, long long k) {
+  DeviceBuffer dvalues(values), ws(size_t(sparsebert::cuda::topk_threshold_workspace_elems()) * 8), out(4);
+  CHECK_CUDA(sparsebert::cuda::topk_threshold_select(static_cast<const float*>(dvalues.ptr), (long long)values.size(), k,
+                                                     static_cast<unsigned long long*>(ws.ptr), static_cast<float*>(out.ptr), 0));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  float got;
+  std::memcpy(&got, out.download().data(), 4);
+  std::vector<uint32_t> keys(values.size());
+  for (size_t i = 0; i < values.size(); ++i) keys[i] = ordered_key(values[i]);
+  std::nth_element(keys.begin(), keys.begin() + k, keys.end());
+  const bool ok = ordered_key(got) == keys[size_t(k)];
+  std::printf("%-4s topk %-55s n=%zu k=%lld got %g\n", ok ? "ok" : "FAIL", what, values.size(), k, got);
+  if (!ok) ++g_failures;
+}
+
+void run_pack_case(int rows, int K) {
+  std::bernoulli_distribution coin(0.3);
+  std::vector<unsigned char> mask(size_t(rows) * K);
+  for (auto& v : mask) v = coin(g_rng);
+  const int W = (K + 31) / 32;
+  std::vector<uint32_t> want(size_t(rows) * W, 0u);
+  for (int r = 0; r < rows; ++r)
+    for (int k = 0; k < K; ++k)
+      if (mask[size_t(r) * K + k]) want[size_t(r) * W + k / 32] |= 1u << (k % 32);
+  DeviceBuffer dmask(mask), dpacked(want.size() * 4), dunpacked(mask.size());
+  CHECK_CUDA(sparsebert::cuda::pack_mask(static_cast<const uint8_t*>(dmask.ptr), rows, K, static_cast<int32_t*>(dpacked.ptr), 0));
+  CHECK_CUDA(sparsebert::cuda::unpack_mask(static_cast<const int32_t*>(dpacked.ptr), rows, K, static_cast<uint8_t*>(dunpacked.ptr), 0));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const std::vector<unsigned char> packed = dpacked.download(), unpacked = dunpacked.download();
+  const bool ok = std::memcmp(packed.data(), want.data(), packed.size()) == 0 && unpacked == mask;
+  std::printf("%-4s pack/unpack rows=%d K=%d\n", ok ? "ok" : "FAIL", rows, K);
+  if (!ok) ++g_failures;
+}
+
+}  // namespace
+
+int main() {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::fprintf(stderr, "no CUDA device visible: nothing tested\n");
+    return 2;
+  }
+  const int shapes[][3] = {{1, 1, 1}, {77, 45, 61}, {130, 97, 200}};
+  for (DType dtype : {DType::Float32, DType::Float16, DType::BFloat16})
+    for (const auto& s : shapes) {
+      const int M = s[0], N = s[1], K = s[2];
+      for (const MaskCase& mc : {make_mask(MaskKind::Bytes, DType::Float32, N, K), make_mask(MaskKind::Bits, DType::Float32, N, K),
+                                 make_mask(MaskKind::Scores, DType::Float32, N, K), make_mask(MaskKind::Scores, DType::BFloat16, N, K)})
+        run_gemm_case(dtype, mc, M, N, K);
+    }
+
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> values(100003);
+  for (float& v : values) v = normal(g_rng);
+  for (long long k : {1LL, 50001LL, 100002LL}) run_topk_case("normal", values, k);
+  std::uniform_int_distribution<int> small(-3, 3);  // heavy ties, negatives, +-0
+  for (float& v : values) v = float(small(g_rng)) * 0.5f;
+  values[7] = -0.0f;
+  for (long long k : {0LL, 12345LL, 99999LL}) run_topk_case("ties", values, k);
+
+  for (const auto& rk : {std::pair<int, int>{1, 1}, {3, 31}, {5, 32}, {7, 33}, {97, 61}, {64, 3072}}) run_pack_case(rk.first, rk.second);
+
+  std::printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "PASSED", g_failures);
+  return g_failures ? 1 : 0;
+}

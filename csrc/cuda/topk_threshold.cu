@@ -1,0 +1,95 @@
+// Exact k-th smallest value by radix select (no sort). Each float maps to an order-preserving uint32
+// key (flip all bits of negatives, set the sign bit of non-negatives); four passes each histogram one
+// 8-bit digit (most significant first) of the keys that still match the prefix chosen so far, and a
+// one-thread kernel picks the digit holding rank k. Everything stays on the device (no host sync).
+// Torch-free.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "launchers.cuh"
+
+namespace sparsebert {
+namespace cuda {
+namespace {
+
+constexpr int kRadixBins = 256;
+constexpr int kHistThreads = 256;
+// workspace (uint64): [0, 256) histogram, then the state of the select
+constexpr int kRank = kRadixBins, kPrefix = kRadixBins + 1, kPrefixMask = kRadixBins + 2, kWorkspaceElems = kRadixBins + 3;
+
+__device__ __forceinline__ uint32_t ordered_key(float f) {
+  const uint32_t bits = __float_as_uint(f);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_to_float(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+__global__ void radix_init_kernel(unsigned long long* ws, long long k) {
+  ws[threadIdx.x] = 0ull;
+  if (threadIdx.x == 0) {
+    ws[kRank] = static_cast<unsigned long long>(k);
+    ws[kPrefix] = 0ull;
+    ws[kPrefixMask] = 0ull;
+  }
+}
+
+// Histogram of digit (key >> shift) & 255 over keys whose already-chosen high digits match the prefix.
+__global__ void __launch_bounds__(kHistThreads) radix_histogram_kernel(const float* values, long long n,
+                                                                       unsigned long long* ws, int shift) {
+  __shared__ unsigned int hist[kRadixBins];
+  hist[threadIdx.x] = 0u;
+  __syncthreads();
+  const uint32_t prefix = static_cast<uint32_t>(ws[kPrefix]), prefix_mask = static_cast<uint32_t>(ws[kPrefixMask]);
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const uint32_t key = ordered_key(values[i]);
+    if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xffu], 1u);
+  }
+  __syncthreads();
+  if (hist[threadIdx.x] != 0u) atomicAdd(&ws[threadIdx.x], static_cast<unsigned long long>(hist[threadIdx.x]));
+}
+
+// One thread: find the digit whose bin holds rank k, narrow the prefix, make k relative, clear the bins.
+__global__ void radix_select_digit_kernel(unsigned long long* ws, int shift) {
+  unsigned long long rank = ws[kRank], below = 0ull;
+  int digit = kRadixBins - 1;
+  for (int d = 0; d < kRadixBins; ++d) {
+    if (rank < below + ws[d]) {
+      digit = d;
+      break;
+    }
+    below += ws[d];
+  }
+  ws[kRank] = rank - below;
+  ws[kPrefix] |= static_cast<unsigned long long>(digit) << shift;
+  ws[kPrefixMask] |= 0xffull << shift;
+  for (int d = 0; d < kRadixBins; ++d) ws[d] = 0ull;
+}
+
+__global__ void radix_finish_kernel(const unsigned long long* ws, float* out) {
+  out[0] = key_to_float(static_cast<uint32_t>(ws[kPrefix]));
+}
+
+}  // namespace
+
+int64_t topk_threshold_workspace_elems() { return kWorkspaceElems; }
+
+cudaError_t topk_threshold_select(const float* values, int64_t n, int64_t k_prune, unsigned long long* workspace,
+                                  float* out, cudaStream_t stream) {
+  if (n <= 0 || k_prune < 0 || k_prune >= n) return cudaErrorInvalidValue;
+  const long long blocks_needed = (n + kHistThreads * 8 - 1) / (kHistThreads * 8);  // ~8 elements per thread
+  const int blocks = static_cast<int>(blocks_needed < 1024 ? blocks_needed : 1024);
+  radix_init_kernel<<<1, kRadixBins, 0, stream>>>(workspace, k_prune);
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    radix_histogram_kernel<<<blocks, kHistThreads, 0, stream>>>(values, n, workspace, shift);
+    radix_select_digit_kernel<<<1, 1, 0, stream>>>(workspace, shift);
+  }
+  radix_finish_kernel<<<1, 1, 0, stream>>>(workspace, out);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace sparsebert
