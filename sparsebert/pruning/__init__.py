@@ -1,0 +1,19 @@
+"""Pruning algorithms.
+
+Structured, retraining-free (heads and FFN neurons under a FLOPs budget): ``prune_structured`` with
+``method="kprune"`` (Park et al., ICLR 2024), ``"kwon"`` (Kwon et al., NeurIPS 2022) or ``"kcm"``
+(Nova et al., ICML 2023). Names are exported lazily so that importing this package stays cheap.
+"""
+import importlib
+
+_LAZY = {
+    "prune_structured": "structured_api", "STRUCTURED_METHODS": "structured_api",
+    "kprune": "kprune", "KpruneConfig": "kprune",
+    "kwon_prune": "kwon", "kcm_prune": "kcm",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,67 @@
+"""Metrics: accuracy, F1, HANS-style breakdown, mean ± std over seeds, evaluate()."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparsebert.data import Example
+from sparsebert.eval import accuracy, aggregate_seeds, evaluate, f1_score, hans_breakdown, mean_std
+
+
+def test_accuracy_and_f1():
+    preds, labels = torch.tensor([1, 0, 1, 1, 0, 0]), torch.tensor([1, 1, 0, 1, 0, 1])
+    assert accuracy(preds, labels) == pytest.approx(3 / 6)
+    # tp = 2, fp = 1, fn = 2 -> 2*2 / (4 + 1 + 2)
+    assert f1_score(preds, labels) == pytest.approx(4 / 7)
+    assert f1_score(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)) == 0.0
+    with pytest.raises(ValueError, match="1-D"):
+        accuracy(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="empty"):
+        accuracy(torch.zeros(0), torch.zeros(0))
+
+
+def test_hans_breakdown():
+    exs = [Example("a", "b", lab, {"heuristic": h}) for lab, h in
+           [(0, "lexical_overlap"), (1, "lexical_overlap"), (0, "subsequence"), (1, "subsequence")]]
+    out = hans_breakdown(torch.tensor([0, 0, 0, 1]), exs)  # always-entailment except the last
+    assert out["accuracy"] == 0.75 and out["entailed"] == 1.0 and out["non_entailed"] == 0.5
+    assert out["by_heuristic"]["lexical_overlap"] == {"accuracy": 0.5, "entailed": 1.0, "non_entailed": 0.0}
+    assert out["by_heuristic"]["subsequence"]["non_entailed"] == 1.0
+    with pytest.raises(ValueError, match="predictions"):
+        hans_breakdown(torch.tensor([0]), exs)
+
+
+def test_mean_std_and_aggregate():
+    s = mean_std([0.5, 0.7])
+    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(math.sqrt(0.02)) and s["n"] == 2
+    assert mean_std([0.4])["std"] == 0.0
+    assert mean_std([])["n"] == 0
+    agg = aggregate_seeds([{"id": 0.5, "x": {"ood": 0.1}, "name": "a"}, {"id": 0.7, "x": {"ood": 0.3}, "name": "b"}])
+    assert agg["id"]["mean"] == pytest.approx(0.6) and agg["x"]["ood"]["mean"] == pytest.approx(0.2)
+    assert "name" not in agg
+
+
+class Fixed(nn.Module):
+    """A 'model' returning fixed 3-way logits per example (by input_ids[:, 0])."""
+    def __init__(self, table):
+        super().__init__()
+        self.table = nn.Parameter(torch.tensor(table, dtype=torch.float32))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        return self.table[input_ids[:, 0]]
+
+
+def test_evaluate_collapses_mnli_to_two_way():
+    # entailment .5 vs neutral .3 + contradiction .2 -> entailment; .4 vs .35+.25 -> non-entailment
+    model = Fixed([[0.5, 0.3, 0.2], [0.4, 0.35, 0.25]])
+    model.table.data = model.table.data.log()
+    batch = {"input_ids": torch.tensor([[0], [1]]), "attention_mask": torch.ones(2, 1, dtype=torch.long),
+             "labels": torch.tensor([0, 1])}
+    exs = [Example("p", "h", 0, {"heuristic": "h1"}), Example("p", "h", 1, {"heuristic": "h1"})]
+    three = evaluate(model, [batch], metric="accuracy")
+    assert three["value"] == 0.5  # 3-way argmax: entailment twice, label 1 = neutral is missed
+    two = evaluate(model, [batch], metric="accuracy", collapse_mnli_to_2way=True, hans=True, examples=exs)
+    assert two["value"] == 1.0 and two["hans"]["non_entailed"] == 1.0 and two["n"] == 2
+    with pytest.raises(ValueError, match="metric"):
+        evaluate(model, [batch], metric="auc")
