@@ -8,7 +8,7 @@ import torch.nn as nn
 from sparsebert.nn import SparseLinear, encoder_linears, sparsify
 from sparsebert.nn.compress import (BitmaskLinear, BSRLinear, SemiStructuredLinear, compress, decompress,
                                     footprint_report, load_compressed, save_compressed)
-from sparsebert.pruning.granularity import granular_topk_mask
+from sparsebert.nn.granularity import granular_topk_mask
 
 transformers = pytest.importorskip("transformers")
 

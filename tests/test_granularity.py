@@ -1,8 +1,8 @@
-"""Mask granularities (sparsebert.pruning.granularity): element, block, 2:4."""
+"""Mask granularities (sparsebert.nn.granularity): element, block, 2:4."""
 import pytest
 import torch
 
-from sparsebert.pruning import granularity as G
+from sparsebert.nn import granularity as G
 
 
 @pytest.mark.parametrize("shape", [(7, 13), (64, 96), (1, 5)])

@@ -141,7 +141,6 @@ def test_mask_training_bad_args():
 
 
 def test_block_granular_mask_training():
-    pytest.importorskip("sparsebert.pruning.granularity")
     model = tiny_bert()
     train_masks(model, loader(), sparsity=0.5, schedule="constant", granularity="block:4", max_steps=4,
                 lr_scores=5e-2, progress=False)

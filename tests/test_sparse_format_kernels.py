@@ -78,7 +78,7 @@ def test_bsr_encode_decode_round_trip(shape, block, density):
 
 @pytest.mark.parametrize("shape", [(3, 8), (5, 12), (64, 96)])
 def test_2to4_encode_decode_round_trip(shape):
-    from sparsebert.pruning.granularity import nm_mask_from_scores
+    from sparsebert.nn.granularity import nm_mask_from_scores
     w = torch.randn(shape)
     w = w * nm_mask_from_scores(w.abs())
     w[0, :4] = torch.tensor([0.0, 0.0, 0.0, 1.5])  # fewer than 2 nonzeros in a group

@@ -109,3 +109,25 @@ def test_mask_training_on_tiny_bert_lowers_loss_and_reaches_sparsity_exactly():
         n = lin.weight.numel()
         assert int(lin.effective_mask().sum()) == n - round(0.5 * n), name
     assert report["overall"] == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("granularity", [("block", 4), "block:8", "2:4"])
+def test_structured_granularity_scores_mode(granularity):
+    sp = SparseLinear(64, 24, mode="scores", target_sparsity=0.5, granularity=granularity)
+    x = torch.randn(5, 64)
+    y = sp(x)
+    m = sp.effective_mask()
+    assert_close(y, R.masked_linear(x.double(), sp.weight.double(), sp.bias.double(), m), torch.float32, "y")
+    if granularity == "2:4":
+        assert torch.all(m.reshape(24, 16, 4).sum(-1) == 2)
+    else:
+        b = 4 if granularity == ("block", 4) else 8
+        blocks = m.reshape(24 // b, b, 64 // b, b).float().mean((1, 3))
+        assert torch.all((blocks == 0) | (blocks == 1)) and blocks.mean() == 0.5
+    g = torch.randn_like(y)
+    y.backward(g)
+    # Straight-through: dScores = (dY^T X) * W, as at element granularity.
+    assert_close(sp.scores.grad, (g.double().t() @ x.double()) * sp.weight.double(), torch.float32, "dscores")
+    assert sp.freeze_mask().mode == "mask" and torch.equal(sp.mask.bool(), m)
+    with pytest.raises(RuntimeError, match="set_target_sparsity"):
+        SparseLinear(64, 24, mode="scores", granularity="2:4")(x)

@@ -8,6 +8,9 @@ Modes
             `score_masked_linear` with a straight-through estimator (mask training). tau is either the
             `threshold` buffer (set by the caller, e.g. a global top-k over many layers) or, when
             `target_sparsity` is set, this layer's own top-k threshold computed at every forward.
+            With a structured `granularity` ("2:4" or ("block", b), for the 2:4 and BSR inference
+            formats) the per-layer top-k keeps whole groups; the kernel is the same, fed a 0/1 score
+            surrogate whose gradient is the identity (straight-through).
 
 State-dict keys: `weight`, `bias` (as nn.Linear), plus `mask` in mode "mask" or `scores` and `threshold`
 in mode "scores".
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 
 from ..ops import masked_linear, score_masked_linear, topk_threshold
 from ..ops import _validate as V
+from .granularity import canonical_granularity, granular_topk_mask
 
 MODES = ("dense", "mask", "scores")
 SCORE_INITS = ("magnitude", "constant", "kaiming")
@@ -32,11 +36,13 @@ class SparseLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  mode: str = "dense", mask: Optional[Tensor] = None, score_init: str = "magnitude",
                  score_init_value: float = 1.0, scores_dtype: torch.dtype = torch.float32,
-                 target_sparsity: Optional[float] = None, threshold: float = 0.0, backend: str = "auto"):
+                 target_sparsity: Optional[float] = None, threshold: float = 0.0, granularity="element",
+                 backend: str = "auto"):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.backend = backend
         self.mode = "dense"
         self.target_sparsity: Optional[float] = None
+        self.granularity = canonical_granularity(granularity)
         if mode == "mask":
             self.set_mask(torch.ones_like(self.weight, dtype=torch.uint8) if mask is None else mask)
         elif mode == "scores":
@@ -58,6 +64,7 @@ class SparseLinear(nn.Linear):
         new.weight, new.bias = linear.weight, linear.bias
         new.backend = kwargs.pop("backend", "auto")
         new.mode, new.target_sparsity = "dense", None
+        new.granularity = canonical_granularity(kwargs.pop("granularity", "element"))
         if mode == "mask":
             mask = kwargs.pop("mask", None)
             new.set_mask(mask if mask is not None else (linear.weight != 0))
@@ -122,17 +129,37 @@ class SparseLinear(nn.Linear):
         """Per-layer top-k binarization at this sparsity (None: use the `threshold` buffer)."""
         self.target_sparsity = None if sparsity is None else V.check_sparsity(sparsity)
 
+    def set_granularity(self, granularity) -> None:
+        """"element", "2:4", ("block", b) or "block:b": the shape of the groups the top-k keeps or prunes."""
+        self.granularity = canonical_granularity(granularity)
+
     # ------------------------------------------------------------------ compute
     def current_threshold(self) -> Tensor:
         if self.target_sparsity is not None:
             return topk_threshold(self.scores, self.target_sparsity, backend=self.backend)
         return self.threshold
 
+    def _structured(self) -> bool:
+        if self.granularity == "element":
+            return False
+        if self.target_sparsity is None:
+            raise RuntimeError(f"granularity {self.granularity!r} selects groups by per-layer top-k: "
+                               "call set_target_sparsity first")
+        return True
+
+    def _group_mask(self) -> Tensor:
+        return granular_topk_mask(self.scores.detach(), self.target_sparsity, self.granularity)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "dense":
             return F.linear(x, self.weight, self.bias)
         if self.mode == "mask":
             return masked_linear(x, self.weight, self.bias, self.mask, backend=self.backend)
+        if self._structured():
+            # Value m (0/1) with the gradient of the scores: the fused kernel at threshold 0.5 is the STE.
+            m = self._group_mask().to(self.scores.dtype)
+            surrogate = self.scores + (m - self.scores).detach()
+            return score_masked_linear(x, self.weight, self.bias, surrogate, 0.5, backend=self.backend)
         return score_masked_linear(x, self.weight, self.bias, self.scores, self.current_threshold(),
                                    backend=self.backend)
 
@@ -143,6 +170,8 @@ class SparseLinear(nn.Linear):
         if self.mode == "mask":
             return self.mask.bool()
         if self.mode == "scores":
+            if self._structured():
+                return self._group_mask()
             return self.scores >= self.current_threshold().to(self.scores.dtype)
         return torch.ones_like(self.weight, dtype=torch.bool)
 
@@ -169,6 +198,7 @@ class SparseLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         extra = f", target_sparsity={self.target_sparsity}" if self.target_sparsity is not None else ""
+        extra += f", granularity={self.granularity}" if self.granularity != "element" else ""
         return f"{super().extra_repr()}, mode={self.mode}{extra}"
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

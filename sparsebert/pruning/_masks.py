@@ -1,46 +1,15 @@
-"""Helpers shared by IMP and mask training: score-to-mask selection at a granularity, and the lookup of
-the optional structured-granularity module (`sparsebert.pruning.granularity`)."""
+"""Helpers shared by IMP and mask training: score-to-mask selection at a granularity."""
 from __future__ import annotations
 
-import importlib
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Sequence
 
 import torch
 from torch import Tensor
 
+from ..nn.granularity import Granularity, canonical_granularity, granular_topk_mask
 from ..ops import topk_threshold
 
-Granularity = Union[str, Tuple[str, int]]
 SCOPES = ("global", "per_matrix")
-
-
-def normalize_granularity(granularity) -> Granularity:
-    """"element", "2:4", ("block", b) or the string "block:b" -> canonical form; ValueError otherwise."""
-    if granularity in (None, "element"):
-        return "element"
-    if granularity == "2:4":
-        return "2:4"
-    if isinstance(granularity, str) and granularity.startswith("block:"):
-        try:
-            granularity = ("block", int(granularity.split(":", 1)[1]))
-        except ValueError:
-            raise ValueError(f"granularity 'block:B' needs an int B, got {granularity!r}") from None
-    if isinstance(granularity, (tuple, list)) and len(granularity) == 2 and granularity[0] == "block":
-        b = granularity[1]
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise ValueError(f"block size must be a positive int, got {b!r}")
-        return ("block", b)
-    raise ValueError(f"granularity must be 'element', '2:4', ('block', b) or 'block:b', got {granularity!r}")
-
-
-def granular_topk_mask_fn():
-    """`sparsebert.pruning.granularity.granular_topk_mask`, or a clear error when that module is absent."""
-    try:
-        mod = importlib.import_module("sparsebert.pruning.granularity")
-    except ImportError as exc:
-        raise RuntimeError("structured granularities need sparsebert.pruning.granularity "
-                           f"(granular_topk_mask), which is not importable: {exc}") from exc
-    return mod.granular_topk_mask
 
 
 def select_masks(scores: Sequence[Tensor], sparsity: float, *, scope: str = "global",
@@ -52,12 +21,11 @@ def select_masks(scores: Sequence[Tensor], sparsity: float, *, scope: str = "glo
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    granularity = normalize_granularity(granularity)
+    granularity = canonical_granularity(granularity)
     if granularity != "element":
         if scope == "global":
             raise ValueError("scope 'global' supports granularity 'element' only; use scope 'per_matrix'")
-        fn = granular_topk_mask_fn()
-        return [fn(s.detach(), sparsity, granularity=granularity).bool() for s in scores]
+        return [granular_topk_mask(s.detach(), sparsity, granularity=granularity).bool() for s in scores]
     if scope == "global":
         tau = topk_threshold(list(scores), sparsity)
         return [s.detach() >= tau.to(s.dtype) for s in scores]

@@ -19,7 +19,8 @@ from ..checkpoint import atomic_save, load_checkpoint
 from ..nn import SparseLinear, sparsify, sparsity_report
 from ..nn.sparsify import encoder_linears
 from ..train import finetune
-from ._masks import normalize_granularity, select_masks
+from ..nn.granularity import canonical_granularity
+from ._masks import select_masks
 from .schedules import imp_sparsities
 
 REWIND_SKIP = ("mask", "scores", "threshold")
@@ -38,7 +39,7 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, scope: str = "global",
             s = torch.where(lin.effective_mask(), s, torch.full_like(s, -1.0))
         scores.append(s)
     scope = "per_matrix" if scope in ("per_matrix", "per_layer", "local") else scope
-    masks = select_masks(scores, sparsity, scope=scope, granularity=normalize_granularity(granularity))
+    masks = select_masks(scores, sparsity, scope=scope, granularity=canonical_granularity(granularity))
     return dict(zip(lins.keys(), masks))
 
 

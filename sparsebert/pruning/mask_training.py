@@ -10,7 +10,6 @@ classification head may train with the ordinary lr. At the end the masks are fro
 """
 from __future__ import annotations
 
-import types
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -18,27 +17,19 @@ from torch import nn
 
 from ..nn import SparseLinear, sparsify, sparsity_report
 from ..nn.sparsify import encoder_linears, head_linears
-from ..ops import score_masked_linear, topk_threshold
+from ..nn.granularity import canonical_granularity
+from ..ops import topk_threshold
 from ..train import finetune
-from ._masks import granular_topk_mask_fn, normalize_granularity
 from .schedules import SparsitySchedule
 
 SCOPES = ("per_layer", "global")
-
-
-def _granular_forward(self: SparseLinear, x):
-    # Structured granularity: the mask comes from granular_topk_mask; scores + (m - scores).detach()
-    # has the value m and the identity gradient, so the fused op with threshold 0.5 is the STE.
-    m = self._granular_fn(self.scores.detach(), self._granular_sparsity, granularity=self._granularity)
-    s_eff = self.scores + (m.to(self.scores.dtype) - self.scores).detach()
-    return score_masked_linear(x, self.weight, self.bias, s_eff, 0.5, backend=self.backend)
 
 
 def prepare_mask_training(model: nn.Module, *, score_init: str = "magnitude", freeze_weights: bool = True,
                           train_head: bool = True, granularity="element", backend: str = "auto") -> List[SparseLinear]:
     """Put the encoder linears in mode "scores" and set requires_grad: scores always; the head when
     `train_head`; every other weight only when not `freeze_weights`. Returns the SparseLinear layers."""
-    granularity = normalize_granularity(granularity)
+    granularity = canonical_granularity(granularity)
     for lin in encoder_linears(model).values():  # a model loaded with frozen masks: back to plain weights
         if isinstance(lin, SparseLinear) and lin.mode == "mask":
             with torch.no_grad():
@@ -53,18 +44,13 @@ def prepare_mask_training(model: nn.Module, *, score_init: str = "magnitude", fr
         p.requires_grad_(not freeze_weights or (train_head and id(p) in head))
     for lin in lins:
         lin.scores.requires_grad_(True)
-        if granularity != "element":
-            lin._granular_fn, lin._granularity, lin._granular_sparsity = granular_topk_mask_fn(), granularity, 0.0
-            lin.forward = types.MethodType(_granular_forward, lin)
+        lin.set_granularity(granularity)
     return lins
 
 
 def set_sparsity(lins: List[SparseLinear], sparsity: float, scope: str) -> None:
     """Binarize the scores of `lins` at `sparsity`: per-layer top-k, or one global top-k threshold."""
-    if hasattr(lins[0], "_granular_fn"):
-        for lin in lins:
-            lin._granular_sparsity = sparsity
-    elif scope == "per_layer":
+    if scope == "per_layer" or lins[0].granularity != "element":
         for lin in lins:
             lin.set_target_sparsity(sparsity)
     else:
@@ -78,12 +64,7 @@ def set_sparsity(lins: List[SparseLinear], sparsity: float, scope: str) -> None:
 def freeze_masks(lins: List[SparseLinear]) -> None:
     """Scores -> fixed masks (mode "mask"), whatever the granularity."""
     for lin in lins:
-        if hasattr(lin, "_granular_fn"):
-            m = lin._granular_fn(lin.scores.detach(), lin._granular_sparsity, granularity=lin._granularity)
-            del lin.forward, lin._granular_fn, lin._granularity, lin._granular_sparsity
-            lin.set_mask(m)
-        else:
-            lin.freeze_mask()
+        lin.freeze_mask()
 
 
 def train_masks(model: nn.Module, train_loader, *, sparsity: float, schedule: str = "cubic",
@@ -102,9 +83,9 @@ def train_masks(model: nn.Module, train_loader, *, sparsity: float, schedule: st
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not lr_scores > 0:
         raise ValueError(f"lr_scores must be positive, got {lr_scores!r}")
-    if normalize_granularity(granularity) != "element" and scope == "global":
+    if canonical_granularity(granularity) != "element" and scope == "global":
         raise ValueError("scope 'global' supports granularity 'element' only; use scope 'per_layer'")
-    if normalize_granularity(granularity) == "2:4" and (schedule != "constant" or sparsity != 0.5):
+    if canonical_granularity(granularity) == "2:4" and (schedule != "constant" or sparsity != 0.5):
         raise ValueError("granularity '2:4' prunes exactly half of each group of 4: use sparsity=0.5 and "
                          f"schedule='constant' (got sparsity={sparsity}, schedule={schedule!r})")
     lins = prepare_mask_training(model, score_init=score_init, freeze_weights=freeze_weights, train_head=train_head,

@@ -76,7 +76,7 @@ class SRNetConfig:
 
     def validate(self) -> "SRNetConfig":
         from ..data import TASKS
-        from ._masks import normalize_granularity
+        from ..nn.granularity import canonical_granularity
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
         if self.paradigm not in PARADIGMS:
@@ -97,7 +97,7 @@ class SRNetConfig:
             raise ValueError(f"schedule must be 'cubic' or 'constant', got {self.schedule!r}")
         if self.scope not in ("per_layer", "per_matrix", "global"):
             raise ValueError(f"scope must be 'per_layer' or 'global', got {self.scope!r}")
-        normalize_granularity(self.granularity)
+        canonical_granularity(self.granularity)
         if self.rewind not in ("pretrained", "early"):
             raise ValueError(f"rewind must be 'pretrained' or 'early', got {self.rewind!r}")
         for name in ("epochs", "lr", "lr_scores"):

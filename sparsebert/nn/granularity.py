@@ -131,6 +131,12 @@ def parse_granularity(granularity: Granularity) -> Tuple[str, int]:
     raise ValueError(f"granularity must be 'element', '2:4', ('block', b) or 'block:b', got {granularity!r}")
 
 
+def canonical_granularity(granularity) -> Granularity:
+    """None/"element" -> "element"; "2:4" -> "2:4"; ("block", b) or "block:b" -> ("block", b); else ValueError."""
+    kind, block = parse_granularity("element" if granularity is None else granularity)
+    return ("block", block) if kind == "block" else kind
+
+
 def granular_topk_mask(scores: Tensor, sparsity: float, granularity: Granularity = "element") -> Tensor:
     """Per-tensor top-k mask at a granularity. For "2:4" the sparsity is fixed: pass 0.5 (anything else
     is a ValueError, since 2:4 cannot express it)."""
@@ -159,5 +165,5 @@ def satisfies(mask: Tensor, granularity: Granularity) -> bool:
     return bool(((pooled == 0) | (pooled == 1)).all())
 
 
-__all__ = ["block_mask_from_scores", "nm_mask_from_scores", "granular_topk_mask", "pooled_scores",
+__all__ = ["canonical_granularity", "block_mask_from_scores", "nm_mask_from_scores", "granular_topk_mask", "pooled_scores",
            "expand_pooled_mask", "parse_granularity", "topk_keep", "satisfies"]
