@@ -17,14 +17,15 @@ PathLike = Union[str, os.PathLike]
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """torch.save `obj` to `path` atomically (tmp file + fsync + os.replace). Returns the path."""
+def _atomic_write(path: PathLike, mode: str, write) -> Path:
+    """Write through `write(file)` into a temporary file beside `path`, fsync, then rename over `path`:
+    readers see the old file or the new one, never a torn one. The rename is made durable too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,7 +33,7 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    try:  # make the rename itself durable
+    try:
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -43,22 +44,18 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     return path
 
 
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """torch.save `obj` to `path` atomically. Returns the path."""
+    return _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(text: str, path: PathLike) -> Path:
     """Write a text file (e.g. a run JSON) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _atomic_write(path, "w", lambda f: f.write(text))
+
+
+def atomic_write_bytes(data: bytes, path: PathLike) -> Path:
+    return _atomic_write(path, "wb", lambda f: f.write(data))
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -19,6 +17,7 @@ from typing import Iterable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from ..checkpoint import atomic_save, atomic_write_bytes
 from .tasks import Example
 
 __all__ = ["SimpleVocabTokenizer", "tokenize_examples", "TokenizedDataset", "PaddingCollator",
@@ -118,7 +117,7 @@ class SimpleVocabTokenizer:
         return {k: v[0] for k, v in out.items()} if single else out
 
     def save(self, path) -> None:
-        _atomic_write_bytes(Path(path), json.dumps({"vocab": self.vocab}).encode())
+        atomic_write_bytes(json.dumps({"vocab": self.vocab}).encode(), path)
 
     @classmethod
     def load(cls, path):
@@ -126,21 +125,6 @@ class SimpleVocabTokenizer:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of the tokenizer's identity: class, name, vocabulary, lower-casing flag."""
     h = hashlib.sha256()
@@ -223,15 +207,7 @@ class TokenizedDataset(Dataset):
         if enc is None:
             enc = tokenize_examples(examples, tokenizer, max_length)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-                os.close(fd)
-                try:
-                    torch.save(enc, tmp)
-                    os.replace(tmp, path)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
+                atomic_save(enc, path)
         if bias_probs is None and examples and all("bias_probs" in ex.meta for ex in examples):
             bias_probs = [ex.meta["bias_probs"] for ex in examples]
         return cls(enc["input_ids"], enc["token_type_ids"], [ex.label for ex in examples],

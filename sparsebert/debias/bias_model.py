@@ -8,14 +8,12 @@ so that tokenized datasets pick them up.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import atomic_save
 from ..data.tasks import Example, split_examples
 
 __all__ = ["BiasModel", "fit_bias_model", "attach_bias_probs", "bias_probs_of", "cross_fit_bias_probs"]
@@ -126,17 +124,8 @@ class BiasModel:
                 "mean": self.mean, "std": self.std, "weight": self.weight, "bias": self.bias}
 
     def save(self, path) -> None:
-        """Atomic save (temporary file + os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        """Atomic save (temporary file + fsync + rename)."""
+        atomic_save(self.state_dict(), path)
 
     @classmethod
     def load(cls, path) -> "BiasModel":
