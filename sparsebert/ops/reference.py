@@ -79,3 +79,25 @@ def topk_threshold(scores: Union[Tensor, Sequence[Tensor]], sparsity: float) -> 
     if k_prune == 0:
         return torch.tensor(-math.inf, device=flat.device)
     return flat.kthvalue(k_prune + 1).values if k_prune < flat.numel() else flat.max()
+
+
+def pruned_ffn(x, w_in, b_in, w_out, b_out, keep):
+    """gelu(x W_in[keep]^T + b_in[keep]) W_out[:, keep]^T + b_out: only the kept FFN neurons."""
+    h = F.gelu(F.linear(x, w_in[keep], None if b_in is None else b_in[keep]))
+    return F.linear(h, w_out[:, keep], b_out)
+
+
+def pruned_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, heads, head_size, key_mask=None):
+    """Self-attention over the kept `heads` only (QKV rows and output columns gathered); x (B, L, d)."""
+    B, L, _ = x.shape
+    dims = (heads[:, None] * head_size + torch.arange(head_size, device=x.device)).flatten()
+
+    def proj(w, b):
+        return F.linear(x, w[dims], None if b is None else b[dims]).view(B, L, -1, head_size).transpose(1, 2)
+
+    q, k, v = proj(wq, bq), proj(wk, bk), proj(wv, bv)
+    s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(head_size)
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+    ctx = (s.softmax(-1) @ v.float()).to(x.dtype).transpose(1, 2).reshape(B, L, -1)
+    return F.linear(ctx, wo[:, dims], bo)

@@ -7,7 +7,7 @@ Structured, retraining-free (heads and FFN neurons under a FLOPs budget): ``prun
 import importlib
 
 _LAZY = {
-    "prune_structured": "structured_api", "STRUCTURED_METHODS": "structured_api",
+    "prune_structured": "structured_api", "STRUCTURED_METHODS": "structured_api", "format_report": "structured_api",
     "kprune": "kprune", "KpruneConfig": "kprune",
     "kwon_prune": "kwon", "kcm_prune": "kcm",
 }

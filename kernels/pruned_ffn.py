@@ -1,0 +1,105 @@
+"""Gathered-index linear layers for head/neuron-pruned encoders (Triton), and the pruned FFN built on them.
+
+``gathered_linear(x, weight, bias, rows=None, cols=None, gelu=False)`` computes
+``act(x @ weight[rows][:, cols].T + bias[rows])`` without materialising the gathered weight: the kernel
+reads only the kept rows (output features) or columns (input features) of the dense weight. ``x`` is
+(M, K) with K = len(cols) (or the full width when cols is None). fp32 accumulation, output in x's dtype.
+
+``pruned_ffn(x, w_in, b_in, w_out, b_out, keep)``: FFN-in on the kept neurons' rows with a fused exact
+GELU, then FFN-out on the same kept columns: ``gelu(x W_in[keep]^T + b_in[keep]) W_out[:, keep]^T + b_out``.
+Forward only (an inference kernel); the masked dense model is the reference and the training path.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _exact_dot(dtype):
+    """fp32 operands get IEEE fp32 products (no TF32); bf16/fp16 under the interpreter are upcast (its
+    16-bit tl.dot is wrong)."""
+    return dtype == torch.float32 or _INTERPRET
+
+
+def _configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [(128, 128, 32, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+                                     (64, 64, 64, 4, 3), (128, 256, 64, 8, 3), (32, 64, 32, 2, 4)]]
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "GATHER_ROWS", "GATHER_COLS"])
+@triton.jit
+def _gathered_linear_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, cols_ptr, y_ptr, M, N, K,
+                            stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+                            HAS_BIAS: tl.constexpr, GATHER_ROWS: tl.constexpr, GATHER_COLS: tl.constexpr,
+                            GELU: tl.constexpr, IEEE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    # which rows of the dense weight feed these outputs
+    if GATHER_ROWS:
+        w_rows = tl.load(rows_ptr + offs_n, mask=n_ok, other=0)
+    else:
+        w_rows = offs_n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        if GATHER_COLS:
+            w_cols = tl.load(cols_ptr + offs_k, mask=k_ok, other=0)
+        else:
+            w_cols = offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + w_rows[None, :] * stride_wn + w_cols[:, None] * stride_wk,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + w_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:  # exact (erf) GELU, as BERT's "gelu"
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_ok[None, :])
+
+
+def gathered_linear(x, weight, bias=None, rows=None, cols=None, gelu: bool = False):
+    """``act(x @ weight[rows][:, cols].T + bias[rows])``; rows/cols are int index tensors or None."""
+    M, K = x.shape
+    n_rows = weight.shape[0] if rows is None else rows.numel()
+    k_expected = weight.shape[1] if cols is None else cols.numel()
+    if K != k_expected:
+        raise ValueError(f"x has {K} features but the gathered weight expects {k_expected}")
+    y = torch.empty(M, n_rows, device=x.device, dtype=x.dtype)
+    if M == 0 or n_rows == 0:
+        return y
+    if K == 0:
+        y.zero_()
+        if bias is not None:
+            y += (bias if rows is None else bias[rows]).to(y.dtype)
+        return torch.nn.functional.gelu(y) if gelu else y
+    rows_t = rows.to(device=x.device, dtype=torch.int32).contiguous() if rows is not None else x
+    cols_t = cols.to(device=x.device, dtype=torch.int32).contiguous() if cols is not None else x
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(n_rows, meta["BLOCK_N"]))
+    _gathered_linear_kernel[grid](x, weight, bias if bias is not None else x, rows_t, cols_t, y, M, n_rows, K,
+                                  x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+                                  y.stride(0), y.stride(1), HAS_BIAS=bias is not None,
+                                  GATHER_ROWS=rows is not None, GATHER_COLS=cols is not None, GELU=gelu,
+                                  IEEE=_exact_dot(x.dtype))
+    return y
+
+
+def pruned_ffn(x, w_in, b_in, w_out, b_out, keep):
+    """FFN on the kept neurons ``keep`` (int index tensor) of dense weights; x (M, d)."""
+    h = gathered_linear(x, w_in, b_in, rows=keep, gelu=True)
+    return gathered_linear(h, w_out, b_out, cols=keep)
