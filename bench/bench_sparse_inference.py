@@ -42,7 +42,7 @@ from _results import environment, save_results  # noqa: E402
 from sparsebert.nn.compress import (BitmaskLinear, BSRLinear, SemiStructuredLinear, compress,  # noqa: E402
                                     footprint_report)
 from sparsebert.ops import reference_formats as rf  # noqa: E402
-from sparsebert.pruning.granularity import granular_topk_mask  # noqa: E402
+from sparsebert.nn.granularity import granular_topk_mask  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LINEARS = [(768, 768), (768, 3072), (3072, 768)]  # (K in_features, N out_features)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from sparsebert.nn.compress import BitmaskLinear, BSRLinear, SemiStructuredLinear
 from sparsebert.ops.sparse_formats import resolve_format_backend
-from sparsebert.pruning.granularity import granular_topk_mask
+from sparsebert.nn.granularity import granular_topk_mask
 
 K, N = 768, 3072
 

@@ -181,7 +181,7 @@ def nm24_encode(weight: Tensor) -> Tuple[Tensor, Tensor]:
     if bool((nz.sum(-1) > 2).any()):
         bad = int((nz.sum(-1) > 2).sum())
         raise ValueError(f"weight is not 2:4 sparse: {bad} groups of 4 have more than 2 nonzeros; prune with "
-                         f"granularity '2:4' (sparsebert.pruning.granularity.nm_mask_from_scores) first")
+                         f"granularity '2:4' (sparsebert.nn.granularity.nm_mask_from_scores) first")
     # Keep the nonzeros, topped up with the first zero positions, in ascending position order.
     pos = torch.arange(4, device=weight.device)
     rank = (~nz).to(torch.int64) * 4 + pos  # nonzeros first, then zeros, each ascending
