@@ -21,6 +21,8 @@ the module.
 """
 from __future__ import annotations
 
+import abc
+
 import logging
 import math
 import warnings
@@ -45,8 +47,9 @@ def _nbytes(*tensors: Optional[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-class _CompressedLinear(nn.Module):
-    """Shared parts: shape attributes, bias buffer, byte accounting, conversion back to nn.Linear."""
+class _CompressedLinear(nn.Module, abc.ABC):
+    """Shared parts: shape attributes, bias buffer, byte accounting, conversion back to nn.Linear.
+    Each format implements weight_nbytes, dtype and dense_weight."""
 
     format: str = ""
 
@@ -55,8 +58,9 @@ class _CompressedLinear(nn.Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.register_buffer("bias", None if bias is None else bias.detach().clone().contiguous())
 
+    @abc.abstractmethod
     def weight_nbytes(self) -> int:
-        raise NotImplementedError
+        """Bytes of the compressed weight alone."""
 
     def nbytes(self) -> int:
         """Bytes of everything stored: compressed weight + bias."""
@@ -68,11 +72,13 @@ class _CompressedLinear(nn.Module):
         return self.weight_nbytes() / max(1, self.in_features * self.out_features)
 
     @property
+    @abc.abstractmethod
     def dtype(self) -> torch.dtype:
-        raise NotImplementedError
+        """The dtype of the stored values (and of the outputs)."""
 
+    @abc.abstractmethod
     def dense_weight(self) -> Tensor:
-        raise NotImplementedError
+        """The (out_features, in_features) weight with zeros where pruned."""
 
     def to_linear(self) -> nn.Linear:
         w = self.dense_weight()
