@@ -23,9 +23,8 @@ import time
 
 import torch
 
-from ..flops import encoder_flops, prunable_budget
-from ..nn.structured import encoder_layers, structure_of
-from .kprune import StopForward, log_progress, model_inputs, prepare_batches, sample_seq_len
+from ..nn.structured import encoder_layers
+from .kprune import StopForward, log_progress, model_inputs, start_pruning
 
 __all__ = ["kcm_prune", "representative_ranking", "convex_merge"]
 
@@ -79,15 +78,8 @@ def convex_merge(w_out: torch.Tensor, acts: torch.Tensor, K: torch.Tensor, kept:
 def kcm_prune(model, batches, flops_keep: float, *, seq_len: int | None = None, num_tokens: int = 100_000,
               kernel_tokens: int = 4096, seed: int = 0, progress=None):
     """KCM on ``model`` (FFN-out weights merged in place). Returns ``(head_mask, neuron_mask, report)``."""
-    heads, neurons = structure_of(model)
-    if len(set(heads)) != 1 or len(set(neurons)) != 1:
-        raise ValueError("kcm_prune expects an unpruned model (same heads/neurons in every layer)")
-    dev = next(model.parameters()).device
-    t_start = time.perf_counter()
-    sample = prepare_batches(batches, num_tokens, dev)
-    seq_len = seq_len or sample_seq_len(sample)
-    fl = encoder_flops(model, seq_len)
-    budget = prunable_budget(flops_keep, fl)
+    dev, t_start, sample, seq_len, fl, budget, heads, neurons = start_pruning(
+        "kcm_prune", model, batches, flops_keep, seq_len, num_tokens)
     n_layers, H, N = len(heads), heads[0], neurons[0]
     neuron_budget = budget - fl.per_head * H * n_layers
     k = int(neuron_budget // (fl.per_neuron * n_layers)) if neuron_budget >= 0 else -1

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..flops import encoder_flops, prunable_budget
 from ..nn.structured import apply_masks, encoder_layers, structure_of
 
-__all__ = ["KpruneConfig", "kprune", "prepare_batches", "model_inputs", "SublayerCapture", "log_progress"]
+__all__ = ["KpruneConfig", "kprune", "prepare_batches", "start_pruning", "model_inputs", "SublayerCapture", "log_progress"]
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -89,6 +89,21 @@ def model_inputs(batch: dict) -> dict:
 
 def sample_seq_len(batches) -> int:
     return max(int(b["input_ids"].shape[1]) for b in batches)
+
+
+def start_pruning(method: str, model, batches, flops_keep: float, seq_len, num_tokens: int):
+    """The common start of every structured-pruning method: check that the model is unpruned, collect
+    the sample (about `num_tokens` tokens) on the model's device, and turn `flops_keep` into the FLOPs
+    budget of the prunable units. Returns (device, t_start, sample, seq_len, flops, budget, heads, neurons)."""
+    heads, neurons = structure_of(model)
+    if len(set(heads)) != 1 or len(set(neurons)) != 1:
+        raise ValueError(f"{method} expects an unpruned model (the same number of heads/neurons in every layer)")
+    dev = next(model.parameters()).device
+    t_start = time.perf_counter()
+    sample = prepare_batches(batches, num_tokens, dev)
+    seq_len = seq_len or sample_seq_len(sample)
+    fl = encoder_flops(model, seq_len)
+    return dev, t_start, sample, seq_len, fl, prunable_budget(flops_keep, fl), heads, neurons
 
 
 class StopForward(Exception):
@@ -182,15 +197,8 @@ def kprune(model, batches, flops_keep: float, *, seq_len: int | None = None, con
         if not hasattr(cfg, k):
             raise TypeError(f"unknown Kprune option {k!r}; known: {list(KpruneConfig.__dataclass_fields__)}")
         setattr(cfg, k, v)
-    heads, neurons = structure_of(model)
-    if len(set(heads)) != 1 or len(set(neurons)) != 1:
-        raise ValueError("kprune expects an unpruned model (the same number of heads/neurons in every layer)")
-    dev = next(model.parameters()).device
-    t_start = time.perf_counter()
-    sample = prepare_batches(batches, cfg.num_tokens, dev)
-    seq_len = seq_len or sample_seq_len(sample)
-    fl = encoder_flops(model, seq_len)
-    budget = prunable_budget(flops_keep, fl)
+    dev, t_start, sample, seq_len, fl, budget, heads, neurons = start_pruning(
+        "kprune", model, batches, flops_keep, seq_len, cfg.num_tokens)
     n_layers, H, N, dh = len(heads), heads[0], neurons[0], fl.head_size
     T = cfg.temperature
     n_samples = sum(int(b["input_ids"].shape[0]) for b in sample)

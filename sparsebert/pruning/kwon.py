@@ -22,10 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..flops import encoder_flops, prunable_budget
-from ..nn.structured import apply_masks, encoder_layers, structure_of
-from .kprune import (StopForward, SublayerCapture, _frozen, _restore, log_progress, model_inputs,
-                     prepare_batches, sample_seq_len)
+from ..nn.structured import apply_masks, encoder_layers
+from .kprune import StopForward, SublayerCapture, _frozen, _restore, log_progress, model_inputs, start_pruning
 
 __all__ = ["kwon_prune", "mask_search", "rearrange_layer"]
 
@@ -97,15 +95,8 @@ def kwon_prune(model, batches, flops_keep: float, *, seq_len: int | None = None,
                rearrange: bool = True, tune: bool = True, damping: float = 1e-6, progress=None):
     """Kwon et al. 2022 on ``model`` (weights untouched). Returns ``(head_mask, neuron_mask, report)`` with
     real-valued tuned masks of shapes (L, H) and (L, N)."""
-    heads, neurons = structure_of(model)
-    if len(set(heads)) != 1 or len(set(neurons)) != 1:
-        raise ValueError("kwon_prune expects an unpruned model (same heads/neurons in every layer)")
-    dev = next(model.parameters()).device
-    t_start = time.perf_counter()
-    sample = prepare_batches(batches, num_tokens, dev)
-    seq_len = seq_len or sample_seq_len(sample)
-    fl = encoder_flops(model, seq_len)
-    budget = prunable_budget(flops_keep, fl)
+    dev, t_start, sample, seq_len, fl, budget, heads, neurons = start_pruning(
+        "kwon_prune", model, batches, flops_keep, seq_len, num_tokens)
     n_layers, H, N, dh = len(heads), heads[0], neurons[0], fl.head_size
     was_training = model.training
     model.eval()
