@@ -29,15 +29,16 @@ SHAPES = {"bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention
 
 
 def uniform_structure(cfg, seq, flops_keep):
-    """Same keep ratio r for heads and neurons in every layer with FLOPs(r) = flops_keep."""
+    """Keep the same fraction r of heads and of neurons (neurons in multiples of 8) in every layer, with r
+    the largest such that the FLOPs model gives at most `flops_keep` of the dense FLOPs."""
     fl = encoder_flops(cfg, seq)
-    best = None
-    for h in range(cfg.num_attention_heads + 1):
-        for n in range(0, cfg.intermediate_size + 1, 8):
-            f = (fl.fixed + fl.num_layers * (h * fl.per_head + n * fl.per_neuron)) / fl.total
-            if f <= flops_keep and (best is None or f > best[0]):
-                best = (f, h, n)
-    return [best[1]] * cfg.num_hidden_layers, [best[2]] * cfg.num_hidden_layers
+    H, N = cfg.num_attention_heads, cfg.intermediate_size
+    for step in range(1000, -1, -1):
+        r = step / 1000
+        h, n = round(r * H), 8 * round(r * N / 8)
+        if (fl.fixed + fl.num_layers * (h * fl.per_head + n * fl.per_neuron)) / fl.total <= flops_keep:
+            return [h] * cfg.num_hidden_layers, [n] * cfg.num_hidden_layers
+    raise ValueError(f"flops_keep={flops_keep} is below what the embeddings and classifier alone cost")
 
 
 def time_model(model, batch, seq, device, reps):
