@@ -20,7 +20,6 @@ Kernels (block names: BLOCK_M x BLOCK_N is the output tile, BLOCK_K the reductio
 Accumulation is fp32; fp32 inputs use an exact fp32 dot (input_precision="ieee"). Tiles are visited in
 grouped order (GROUP_M rows of tiles at a time) so that the operand tiles stay in L2.
 """
-import os
 
 import torch
 import triton
@@ -30,7 +29,7 @@ MASK_UINT8 = 1
 MASK_PACKED = 2
 MASK_SCORES = 3
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._interpreter import INTERPRET
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), chosen for H100/H200 (228 KB shared memory / SM).
 _GPU_TILES = [

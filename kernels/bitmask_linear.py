@@ -11,18 +11,13 @@ the values into a dense TILE_N x TILE_K tile in registers and feeds it to `tl.do
 Tokens are the small dimension (1 to 64), so the bytes of W decide the time: at density d a bf16 weight
 costs 2d + 1/8 bytes instead of 2. With split-K the fp32 partial sums meet through atomic adds.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _exact_fp32_dot(dtype: torch.dtype) -> bool:
-    """fp32 operands get IEEE fp32 products (no TF32); bf16 under the interpreter is upcast (its bf16 dot is wrong)."""
-    return dtype == torch.float32 or (_INTERPRET and dtype == torch.bfloat16)
+from ._interpreter import INTERPRET as _INTERPRET
+from ._interpreter import exact_dot
 
 
 def _configs():
@@ -127,7 +122,7 @@ def bitmask_linear_fwd(x, values, bitmask, tile_offsets, bias, in_features: int,
     _bitmask_linear_kernel[grid](
         x, values, bitmask, tile_offsets, bias if bias is not None else x, y,
         m, n, k, bitmask.shape[1], n_ktiles, x.stride(0), y.stride(0), triton.next_power_of_2(max(m, 1)),
-        HAS_BIAS=bias is not None, IEEE=_exact_fp32_dot(x.dtype), SPLIT_K=split_k,
+        HAS_BIAS=bias is not None, IEEE=exact_dot(x.dtype), SPLIT_K=split_k,
         TILE_N=tile_n, TILE_K=tile_k,
     )
     return y if split_k == 1 else y.to(x.dtype)

@@ -6,18 +6,13 @@ load, one block load and one `tl.dot` per nonzero block, so the work is the dens
 density, at dense per-block efficiency. Programs of one block row are adjacent in the launch order so
 its blocks are read from L2 by all token tiles.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _exact_fp32_dot(dtype: torch.dtype) -> bool:
-    """fp32 operands get IEEE fp32 products (no TF32); bf16 under the interpreter is upcast (its bf16 dot is wrong)."""
-    return dtype == torch.float32 or (_INTERPRET and dtype == torch.bfloat16)
+from ._interpreter import INTERPRET as _INTERPRET
+from ._interpreter import exact_dot
 
 
 def _configs():
@@ -82,6 +77,6 @@ def bsr_linear_fwd(x, values, crow_indices, col_indices, bias, in_features: int)
     _bsr_linear_kernel[grid](
         x, values, crow_indices, col_indices, bias if bias is not None else x, y,
         m, n, k, x.stride(0), y.stride(0), triton.next_power_of_2(max(m, 1)),
-        HAS_BIAS=bias is not None, IEEE=_exact_fp32_dot(x.dtype), B=block,
+        HAS_BIAS=bias is not None, IEEE=exact_dot(x.dtype), B=block,
     )
     return y

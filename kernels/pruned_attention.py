@@ -7,7 +7,6 @@ output projection over the kept heads' columns.
 attend. Returns (B, L, d) = ``softmax(Q_h K_h^T / sqrt(d_h) + mask) V_h`` over kept heads h, projected by
 ``W_o[:, kept dims]`` plus ``b_o``. Forward only (inference kernel).
 """
-import os
 
 import torch
 import triton
@@ -15,13 +14,8 @@ import triton.language as tl
 
 from .pruned_ffn import gathered_linear
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _exact_dot(dtype):
-    """fp32 operands get IEEE fp32 products (no TF32); bf16/fp16 under the interpreter are upcast (its
-    16-bit tl.dot is wrong)."""
-    return dtype == torch.float32 or _INTERPRET
+from ._interpreter import INTERPRET as _INTERPRET
+from ._interpreter import exact_dot
 
 
 def _attn_configs():
@@ -89,7 +83,7 @@ def attention(q, k, v, key_mask, head_size: int):
     block_d = max(16, triton.next_power_of_2(head_size))
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * n_heads)
     _attention_kernel[grid](q, k, v, key_mask, o, L, n_heads, head_size ** -0.5, q.stride(0), q.stride(1),
-                            key_mask.stride(0), head_size, BLOCK_D=block_d, IEEE=_exact_dot(q.dtype))
+                            key_mask.stride(0), head_size, BLOCK_D=block_d, IEEE=exact_dot(q.dtype))
     return o
 
 

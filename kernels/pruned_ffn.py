@@ -9,19 +9,13 @@ reads only the kept rows (output features) or columns (input features) of the de
 GELU, then FFN-out on the same kept columns: ``gelu(x W_in[keep]^T + b_in[keep]) W_out[:, keep]^T + b_out``.
 Forward only (an inference kernel); the masked dense model is the reference and the training path.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _exact_dot(dtype):
-    """fp32 operands get IEEE fp32 products (no TF32); bf16/fp16 under the interpreter are upcast (its
-    16-bit tl.dot is wrong)."""
-    return dtype == torch.float32 or _INTERPRET
+from ._interpreter import INTERPRET as _INTERPRET
+from ._interpreter import exact_dot
 
 
 def _configs():
@@ -95,7 +89,7 @@ def gathered_linear(x, weight, bias=None, rows=None, cols=None, gelu: bool = Fal
                                   x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
                                   y.stride(0), y.stride(1), HAS_BIAS=bias is not None,
                                   GATHER_ROWS=rows is not None, GATHER_COLS=cols is not None, GELU=gelu,
-                                  IEEE=_exact_dot(x.dtype))
+                                  IEEE=exact_dot(x.dtype))
     return y
 
 

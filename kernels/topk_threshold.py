@@ -16,7 +16,6 @@ Several tensors of one dtype are concatenated first (one launch per pass instead
 NaN orders above +inf (as in torch.kthvalue); -0.0 orders just below +0.0 (equal values either way).
 """
 import math
-import os
 from typing import Sequence, Union
 
 import torch
@@ -25,7 +24,7 @@ import triton.language as tl
 
 __all__ = ["topk_threshold"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._interpreter import INTERPRET
 _BLOCK = 256 if INTERPRET else 4096
 
 
