@@ -26,25 +26,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import environment, save_results  # noqa: E402
 
+# The unfused baseline is the ops layer's reference: W * [s >= tau] materialized (STE), then F.linear.
+from sparsebert.ops.reference import score_masked_linear as unfused_linear  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LINEARS = [(768, 768), (768, 3072), (3072, 768)]  # (in_features K, out_features N)
-
-
-class _STEMask(torch.autograd.Function):
-    """Movement pruning's binarizer: m = (scores >= tau), gradient straight through to the scores."""
-
-    @staticmethod
-    def forward(ctx, scores, tau):
-        return (scores >= tau).to(scores.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def unfused_linear(x, weight, bias, scores, tau):
-    m = _STEMask.apply(scores, tau)
-    return F.linear(x, weight * m.to(weight.dtype), bias)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sparsebert.ops import reference
+
 TOKENS, IN_FEATURES, OUT_FEATURES = 128, 256, 384
 
 
@@ -23,20 +25,6 @@ def _cpp_available():
 
 
 needs_cpp = pytest.mark.skipif(not _cpp_available(), reason="sparsebert._C (C++ CPU backend) is not built")
-
-
-class _STEMask(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, scores, tau):
-        return (scores >= tau).to(scores.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def unfused(x, w, b, scores, tau):
-    return F.linear(x, w * _STEMask.apply(scores, tau).to(w.dtype), b)
 
 
 @pytest.fixture
@@ -74,7 +62,7 @@ def test_dense_fwd(benchmark, inputs):
 @pytest.mark.benchmark(group="score_masked_linear fwd")
 def test_unfused_reference_fwd(benchmark, inputs):
     x, w, b, scores, tau, dy = inputs
-    y = benchmark(unfused, x, w, b, scores, tau)
+    y = benchmark(reference.score_masked_linear, x, w, b, scores, tau)
     torch.testing.assert_close(y, F.linear(x, w * (scores >= tau), b))
 
 
@@ -85,12 +73,12 @@ def test_cpp_fwd(benchmark, inputs):
 
     x, w, b, scores, tau, dy = inputs
     y = benchmark(score_masked_linear, x, w, b, scores, tau, backend="cpp")
-    torch.testing.assert_close(y, unfused(x, w, b, scores, tau), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, reference.score_masked_linear(x, w, b, scores, tau), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.benchmark(group="score_masked_linear fwd+bwd")
 def test_unfused_reference_fwd_bwd(benchmark, inputs):
-    step, leaves = _fwd_bwd(unfused, *inputs)
+    step, leaves = _fwd_bwd(reference.score_masked_linear, *inputs)
     benchmark(step)
     assert leaves[3].grad is not None and leaves[3].grad.abs().sum() > 0
 
@@ -102,7 +90,7 @@ def test_cpp_fwd_bwd(benchmark, inputs):
 
     step, leaves = _fwd_bwd(lambda x, w, b, s, tau: score_masked_linear(x, w, b, s, tau, backend="cpp"), *inputs)
     benchmark(step)
-    ref_step, ref_leaves = _fwd_bwd(unfused, *inputs)
+    ref_step, ref_leaves = _fwd_bwd(reference.score_masked_linear, *inputs)
     ref_step()
     for got, ref in zip(leaves, ref_leaves):
         torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-4)

@@ -17,3 +17,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def assert_close(out, ref, dtype, what=""):
     err = rel_err(out, ref)
     assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3g} > {REL_TOL[dtype]:.3g} for {dtype}"
+
+
+def tiny_bert(seed=0, num_labels=2, vocab=50):
+    """A small random-init BertForSequenceClassification (2 layers, hidden 32, FFN 37), seeded."""
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+                                                    intermediate_size=37, vocab_size=vocab, num_labels=num_labels))

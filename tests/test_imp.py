@@ -4,18 +4,12 @@ import math
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import BertConfig, BertForSequenceClassification
 
 from sparsebert.nn import SparseLinear, sparsity_report
 from sparsebert.nn.sparsify import encoder_linears
+from _helpers import tiny_bert
 from sparsebert.pruning.imp import apply_masks, iterative_magnitude_pruning, magnitude_masks, rewind_weights
 from sparsebert.pruning.schedules import imp_sparsities
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
-                                                    intermediate_size=37, vocab_size=50, num_labels=2))
 
 
 def loader(n=32):

@@ -3,19 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import BertConfig, BertForSequenceClassification
 
 import sparsebert.nn.sparse_linear as sparse_linear_mod
 from sparsebert.nn import SparseLinear, sparsity_report
 from sparsebert.nn.sparsify import encoder_linears
+from _helpers import tiny_bert
 from sparsebert.pruning.mask_training import train_masks
 from sparsebert.pruning.schedules import SparsitySchedule, cubic_sparsity
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
-                                                    intermediate_size=37, vocab_size=50, num_labels=2))
 
 
 def data(n=48):

@@ -4,17 +4,11 @@ import os
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import BertConfig, BertForSequenceClassification
 
 from sparsebert.checkpoint import atomic_save, latest_checkpoint, load_checkpoint, step_checkpoint_path
+from _helpers import tiny_bert
 from sparsebert.debias import make_loss
 from sparsebert.train import finetune
-
-
-def tiny_bert(seed=0, num_labels=2, vocab=50):
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
-                                                    intermediate_size=37, vocab_size=vocab, num_labels=num_labels))
 
 
 def loader(n=40, bias=False):
