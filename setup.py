@@ -146,7 +146,7 @@ setup(
     packages=_packages(),
     package_dir={"sparsebert": "sparsebert", "sparsebert.kernels": "kernels"},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "transformers>=4.40", "numpy", "tqdm"],
+    install_requires=["torch>=2.4", "transformers>=4.40", "numpy", "tqdm", "safetensors>=0.4"],
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "pytest-benchmark"], "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["sparsebert=sparsebert.cli:main"]},
     ext_modules=ext_modules,

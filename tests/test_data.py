@@ -270,7 +270,7 @@ def test_tokenized_cache_roundtrip(tmp_path):
     tok = SimpleVocabTokenizer.from_examples(ex)
     ds = TokenizedDataset.from_examples(ex, tok, max_length=8, cache_dir=tmp_path)
     files = list(tmp_path.iterdir())
-    assert len(files) == 1 and files[0].name == f"tok-{cache_key(tok, 8, ex)}.pt"
+    assert len(files) == 1 and files[0].name == f"tok-{cache_key(tok, 8, ex)}.safetensors"
     again = TokenizedDataset.from_examples(ex, tok, max_length=8, cache_dir=tmp_path)
     assert again.input_ids == ds.input_ids == tokenize_examples(ex, tok, 8)["input_ids"]
     assert ds.input_ids[1] == [2, tok.token_to_id["four"], 3]  # single sentence: no second segment

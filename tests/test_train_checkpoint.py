@@ -31,7 +31,7 @@ def test_atomic_save_roundtrip_and_latest(tmp_path):
     assert latest_checkpoint(tmp_path) is None and latest_checkpoint(None) is None
     for step in (3, 12, 7):
         atomic_save({"step": step, "t": torch.arange(step)}, step_checkpoint_path(tmp_path, step))
-    assert latest_checkpoint(tmp_path).name == "step-00000012.pt"
+    assert latest_checkpoint(tmp_path).name == "step-00000012.safetensors"
     assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["t"], torch.arange(12))
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
@@ -62,7 +62,7 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, loss):
     torch.manual_seed(5)
     with pytest.raises(KeyboardInterrupt):
         finetune(crashed, dl, ckpt_dir=tmp_path, ckpt_every=3, step_callback=crash, **kw)
-    assert latest_checkpoint(tmp_path).name == "step-00000006.pt"
+    assert latest_checkpoint(tmp_path).name == "step-00000006.safetensors"
     torch.manual_seed(999)  # the resumed process starts with another RNG state: the checkpoint restores it
     resumed = tiny_bert(seed=3)  # and other weights
     r_res = finetune(resumed, dl, ckpt_dir=tmp_path, ckpt_every=3, **kw)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,10 +18,10 @@ from typing import Iterable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..checkpoint import atomic_save, atomic_write_bytes
+from ..checkpoint import CheckpointError, atomic_save, atomic_write_bytes, load_checkpoint
 from .tasks import Example
 
-__all__ = ["SimpleVocabTokenizer", "tokenize_examples", "TokenizedDataset", "PaddingCollator",
+__all__ = ["SimpleVocabTokenizer", "tokenize_examples", "TokenizedDataset", "PaddingCollator", "label_tensor",
            "tokenizer_fingerprint", "cache_key"]
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -178,6 +179,47 @@ def _probs_tensor(probs, n: int, name: str) -> torch.Tensor:
     return t
 
 
+def label_tensor(labels) -> torch.Tensor:
+    """Labels as a tensor: float32 when any label is a non-integral number or a Python float (regression,
+    e.g. STS-B scores), long otherwise (class indices)."""
+    labels = list(labels)
+    if any(isinstance(v, float) or (isinstance(v, torch.Tensor) and v.is_floating_point()) for v in labels):
+        t = torch.as_tensor([float(v) for v in labels], dtype=torch.float32)
+        if not torch.isfinite(t).all():
+            raise ValueError("labels: expected finite numbers, got NaN or inf")
+        return t
+    return torch.as_tensor(labels, dtype=torch.long)
+
+
+def _write_token_cache(enc: dict, path: Path) -> None:
+    """The token lists as flat int32 tensors plus per-example lengths (a safetensors checkpoint)."""
+    ids, types = enc["input_ids"], enc["token_type_ids"]
+    atomic_save({"lengths": torch.tensor([len(x) for x in ids], dtype=torch.int64),
+                 "input_ids": torch.tensor([t for x in ids for t in x], dtype=torch.int32),
+                 "token_type_ids": torch.tensor([t for x in types for t in x], dtype=torch.int32)}, path)
+
+
+def _read_token_cache(path: Path, n: int):
+    """The cached encoding, or None (with a warning naming the file) when the file is unreadable or does
+    not match: the caller then rebuilds it."""
+    try:
+        state = load_checkpoint(path)
+        lengths = state["lengths"].tolist()
+        total = sum(lengths)
+        if len(lengths) != n or state["input_ids"].numel() != total or state["token_type_ids"].numel() != total:
+            raise CheckpointError(f"{path} holds {len(lengths)} examples / {state['input_ids'].numel()} tokens, "
+                                  f"expected {n} examples")
+    except (CheckpointError, KeyError, AttributeError, OSError) as exc:
+        warnings.warn(f"tokenization cache {path} is unreadable ({exc}); rebuilding it", stacklevel=3)
+        return None
+    bounds = [0]
+    for k in lengths:
+        bounds.append(bounds[-1] + k)
+    flat_ids, flat_types = state["input_ids"].tolist(), state["token_type_ids"].tolist()
+    return {"input_ids": [flat_ids[a:b] for a, b in zip(bounds, bounds[1:])],
+            "token_type_ids": [flat_types[a:b] for a, b in zip(bounds, bounds[1:])]}
+
+
 class TokenizedDataset(Dataset):
     """Tokenized examples plus labels and optional per-example ``bias_probs`` / ``teacher_probs``
     (N, num_labels). Items are dicts: input_ids, token_type_ids (lists), label, index (int), and the
@@ -189,7 +231,7 @@ class TokenizedDataset(Dataset):
             raise ValueError(f"token_type_ids/labels: expected {n} entries each, got "
                              f"{len(token_type_ids)} and {len(labels)}")
         self.input_ids, self.token_type_ids = input_ids, token_type_ids
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.labels = label_tensor(labels)
         self.bias_probs = _probs_tensor(bias_probs, n, "bias_probs") if bias_probs is not None else None
         self.teacher_probs = _probs_tensor(teacher_probs, n, "teacher_probs") if teacher_probs is not None else None
 
@@ -201,13 +243,13 @@ class TokenizedDataset(Dataset):
         enc = None
         path = None
         if cache_dir is not None:
-            path = Path(cache_dir) / f"tok-{cache_key(tokenizer, max_length, examples)}.pt"
+            path = Path(cache_dir) / f"tok-{cache_key(tokenizer, max_length, examples)}.safetensors"
             if path.is_file():
-                enc = torch.load(path, weights_only=True)
+                enc = _read_token_cache(path, len(examples))
         if enc is None:
             enc = tokenize_examples(examples, tokenizer, max_length)
             if path is not None:
-                atomic_save(enc, path)
+                _write_token_cache(enc, path)
         if bias_probs is None and examples and all("bias_probs" in ex.meta for ex in examples):
             bias_probs = [ex.meta["bias_probs"] for ex in examples]
         return cls(enc["input_ids"], enc["token_type_ids"], [ex.label for ex in examples],
@@ -217,8 +259,9 @@ class TokenizedDataset(Dataset):
         return len(self.input_ids)
 
     def __getitem__(self, i: int) -> dict:
+        label = float(self.labels[i]) if self.labels.is_floating_point() else int(self.labels[i])
         item = {"input_ids": self.input_ids[i], "token_type_ids": self.token_type_ids[i],
-                "label": int(self.labels[i]), "index": int(i)}
+                "label": label, "index": int(i)}
         if self.bias_probs is not None:
             item["bias_probs"] = self.bias_probs[i]
         if self.teacher_probs is not None:
@@ -255,7 +298,7 @@ class PaddingCollator:
             types[r, :n] = torch.as_tensor(it["token_type_ids"], dtype=torch.long)
             attention[r, :n] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention, "token_type_ids": types,
-                 "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
+                 "labels": label_tensor([it["label"] for it in items]),
                  "indices": torch.tensor([it["index"] for it in items], dtype=torch.long)}
         for key in ("bias_probs", "teacher_probs"):
             present = [key in it for it in items]

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import atomic_save
+from ..checkpoint import atomic_save, load_checkpoint
 from ..data.tasks import Example, split_examples
 
 __all__ = ["BiasModel", "fit_bias_model", "attach_bias_probs", "bias_probs_of", "cross_fit_bias_probs"]
@@ -129,7 +129,7 @@ class BiasModel:
 
     @classmethod
     def load(cls, path) -> "BiasModel":
-        state = torch.load(path, weights_only=True)
+        state = load_checkpoint(path)  # safetensors + JSON, never unpickled
         model = cls(state["num_labels"], l2=state["l2"], feature_names=state["feature_names"] or None)
         model.mean, model.std, model.weight, model.bias = state["mean"], state["std"], state["weight"], state["bias"]
         return model
