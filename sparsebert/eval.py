@@ -1,8 +1,13 @@
 """Prediction and metrics: accuracy (NLI, FEVER), F1 of the positive class (paraphrase), HANS-style
 accuracy per heuristic and for entailed / non-entailed examples, and mean ± std over seeds.
 
-A 3-way MNLI model is scored on a 2-way HANS(-style) set by collapsing its probabilities
-(neutral + contradiction -> non-entailment, `sparsebert.data.mnli_to_hans_probs`).
+A 3-way MNLI model is scored on a 2-way HANS(-style) set by taking the 3-way argmax first and then
+mapping neutral and contradiction to non-entailment (as the SRNet authors' code does;
+`sparsebert.data.mnli_to_hans_preds`). Summing P(neutral) + P(contradiction) before the argmax is the
+option ``hans_rule="sum"``.
+
+Every score comes with its trivial baselines (`classification_summary`: majority-class accuracy,
+constant-predictor F1, a `one_class` flag), and `bootstrap_ci` gives 95% intervals over examples and seeds.
 """
 from __future__ import annotations
 
@@ -17,8 +22,8 @@ from .train import forward_logits
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, *, device=None, progress: bool = False, desc: str = "eval"):
-    """(probs (N, C) float32, labels (N,) long) over `loader`, in loader order; the model's train/eval
-    mode is restored afterwards."""
+    """(probs (N, C) float32, labels (N,)) over `loader`, in loader order; the model's train/eval
+    mode is restored afterwards. A 1-output (regression) head gives its raw scores (N, 1), not a softmax."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -29,7 +34,8 @@ def predict(model: nn.Module, loader: Iterable, *, device=None, progress: bool =
         it = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
     try:
         for batch in it:
-            probs.append(torch.softmax(forward_logits(model, batch, device).float(), -1).cpu())
+            logits = forward_logits(model, batch, device).float()
+            probs.append((logits if logits.shape[-1] == 1 else torch.softmax(logits, -1)).cpu())
             labels.append(batch["labels"].cpu())
     finally:
         model.train(was_training)
@@ -61,12 +67,22 @@ def f1_score(preds, labels, positive: int = 1) -> float:
     return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
+CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews")
+REGRESSION_METRICS = ("pearson", "spearman")
+
+
 def metric_value(metric: str, preds, labels) -> float:
     if metric == "accuracy":
         return accuracy(preds, labels)
     if metric == "f1":
         return f1_score(preds, labels)
-    raise ValueError(f"metric must be 'accuracy' or 'f1', got {metric!r}")
+    if metric == "matthews":
+        return matthews_corr(preds, labels)
+    if metric == "pearson":
+        return pearson_corr(preds, labels)
+    if metric == "spearman":
+        return spearman_corr(preds, labels)
+    raise ValueError(f"metric must be one of {CLASSIFICATION_METRICS + REGRESSION_METRICS}, got {metric!r}")
 
 
 def hans_breakdown(preds, examples: Sequence) -> Dict[str, Any]:
@@ -90,19 +106,83 @@ def hans_breakdown(preds, examples: Sequence) -> Dict[str, Any]:
     return out
 
 
+def classification_summary(preds, labels, num_classes: Optional[int] = None) -> Dict[str, Any]:
+    """Accuracy beside its trivial baselines: {"accuracy", "f1" (binary only, else None: F1 of class 1),
+    "majority_accuracy" (always predicting the most frequent true label), "constant_f1" (binary: F1 of
+    always predicting class 1), "one_class" (True when every prediction is the same class),
+    "pred_counts" (per class)}."""
+    preds, labels = _check_pair(preds, labels)
+    k = int(num_classes) if num_classes is not None else int(max(preds.max(), labels.max())) + 1
+    if int(preds.min()) < 0 or int(labels.min()) < 0 or int(preds.max()) >= k or int(labels.max()) >= k:
+        raise ValueError(f"preds, labels: expected class indices in [0, {k}), got preds in [{int(preds.min())}, "
+                         f"{int(preds.max())}] and labels in [{int(labels.min())}, {int(labels.max())}]")
+    binary = k == 2
+    label_counts = torch.bincount(labels.long(), minlength=k)
+    pred_counts = torch.bincount(preds.long(), minlength=k)
+    return {"accuracy": accuracy(preds, labels), "f1": f1_score(preds, labels) if binary else None,
+            "majority_accuracy": label_counts.max().item() / labels.numel(),
+            "constant_f1": f1_score(torch.ones_like(labels), labels) if binary else None,
+            "one_class": bool((pred_counts > 0).sum().item() == 1), "pred_counts": pred_counts.tolist()}
+
+
+def bootstrap_ci(per_seed_correct: Sequence, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+                 ) -> Dict[str, float]:
+    """Percentile bootstrap interval of the mean accuracy over seeds and examples.
+
+    `per_seed_correct`: one 0/1 (or bool) array per seed, all over the same N examples. Each replicate
+    draws the seeds with replacement and, shared by those seeds (the examples are paired), N examples
+    with replacement. Returns {"mean", "low", "high", "level", "n_seeds", "n_examples"}."""
+    if len(per_seed_correct) == 0:
+        raise ValueError("per_seed_correct: expected at least one seed's array")
+    rows = [torch.as_tensor(a).reshape(-1).double() for a in per_seed_correct]
+    n = rows[0].numel()
+    if n == 0 or any(r.numel() != n for r in rows):
+        raise ValueError(f"per_seed_correct: expected non-empty arrays of one length, got lengths "
+                         f"{[r.numel() for r in rows]}")
+    x = torch.stack(rows)
+    if not bool(((x == 0) | (x == 1)).all()):
+        raise ValueError("per_seed_correct: expected 0/1 (correct or not) entries")
+    if not 0.0 < level < 1.0 or n_boot < 1:
+        raise ValueError(f"level must be in (0, 1) and n_boot >= 1, got {level} and {n_boot}")
+    g = torch.Generator().manual_seed(seed)
+    s = x.shape[0]
+    seed_idx = torch.randint(0, s, (n_boot, s), generator=g)
+    ex_idx = torch.randint(0, n, (n_boot, n), generator=g)
+    # (n_boot, S): each seed's accuracy on each replicate's examples (in chunks to bound memory)
+    per_seed = torch.cat([x[:, ex_idx[i:i + 256]].mean(-1).T for i in range(0, n_boot, 256)])
+    means = per_seed.gather(1, seed_idx).mean(1)
+    alpha = (1.0 - level) / 2
+    return {"mean": x.mean().item(), "low": torch.quantile(means, alpha).item(),
+            "high": torch.quantile(means, 1 - alpha).item(), "level": level, "n_seeds": s, "n_examples": n}
+
+
 def evaluate(model: nn.Module, loader: Iterable, *, metric: str, examples: Optional[Sequence] = None,
-             collapse_mnli_to_2way: bool = False, hans: bool = False, device=None, progress: bool = False,
-             desc: str = "eval") -> Dict[str, Any]:
-    """Score `model` on `loader`: {"metric", "value", "accuracy", "n"} (+ "f1" for f1 tasks, + "hans" with
-    the HANS-style breakdown when `hans` and `examples` are given). `collapse_mnli_to_2way` scores a
-    3-way NLI model on a 2-way entailment set."""
+             collapse_mnli_to_2way: bool = False, hans_rule: str = "argmax", hans: bool = False, device=None,
+             progress: bool = False, desc: str = "eval") -> Dict[str, Any]:
+    """Score `model` on `loader`: {"metric", "value", "accuracy", "n", "summary"} (+ "f1" for f1 tasks,
+    + "hans" with the HANS-style breakdown when `hans` and `examples` are given). `collapse_mnli_to_2way`
+    scores a 3-way NLI model on a 2-way entailment set with `hans_rule` ("argmax" or "sum", see
+    `sparsebert.data.mnli_to_hans_preds`). "summary" is `classification_summary` of the predictions."""
     probs, labels = predict(model, loader, device=device, progress=progress, desc=desc)
+    if probs.shape[-1] == 1:  # regression head: correlations only, argmax would always be 0
+        if metric not in REGRESSION_METRICS:
+            raise ValueError(f"metric {metric!r} needs a classifier, but the model has 1 output (regression); "
+                             f"use one of {REGRESSION_METRICS}")
+        return {"metric": metric, "value": metric_value(metric, probs[:, 0], labels.float()),
+                "n": int(labels.numel())}
+    if metric in REGRESSION_METRICS:
+        raise ValueError(f"metric {metric!r} is for a 1-output regression head; this model has "
+                         f"{probs.shape[-1]} outputs: use one of {CLASSIFICATION_METRICS}")
     if collapse_mnli_to_2way:
-        from .data import mnli_to_hans_probs
-        probs = mnli_to_hans_probs(probs)
-    preds = probs.argmax(-1)
+        from .data import mnli_to_hans_preds
+        preds, num_classes = mnli_to_hans_preds(probs, hans_rule), 2
+    else:
+        preds, num_classes = probs.argmax(-1), probs.shape[-1]
     out: Dict[str, Any] = {"metric": metric, "value": metric_value(metric, preds, labels),
-                           "accuracy": accuracy(preds, labels), "n": int(labels.numel())}
+                           "accuracy": accuracy(preds, labels), "n": int(labels.numel()),
+                           "summary": classification_summary(preds, labels, num_classes)}
+    if collapse_mnli_to_2way:
+        out["hans_rule"] = hans_rule
     if metric == "f1":
         out["f1"] = out["value"]
     if hans:
@@ -144,3 +224,98 @@ def format_mean_std(stats: Mapping[str, float], scale: float = 100.0, digits: in
         return f"{stats['mean'] * scale:.{digits}f}"
     return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
 
+
+# ------------------------------------------------------------------ correlations (GLUE STS-B, CoLA)
+def _check_real_pair(preds, labels):
+    preds, labels = _check_pair(preds, labels)
+    if preds.numel() < 2:
+        raise ValueError("preds: a correlation needs at least 2 values")
+    return preds.double(), labels.double()
+
+
+def pearson_corr(preds, labels) -> float:
+    """Pearson correlation of two 1-D sequences (0.0 when either is constant)."""
+    x, y = _check_real_pair(preds, labels)
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
+    return 0.0 if den == 0 else float((x * y).sum()) / den
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n, ties sharing the mean of their ranks (as scipy.stats.rankdata)."""
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(1, x.numel() + 1, dtype=x.dtype)
+    _, inverse = torch.unique(x, return_inverse=True)
+    sums = torch.zeros(int(inverse.max()) + 1, dtype=x.dtype).index_add_(0, inverse, ranks)
+    counts = torch.zeros_like(sums).index_add_(0, inverse, torch.ones_like(ranks))
+    return (sums / counts)[inverse]
+
+
+def spearman_corr(preds, labels) -> float:
+    """Spearman rank correlation (Pearson of the average ranks)."""
+    x, y = _check_real_pair(preds, labels)
+    return pearson_corr(_average_ranks(x), _average_ranks(y))
+
+
+def matthews_corr(preds, labels) -> float:
+    """Matthews correlation coefficient, multi-class (Gorodkin's R_K; 0.0 when undefined)."""
+    preds, labels = _check_pair(preds, labels)
+    if preds.is_floating_point() or labels.is_floating_point():
+        raise ValueError("matthews: expected integer class predictions and labels (a classifier's argmax)")
+    classes, inv = torch.unique(torch.cat([preds, labels]), return_inverse=True)
+    k, n = classes.numel(), preds.numel()
+    conf = torch.zeros(k, k, dtype=torch.float64)
+    conf.index_put_((inv[n:], inv[:n]), torch.ones(n, dtype=torch.float64), accumulate=True)  # [true, pred]
+    c, s = float(conf.trace()), float(n)
+    t, p = conf.sum(1), conf.sum(0)
+    den = math.sqrt((s * s - float(p @ p)) * (s * s - float(t @ t)))
+    return 0.0 if den == 0 else (c * s - float(t @ p)) / den
+
+
+# ------------------------------------------------- pruned vs dense, and two methods compared per example
+def dense_agreement(pruned_probs, dense_probs) -> Dict[str, float]:
+    """How closely a pruned model follows the dense one on the same inputs: ``agreement`` (fraction of equal
+    argmax predictions) and ``mean_kl`` (mean over examples of KL(dense || pruned)), from (N, C) probabilities."""
+    p, q = torch.as_tensor(pruned_probs, dtype=torch.float64), torch.as_tensor(dense_probs, dtype=torch.float64)
+    if p.shape != q.shape or p.dim() != 2 or p.shape[0] == 0:
+        raise ValueError(f"pruned_probs and dense_probs must be (N, C) of one shape, got {tuple(p.shape)} and {tuple(q.shape)}")
+    if p.shape[1] < 2:
+        raise ValueError("pruned_probs: agreement and KL need class probabilities (C >= 2), not regression scores")
+    kl = (q * (q.clamp_min(1e-300).log() - p.clamp_min(1e-300).log())).sum(1)
+    return {"agreement": float((p.argmax(1) == q.argmax(1)).double().mean()), "mean_kl": float(kl.mean()),
+            "n": int(p.shape[0])}
+
+
+def _check_correct_pair(correct_a, correct_b):
+    a, b = torch.as_tensor(correct_a).bool().flatten(), torch.as_tensor(correct_b).bool().flatten()
+    if a.shape != b.shape or a.numel() == 0:
+        raise ValueError(f"correct_a and correct_b must be non-empty and of one length, got {a.numel()} and {b.numel()}")
+    return a, b
+
+
+def paired_bootstrap(correct_a, correct_b, *, n_boot: int = 2000, seed: int = 0) -> Dict[str, float]:
+    """Paired bootstrap over examples of accuracy(a) - accuracy(b) from per-example correctness (bool).
+    Returns the observed difference, a 95% percentile interval and ``p_value``: the two-sided fraction of
+    resamples whose difference crosses 0 (2 * min(P(d <= 0), P(d >= 0)), capped at 1)."""
+    a, b = _check_correct_pair(correct_a, correct_b)
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    d = a.double() - b.double()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, d.numel(), (n_boot, d.numel()), generator=g)
+    diffs = d[idx].mean(1)
+    p = min(1.0, 2 * min(float((diffs <= 0).double().mean()), float((diffs >= 0).double().mean())))
+    return {"diff": float(d.mean()), "low": float(diffs.quantile(0.025)), "high": float(diffs.quantile(0.975)),
+            "p_value": p, "n": int(d.numel())}
+
+
+def mcnemar_test(correct_a, correct_b) -> Dict[str, float]:
+    """Exact (binomial) two-sided McNemar test on the discordant pairs: ``b01`` (a wrong, b right) and
+    ``b10`` (a right, b wrong); p = 1 when there are none."""
+    a, b = _check_correct_pair(correct_a, correct_b)
+    n10, n01 = int((a & ~b).sum()), int((~a & b).sum())
+    n = n10 + n01
+    k = min(n10, n01)
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return {"b10": n10, "b01": n01, "p_value": p}

@@ -2,8 +2,10 @@
 next to the numbers (JSON, CSV and a Markdown table). Mean ± std over seeds.
 
 Reads every ``<out>/<task>/<run>/run.json``. The ID-selected numbers ("last" = end of training, and the
-checkpoint chosen on ID dev) are the results; the OOD-selected numbers are an upper bound that uses OOD
-data for selection and are kept in their own columns, never mixed with the others.
+checkpoint chosen on ID dev) are the results; "select_by_ood_dev" (the checkpoint picked by OOD-dev
+score) uses OOD data for selection and is kept in its own columns, never mixed with the others. Every
+row also shows accuracy beside F1 (paraphrase tasks), the majority-class accuracy and constant-predictor
+F1 of the test sets, and flags a model whose predictions are all one class.
 """
 from __future__ import annotations
 
@@ -16,7 +18,28 @@ from typing import Any, Dict, List, Optional
 from .checkpoint import atomic_write_text
 from .eval import format_mean_std, mean_std
 
-SELECTIONS = ("last", "id_selected", "ood_selected_upper_bound")
+SELECTIONS = ("last", "id_selected", "select_by_ood_dev")
+_OLD_NAMES = {"select_by_ood_dev": "ood_selected_upper_bound"}  # run JSONs written before the rename
+
+
+def _selection(run: Dict[str, Any], sel: str) -> Dict[str, Any]:
+    return run[sel] if sel in run else run[_OLD_NAMES[sel]]
+
+
+def baseline_columns(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Accuracy, F1, majority-class accuracy, constant-predictor F1 (test sets, "last" checkpoint, mean
+    over seeds) and `one_class` (True when any seed predicts a single class) for ID and OOD."""
+    out: Dict[str, Any] = {}
+    for key in ("id", "ood"):
+        sums = [r["last"].get(f"{key}_baselines") for r in runs]
+        if any(x is None for x in sums):
+            out[key] = None  # run JSONs written before baselines were recorded
+            continue
+        col = {name: mean_std([x[name] for x in sums]) if sums[0][name] is not None else None
+               for name in ("accuracy", "f1", "majority_accuracy", "constant_f1")}
+        col["one_class"] = any(x["one_class"] for x in sums)
+        out[key] = col
+    return out
 
 
 def collect_runs(out) -> List[Dict[str, Any]]:
@@ -37,9 +60,12 @@ def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for (task, method, target), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         row = {"task": task, "method": method, "target_sparsity": target, "seeds": sorted(r["seed"] for r in rs),
                "metric": rs[0]["metric"], "ood_metric": rs[0]["ood_metric"],
-               "sparsity": mean_std([r["sparsity"] for r in rs])}
+               "sparsity": mean_std([r["sparsity"] for r in rs]),
+               "source": sorted({r.get("source", r.get("loss")) for r in rs}),
+               "teacher": sorted({r["teacher"]["run"] for r in rs if r.get("teacher")}),
+               "baselines": baseline_columns(rs)}
         for sel in SELECTIONS:
-            row[sel] = {k: mean_std([r[sel][k] for r in rs]) for k in ("id", "ood")}
+            row[sel] = {k: mean_std([_selection(r, sel)[k] for r in rs]) for k in ("id", "ood")}
         if rs[0]["last"].get("ood_entailed") is not None:
             row["last"]["ood_entailed"] = mean_std([r["last"]["ood_entailed"] for r in rs])
             row["last"]["ood_non_entailed"] = mean_std([r["last"]["ood_non_entailed"] for r in rs])
@@ -64,7 +90,8 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     head = ["method", "sparsity", "ID (last)", "OOD (last)"]
     if has_hans:
         head += ["OOD ent.", "OOD non-ent."]
-    head += ["ID (ID-sel.)", "OOD (ID-sel.)", "upper bound, OOD-sel.: ID", "upper bound, OOD-sel.: OOD"]
+    head += ["ID (ID-sel.)", "OOD (ID-sel.)", "selected by OOD dev: ID", "selected by OOD dev: OOD",
+             "ID acc / F1 / majority / const-F1", "OOD acc / F1 / majority / const-F1", "one class"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], f"{r['sparsity']['mean']:.3f}", format_mean_std(r["last"]["id"]),
@@ -73,10 +100,20 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
             cells += [format_mean_std(r["last"].get("ood_entailed", {"n": 0})),
                       format_mean_std(r["last"].get("ood_non_entailed", {"n": 0}))]
         cells += [format_mean_std(r["id_selected"]["id"]), format_mean_std(r["id_selected"]["ood"]),
-                  format_mean_std(r["ood_selected_upper_bound"]["id"]),
-                  format_mean_std(r["ood_selected_upper_bound"]["ood"])]
+                  format_mean_std(r["select_by_ood_dev"]["id"]),
+                  format_mean_std(r["select_by_ood_dev"]["ood"])]
+        cells += [_baseline_cell(r.get("baselines", {}).get(k)) for k in ("id", "ood")]
+        flags = [k.upper() for k in ("id", "ood") if (r.get("baselines", {}).get(k) or {}).get("one_class")]
+        cells.append("**ONE CLASS: " + ", ".join(flags) + "**" if flags else "no")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _baseline_cell(col: Optional[Dict[str, Any]]) -> str:
+    if col is None:
+        return "n/a"
+    return " / ".join(format_mean_std(col[k]) if col[k] is not None else "-"
+                      for k in ("accuracy", "f1", "majority_accuracy", "constant_f1"))
 
 
 def plot_task(rows: List[Dict[str, Any]], path, *, selection: str = "last") -> Path:

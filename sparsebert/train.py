@@ -3,7 +3,8 @@ atomic checkpoints and exact resume.
 
 Batches are dicts from the data collate: ``input_ids``, ``attention_mask``, optional ``token_type_ids``,
 ``labels`` and optional ``bias_probs`` / ``teacher_probs``. The loss has the debias-loss signature
-``loss_fn(logits, labels, bias_probs=None, teacher_probs=None) -> scalar`` (default: cross-entropy).
+``loss_fn(logits, labels, bias_probs=None, teacher_probs=None) -> scalar`` (default: cross-entropy, MSE
+for a 1-output regression head).
 
 Exact resume: a checkpoint holds the model, optimizer, scheduler, step, the position in the epoch, the
 RNG state at the start of the epoch (which fixes the shuffling of a DataLoader with num_workers=0) and the
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_save, latest_checkpoint, load_checkpoint, prune_old_checkpoints, step_checkpoint_path
+from .checkpoint import atomic_save, load_latest_checkpoint, prune_old_checkpoints, step_checkpoint_path
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "layer_norm.bias")
@@ -31,6 +32,19 @@ _NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", 
 def cross_entropy_loss(logits, labels, bias_probs=None, teacher_probs=None):
     """Plain cross-entropy with the debias-loss signature (extra arguments ignored)."""
     return F.cross_entropy(logits, labels)
+
+
+def mse_loss(logits, labels, bias_probs=None, teacher_probs=None):
+    """Mean squared error of a 1-output (regression) head, with the debias-loss signature."""
+    if logits.shape[-1] != 1:
+        raise ValueError(f"mse_loss: expected logits with 1 output (regression), got {logits.shape[-1]}")
+    return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+
+
+def default_loss_fn(model: nn.Module) -> Callable:
+    """MSE for a 1-output (regression) head, cross-entropy otherwise (as HF does for num_labels == 1)."""
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    return mse_loss if num_labels == 1 else cross_entropy_loss
 
 
 def model_inputs(batch: Mapping[str, Any], device: torch.device) -> Dict[str, torch.Tensor]:
@@ -113,15 +127,18 @@ def _check_args(epochs, lr, weight_decay, warmup_ratio, max_steps, ckpt_every):
 
 def finetune(model: nn.Module, train_loader: Iterable, *, loss_fn: Optional[Callable] = None, epochs: float = 1.0,
              lr: float = 2e-5, weight_decay: float = 0.01, warmup_ratio: float = 0.1, max_steps: Optional[int] = None,
-             extra_param_groups: Sequence[Mapping] = (), ckpt_dir=None, ckpt_every: int = 200, keep_last: int = 1,
+             extra_param_groups: Sequence[Mapping] = (), ckpt_dir=None, ckpt_every: int = 200, keep_last: int = 2,
              progress: bool = True, log_fn: Optional[Callable[[str], None]] = None, log_every: int = 50,
              step_callback: Optional[Callable[[int, Dict[str, float]], None]] = None,
              before_step: Optional[Callable[[int], None]] = None,
-             grad_clip: Optional[float] = 1.0, device=None, desc: str = "train") -> Dict[str, Any]:
+             grad_clip: Optional[float] = 1.0, device=None, desc: str = "train",
+             lr_decay_steps: Optional[int] = None) -> Dict[str, Any]:
     """Fine-tune `model` on `train_loader`; returns {"steps", "mean_loss", "last_loss", "losses", "seconds",
     "resumed_from", "total_steps"}.
 
-    total steps = `max_steps` or ceil(epochs * len(train_loader)). `extra_param_groups` are AdamW groups
+    total steps = `max_steps` or ceil(epochs * len(train_loader)); the lr warms up and decays linearly over
+    `lr_decay_steps` (default: the total; more: the run is the start of a longer schedule, as one IMP
+    round of the "Win-win Deal" code). `extra_param_groups` are AdamW groups
     with their own lr/weight_decay (e.g. mask scores); they follow the same warmup/decay factor.
     `before_step(step)` runs before each step (step = steps done so far; use it for schedules that must
     be a pure function of the step so that resume is exact); `step_callback(step, {"loss", "lr"})` after.
@@ -129,7 +146,7 @@ def finetune(model: nn.Module, train_loader: Iterable, *, loss_fn: Optional[Call
     with a folder holding a checkpoint resumes from it (and returns at once when it is the final one).
     """
     _check_args(epochs, lr, weight_decay, warmup_ratio, max_steps, ckpt_every)
-    loss_fn = loss_fn or cross_entropy_loss
+    loss_fn = loss_fn or default_loss_fn(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -139,16 +156,24 @@ def finetune(model: nn.Module, train_loader: Iterable, *, loss_fn: Optional[Call
     if not groups:
         raise ValueError("model has no trainable parameters (and extra_param_groups is empty)")
     optimizer = torch.optim.AdamW(groups, lr=lr)
-    scheduler = linear_schedule(optimizer, int(warmup_ratio * total), total)
+    horizon = total if lr_decay_steps is None else int(lr_decay_steps)  # warm-up and decay span (IMP rounds)
+    if horizon < total:
+        raise ValueError(f"lr_decay_steps must be >= the run's {total} steps, got {lr_decay_steps}")
+    scheduler = linear_schedule(optimizer, int(warmup_ratio * horizon), horizon)
 
     step, losses, resumed_from = 0, [], None
     state = None
-    ckpt = latest_checkpoint(ckpt_dir)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
+    found = load_latest_checkpoint(ckpt_dir)  # the newest readable one (a bad file falls back, with a warning)
+    if found is not None:
+        ckpt, state = found
         if state.get("total_steps") != total:
             raise ValueError(f"checkpoint {ckpt} was written for {state.get('total_steps')} steps, this run has {total}; "
                              "use a fresh ckpt_dir")
+        saved = [(g.get("initial_lr", g.get("lr")), g.get("weight_decay")) for g in state["optimizer"]["param_groups"]]
+        now = [(g.get("initial_lr", g.get("lr")), g.get("weight_decay")) for g in optimizer.param_groups]
+        if saved != now:
+            raise ValueError(f"checkpoint {ckpt} was written with (lr, weight_decay) per parameter group {saved}, "
+                             f"this run has {now}; use a fresh ckpt_dir")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

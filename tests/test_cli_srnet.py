@@ -42,14 +42,14 @@ def test_end_to_end_run_resume_and_report(tmp_path, capsys):
     assert main([*argv, "--dry-run"]) == 0
     assert "2 to run" in capsys.readouterr().out
     assert main(argv) == 0
-    text = capsys.readouterr().out
-    assert "run 2/2" in text and "report:" in text
-    run = json.loads((out / "synthetic" / "c-ce-s0.5-cubic-seed0" / "run.json").read_text())
+    captured = capsys.readouterr()
+    assert "run 2/2" in captured.err and "report:" in captured.out  # progress on stderr, results on stdout
+    run = json.loads((out / "synthetic" / "c-ce-s0.5-constant-seed0" / "run.json").read_text())
     assert run["sparsity"] == pytest.approx(0.5, abs=1e-3) and run["config"]["model"] == "tiny"
     for name in ("synthetic.png", "synthetic.md", "summary.csv", "summary.json"):
         assert (out / "report" / name).stat().st_size > 0
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert {r["method"] for r in summary} == {"dense ce", "c: mask on pre-trained (ce, cubic)"}
+    assert {r["method"] for r in summary} == {"dense ce", "c: mask on pre-trained (ce, constant)"}
     assert main(argv) == 0  # everything done: nothing reruns
     assert "(2 already done), 0 to run" in capsys.readouterr().out
     assert main(["report", str(out), "--report-dir", str(tmp_path / "rep")]) == 0

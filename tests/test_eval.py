@@ -61,7 +61,12 @@ def test_evaluate_collapses_mnli_to_two_way():
     exs = [Example("p", "h", 0, {"heuristic": "h1"}), Example("p", "h", 1, {"heuristic": "h1"})]
     three = evaluate(model, [batch], metric="accuracy")
     assert three["value"] == 0.5  # 3-way argmax: entailment twice, label 1 = neutral is missed
+    # default rule: 3-way argmax first (entailment twice), then neutral/contradiction -> non-entailment
     two = evaluate(model, [batch], metric="accuracy", collapse_mnli_to_2way=True, hans=True, examples=exs)
-    assert two["value"] == 1.0 and two["hans"]["non_entailed"] == 1.0 and two["n"] == 2
+    assert two["value"] == 0.5 and two["hans"]["non_entailed"] == 0.0 and two["n"] == 2
+    assert two["hans_rule"] == "argmax" and two["summary"]["one_class"]
+    summed = evaluate(model, [batch], metric="accuracy", collapse_mnli_to_2way=True, hans_rule="sum", hans=True,
+                      examples=exs)  # the summed-probability option: .35 + .25 > .4
+    assert summed["value"] == 1.0 and summed["hans"]["non_entailed"] == 1.0
     with pytest.raises(ValueError, match="metric"):
         evaluate(model, [batch], metric="auc")

@@ -72,7 +72,8 @@ def test_rewinding_restores_pretrained_weights_of_kept_entries():
         if step == 0:
             seen[len(seen)] = {n: (l.weight.detach().clone(), l.mask.bool().clone())
                                for n, l in encoder_linears(model).items()}
-    out = iterative_magnitude_pruning(model, loader(), target_sparsity=0.75, rounds=2, scope="global",
+    out = iterative_magnitude_pruning(model, loader(), target_sparsity=0.75, imp_mode="per_round_finetune", rounds=2,
+                                      scope="global",
                                       rewind_state=start, max_steps=4, lr=1e-2, progress=False, before_step=before)
     assert out["round_sparsities"] == pytest.approx([0.5, 0.75])
     assert len(seen) == 2
@@ -91,9 +92,10 @@ def test_rewinding_restores_pretrained_weights_of_kept_entries():
 
 def test_imp_resumes_finished_rounds(tmp_path):
     model = tiny_bert()
-    kw = dict(target_sparsity=0.75, rounds=2, max_steps=3, lr=1e-2, progress=False, ckpt_dir=tmp_path)
+    kw = dict(target_sparsity=0.75, imp_mode="per_round_finetune", rounds=2, max_steps=3, lr=1e-2, progress=False,
+              ckpt_dir=tmp_path)
     first = iterative_magnitude_pruning(model, loader(), **kw)
-    assert (tmp_path / "round-00" / "done.pt").is_file() and (tmp_path / "round-01" / "done.pt").is_file()
+    assert (tmp_path / "round-00" / "done.safetensors").is_file() and (tmp_path / "round-01" / "done.safetensors").is_file()
     again_model = tiny_bert(seed=1)
     again = iterative_magnitude_pruning(again_model, loader(), **kw)
     assert again["rounds"] == first["rounds"]

@@ -15,25 +15,32 @@ BASE = dict(task="synthetic", model="tiny", max_train=64, max_eval=32, max_ood=3
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("srnet")
     runner = Runner(out, progress=False, log_fn=None)
+    # b: IMP as in the paper, 5 rounds of 10% of the original weights: 2 epochs (8 steps) for one step a round
     res = {p: runner.run(SRNetConfig(paradigm=p, loss="poe", sparsity=0.5, method="mask" if p != "b" else "imp",
-                                     **BASE)) for p in ("c", "a", "b")}
+                                     **({"mask_epochs": 2.0} if p == "b" else {}), **BASE)) for p in ("c", "a", "b")}
     return out, runner, res
 
 
 def test_paradigms_reach_sparsity_and_write_json(runs):
     out, _, res = runs
-    assert (out / "synthetic" / "dense-poe-seed0" / "run.json").is_file()  # the dependency of a and b
-    assert (out / "synthetic" / "dense-poe-seed0" / "snapshot-0.1.pt").is_file()
+    # the dependency of a and b: the dense model fine-tuned with the source loss (default ce), not the pruning loss
+    assert (out / "synthetic" / "dense-ce-seed0" / "run.json").is_file()
+    assert (out / "synthetic" / "dense-ce-seed0" / "snapshot-0.1.safetensors").is_file()
+    assert not (out / "synthetic" / "dense-poe-seed0").exists()
     for p, r in res.items():
         assert r["sparsity"] == pytest.approx(0.5, abs=2e-3), p
         assert r["paradigm"] == p and r["loss"] == "poe" and r["config"]["sparsity"] == 0.5
-        for sel in ("last", "id_selected", "ood_selected_upper_bound"):
+        for sel in ("last", "id_selected", "select_by_ood_dev"):
             assert 0.0 <= r[sel]["id"] <= 1.0 and 0.0 <= r[sel]["ood"] <= 1.0
         assert r["data"]["sizes"] == {"train": 64, "id_dev": 16, "id_test": 16, "ood_dev": 16, "ood_test": 16}
         assert not (out / "synthetic" / r["run"] / "ckpt").exists()
         assert json.loads((out / "synthetic" / r["run"] / "run.json").read_text())["run"] == r["run"]
     assert res["b"]["pruning"]["method"] == "imp" and res["c"]["pruning"]["method"] == "mask"
-    assert res["c"]["pruning"]["schedule"]["kind"] == "cubic"
+    assert res["c"]["pruning"]["schedule"]["kind"] == "constant"  # the paper's recipe by default
+    assert res["c"]["pruning"]["scheduler"]["include_head"] is True
+    assert res["c"]["pruning"]["head_sparsity"] == pytest.approx(0.5, abs=1e-2)
+    assert res["b"]["pruning"]["imp_mode"] == "paper"
+    assert res["b"]["pruning"]["round_sparsities"] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
 
 
 def test_finished_runs_are_not_rerun(runs):
@@ -60,7 +67,7 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "finetune", crashing)
     with pytest.raises(KeyboardInterrupt):
         Runner(tmp_path, progress=False, log_fn=None).run(cfg)
-    assert list((tmp_path / "synthetic" / "dense-ce-seed0" / "ckpt").glob("step-*.pt"))
+    assert list((tmp_path / "synthetic" / "dense-ce-seed0" / "ckpt").glob("step-*.safetensors"))
     monkeypatch.setattr(train_mod, "finetune", real)
     res = Runner(tmp_path, progress=False, log_fn=None).run(cfg)
     assert res["pruning"]["train"]["resumed_from"] == 4 and res["pruning"]["train"]["steps"] == 6
@@ -72,7 +79,7 @@ def test_selection_keeps_the_ood_bound_apart():
     hist = [{"step": s, "eligible": e, "metrics": {"id_dev": {"value": i}, "ood_dev": {"value": o}}}
             for s, e, i, o in [(1, False, 0.99, 0.99), (2, True, 0.8, 0.3), (3, True, 0.6, 0.7), (4, True, 0.7, 0.5)]]
     chosen = select(hist)
-    assert chosen["last"]["step"] == 4 and chosen["id_selected"]["step"] == 2 and chosen["ood_selected"]["step"] == 3
+    assert chosen["last"]["step"] == 4 and chosen["id_selected"]["step"] == 2 and chosen["select_by_ood_dev"]["step"] == 3
 
 
 def test_config_and_paradigm_errors():

@@ -10,8 +10,11 @@ one PNG per task) unless --no-report.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 
 def _fraction(text: str) -> float:
@@ -59,7 +62,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--task", default="synthetic",
                    choices=("mnli", "mrpc", "paws_qqp", "fever_symmetric", "synthetic"))
     p.add_argument("--paradigm", nargs="+", default=["dense", "c"], choices=PARADIGMS)
-    p.add_argument("--loss", nargs="+", default=["poe"], choices=LOSS_NAMES)
+    p.add_argument("--loss", nargs="+", default=["poe"], choices=LOSS_NAMES,
+                   help="training loss of each run (for paradigms a and b: the mask-training / pruning loss)")
+    p.add_argument("--source", default="ce", choices=LOSS_NAMES,
+                   help="paradigms a and b: the loss the dense source model was fine-tuned with (the paper's main "
+                        "setting: --source ce --loss poe; the secondary one: --source poe --loss poe)")
     p.add_argument("--sparsity", nargs="+", type=_fraction, default=[0.5], help="target encoder sparsities")
     p.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0 .. N-1)")
     p.add_argument("--seed-offset", type=int, default=0, help="first seed")
@@ -69,10 +76,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--search-from", type=float, default=None, metavar="FRAC",
                    help="paradigm a: search the mask from the dense fine-tuning checkpoint at this fraction of "
                         "training (0.1, 0.25, 0.5; 0 = pre-trained, 1 = end)")
-    g.add_argument("--schedule", choices=("cubic", "constant"), default="cubic",
+    g.add_argument("--schedule", choices=("cubic", "constant"), default="constant",
                    help="mask training: gradual cubic sparsity schedule (Zhu & Gupta) or the target from the start")
     g.add_argument("--initial-sparsity", type=float, default=0.0)
-    g.add_argument("--end-frac", type=_fraction, default=0.7, help="fraction of training at which the cubic "
+    g.add_argument("--end-frac", type=float, default=1.0, help="fraction of training at which the cubic "
                    "schedule reaches the target")
     g.add_argument("--scope", choices=("per_layer", "global"), default="per_layer",
                    help="top-k per matrix, or one global threshold over all encoder linears")
@@ -82,11 +89,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "weights per round (instead of --imp-rounds)")
     g.add_argument("--rewind", choices=("pretrained", "early"), default="pretrained",
                    help="paradigm b: rewind to the pre-trained weights or to the 10%% fine-tuning checkpoint")
+    g.add_argument("--mask-from", choices=("imp", "mask_training"), default="imp",
+                   help="paradigm b: masks found by IMP, or by mask training on the fine-tuned model (paradigm a "
+                        "run), then the subnetwork retrained from the rewound weights")
+    g.add_argument("--ood-informed", action="store_true",
+                   help="mnli, mask training: add the HANS-style train part (templates disjoint from the OOD "
+                        "evaluation part) to the training data -- the paper's OOD-informed upper bound")
+    g.add_argument("--hans-rule", choices=("argmax", "sum"), default="argmax",
+                   help="mnli -> HANS-style scoring: 3-way argmax then neutral/contradiction -> non-entailment "
+                        "(the paper's code), or P(neutral)+P(contradiction) against P(entailment)")
     t = p.add_argument_group("training and data")
     t.add_argument("--epochs", type=_positive_float, default=1.0)
     t.add_argument("--mask-epochs", type=_positive_float, default=None, help="epochs of pruning runs (default: --epochs)")
     t.add_argument("--lr", type=_positive_float, default=2e-5)
-    t.add_argument("--lr-scores", type=_positive_float, default=1e-2, help="learning rate of the mask scores")
+    t.add_argument("--lr-scores", type=_positive_float, default=5e-5, help="learning rate of the mask scores "
+                   "(the paper's 5e-5)")
     t.add_argument("--batch-size", type=_positive_int, default=32)
     t.add_argument("--max-length", type=_positive_int, default=128)
     t.add_argument("--max-train", type=_positive_int, default=None, help="subsample the training set")
@@ -102,12 +119,82 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+log = logging.getLogger(__name__)
+
+MIN_MAX_LENGTH = 8  # [CLS] a [SEP] b [SEP] and a few tokens of text; shorter truncates the inputs to nothing
+
+
+def _check_out(out: str) -> None:
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out: {out!r} exists and is not a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: {out!r} cannot be written ({str(parent)!r} is not a writable folder)")
+
+
+def _check_device(device: str) -> None:
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {device!r} asked for, but no CUDA GPU is visible to torch "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {device!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def check_args(args) -> None:
+    """Every argument check that needs no data or model weights; ValueError "--flag: ..." (one line)."""
+    from ..nn.granularity import canonical_granularity
+    if args.search_from is not None and not 0.0 <= args.search_from <= 1.0:
+        raise ValueError(f"--search-from: must be in [0, 1], got {args.search_from}")
+    if not 0.0 <= args.initial_sparsity < 1.0:
+        raise ValueError(f"--initial-sparsity: must be in [0, 1), got {args.initial_sparsity}")
+    if args.seed_offset < 0:
+        raise ValueError(f"--seed-offset: must be >= 0, got {args.seed_offset}")
+    if not 0.0 < args.end_frac <= 1.0:
+        raise ValueError(f"--end-frac: must be in (0, 1], got {args.end_frac}")
+    # options of one paradigm given without it would be dropped without a word
+    if args.mask_from != "imp" and "b" not in args.paradigm:
+        raise ValueError(f"--mask-from {args.mask_from}: applies to paradigm b, not in --paradigm {' '.join(args.paradigm)}")
+    if args.rewind != "pretrained" and "b" not in args.paradigm:
+        raise ValueError(f"--rewind {args.rewind}: applies to paradigm b, not in --paradigm {' '.join(args.paradigm)}")
+    if args.method != "mask" and "a" not in args.paradigm:
+        raise ValueError(f"--method {args.method}: applies to paradigm a, not in --paradigm {' '.join(args.paradigm)}")
+    if args.max_length < MIN_MAX_LENGTH:
+        raise ValueError(f"--max-length: must be at least {MIN_MAX_LENGTH} (room for [CLS]/[SEP] and text), "
+                         f"got {args.max_length}")
+    try:
+        gran = canonical_granularity(args.granularity)
+    except ValueError as exc:
+        raise ValueError(f"--granularity: {exc}") from None
+    pruned = [p for p in args.paradigm if p != "dense"]
+    if gran == "2:4" and pruned and any(abs(s - 0.5) > 1e-9 for s in args.sparsity):
+        bad = [s for s in args.sparsity if abs(s - 0.5) > 1e-9]
+        raise ValueError(f"--sparsity: --granularity 2:4 keeps exactly 2 of every 4 weights, so the sparsity must "
+                         f"be 0.5; got {' '.join(f'{s:g}' for s in bad)}")
+    _check_device(args.device)
+    _check_out(args.out)
+
+
 def run(args) -> int:
     from ..pruning.srnet import Runner, SRNetConfig, expand_grid
-    if args.search_from is not None and not 0.0 <= args.search_from <= 1.0:
-        print(f"sparsebert srnet: error: --search-from must be in [0, 1], got {args.search_from}", file=sys.stderr)
+    try:
+        check_args(args)
+    except ValueError as exc:
+        print(f"sparsebert srnet: error: {exc}", file=sys.stderr)
         return 2
     base = SRNetConfig(task=args.task, model=args.model, method=args.method, search_from=args.search_from,
+                       source=args.source, mask_from=args.mask_from, ood_informed=args.ood_informed,
+                       hans_rule=args.hans_rule,
                        schedule=args.schedule, initial_sparsity=args.initial_sparsity, end_frac=args.end_frac,
                        scope=args.scope, granularity=args.granularity, imp_rounds=args.imp_rounds,
                        imp_rate=args.imp_rate, rewind=args.rewind, epochs=args.epochs, mask_epochs=args.mask_epochs,
@@ -117,7 +204,13 @@ def run(args) -> int:
                        out=args.out)
     try:
         from ..pruning.srnet import resolve_model_path
-        resolve_model_path(args.model)
+        model_path = resolve_model_path(args.model)
+        if model_path is not None:  # a checkpoint's position table bounds --max-length
+            import json
+            limit = json.loads((Path(model_path) / "config.json").read_text()).get("max_position_embeddings")
+            if isinstance(limit, int) and args.max_length > limit:
+                raise ValueError(f"--max-length: {args.max_length} is more than the model's "
+                                 f"max_position_embeddings ({limit})")
         if args.search_from is not None and "a" not in args.paradigm:
             raise ValueError("--search-from needs paradigm a")
         paradigms = [p for p in args.paradigm]
@@ -129,12 +222,17 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"sparsebert srnet: error: {exc}", file=sys.stderr)
         return 2
-    runner = Runner(args.out, progress=not args.no_progress, log_fn=lambda m: print(m, flush=True))
+    from ..runs import RunConfigMismatch, RunLocked
+    runner = Runner(args.out, progress=not args.no_progress, log_fn=log.info)
     todo = []
-    for cfg in configs:
-        for c in runner.plan(cfg):
-            if c.run_name not in {t.run_name for t in todo}:
-                todo.append(c)
+    try:  # a run folder under --out holding another configuration is refused, never reused or merged
+        for cfg in configs:
+            for c in runner.plan(cfg):
+                if c.run_name not in {t.run_name for t in todo}:
+                    todo.append(c)
+    except RunConfigMismatch as exc:
+        print(f"sparsebert srnet: error: {exc}", file=sys.stderr)
+        return 2
     pending = {t.run_name for t in todo}
     print(f"sparsebert srnet: {len(configs)} configured runs ({sum(c.run_name not in pending for c in configs)} "
           f"already done), {len(todo)} to run with their dependencies, under {args.out}", flush=True)
@@ -146,8 +244,12 @@ def run(args) -> int:
     for i, cfg in enumerate(todo, 1):
         elapsed = time.time() - t0
         eta = f", ~{elapsed / (i - 1) * (len(todo) - i + 1) / 60:.1f} min left" if i > 1 else ""
-        print(f"== run {i}/{len(todo)}: {cfg.task}/{cfg.run_name} ({elapsed / 60:.1f} min elapsed{eta})", flush=True)
-        runner.run(cfg)
+        log.info(f"== run {i}/{len(todo)}: {cfg.task}/{cfg.run_name} ({elapsed / 60:.1f} min elapsed{eta})")
+        try:
+            runner.run(cfg)
+        except (RunLocked, RunConfigMismatch) as exc:  # another process writes this --out, or changed it
+            print(f"sparsebert srnet: error: {exc}", file=sys.stderr)
+            return 2
     results = [runner.run(cfg) for cfg in configs]  # all finished: reads their JSONs
     for r in results:
         print(f"{r['task']:10s} {r['run']:40s} sparsity {r['sparsity']:.3f}  ID {r['metric']} {r['last']['id']:.4f}  "

@@ -29,7 +29,8 @@ import zlib
 
 from .tasks import Example
 
-__all__ = ["HANS_STYLE_NAME", "SUBCASES", "HEURISTICS", "generate_hans_style", "words"]
+__all__ = ["HANS_STYLE_NAME", "SUBCASES", "HEURISTICS", "PARTS", "HOLDOUTS", "generate_hans_style",
+           "part_patterns", "words"]
 
 HANS_STYLE_NAME = "HANS-style (generated)"
 HEURISTICS = ("lexical_overlap", "subsequence", "constituent")
@@ -207,19 +208,50 @@ def _stable_seed(seed: int, subcase: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(subcase.encode())) & 0xFFFFFFFF
 
 
-def generate_hans_style(n_per_subcase: int = 100, seed: int = 0) -> list[Example]:
-    """``n_per_subcase`` distinct examples for each of the 30 subcases (15 entailed, 15 not: labels are
-    exactly balanced), templates used round-robin. Deterministic given ``seed`` (independent of
-    PYTHONHASHSEED). meta: heuristic, subcase, template, pair_id, source = :data:`HANS_STYLE_NAME`."""
+PARTS = ("all", "train", "eval")
+HOLDOUTS = ("template", "subcase")
+
+
+def part_patterns(part: str = "all", holdout: str = "template") -> dict[int, list[int]]:
+    """Which (subcase index -> template indices) a part uses. The "train" and "eval" parts are disjoint:
+    ``holdout="template"``: in every subcase the last template is train, the others eval (every subcase
+    is in both parts, no template is); ``holdout="subcase"``: in every (heuristic, label) group of 5
+    subcases the last 2 are train and the first 3 eval (no subcase, hence no template, is in both)."""
+    if part not in PARTS:
+        raise ValueError(f"part: expected one of {PARTS}, got {part!r}")
+    if holdout not in HOLDOUTS:
+        raise ValueError(f"holdout: expected one of {HOLDOUTS}, got {holdout!r}")
+    out: dict[int, list[int]] = {}
+    for si, (_h, _s, _l, patterns) in enumerate(SUBCASES):
+        every = list(range(len(patterns)))
+        if part == "all":
+            out[si] = every
+        elif holdout == "template":
+            out[si] = every[-1:] if part == "train" else every[:-1]
+        elif (si % 5 >= 3) == (part == "train"):
+            out[si] = every
+    return out
+
+
+def generate_hans_style(n_per_subcase: int = 100, seed: int = 0, *, part: str = "all",
+                        holdout: str = "template") -> list[Example]:
+    """``n_per_subcase`` distinct examples for each subcase of ``part`` (see :func:`part_patterns`;
+    "all": the 30 subcases, 15 entailed and 15 not, so labels are exactly balanced), templates used
+    round-robin. Deterministic given ``seed`` (independent of PYTHONHASHSEED); the "train" part draws
+    from its own random stream. meta: heuristic, subcase, template, pair_id, part, source."""
     if not isinstance(n_per_subcase, int) or n_per_subcase < 1:
         raise ValueError(f"n_per_subcase: expected a positive int, got {n_per_subcase!r}")
+    chosen = part_patterns(part, holdout)
     out = []
     for si, (heuristic, subcase, label, patterns) in enumerate(SUBCASES):
-        rng = random.Random(_stable_seed(seed, subcase))
+        if si not in chosen:
+            continue
+        pis = chosen[si]
+        rng = random.Random(_stable_seed(seed, subcase if part != "train" else subcase + ":train"))
         seen: set[tuple[str, str]] = set()
         attempts = 0
         while len(seen) < n_per_subcase:
-            pi = len(seen) % len(patterns)
+            pi = pis[len(seen) % len(pis)]
             pair = _fill(*patterns[pi], rng)
             attempts += 1
             if attempts > 200 * n_per_subcase:
@@ -230,5 +262,6 @@ def generate_hans_style(n_per_subcase: int = 100, seed: int = 0) -> list[Example
             seen.add(pair)
             out.append(Example(pair[0], pair[1], label, {
                 "heuristic": heuristic, "subcase": subcase, "template": _TEMPLATE_NAMES[(si, pi)],
-                "pair_id": f"hs{len(out)}", "source": HANS_STYLE_NAME}))
+                "pair_id": f"hs{part[0]}{len(out)}" if part != "all" else f"hs{len(out)}", "part": part,
+                "source": HANS_STYLE_NAME}))
     return out

@@ -43,6 +43,7 @@ __all__ = [
     "Example", "TaskSpec", "TASKS", "get_task", "DataFormatError", "TaskSplits",
     "default_data_dir", "load_mnli", "load_hans", "load_qqp", "load_paws", "load_mrpc", "load_sst2",
     "load_fever", "load_fever_symmetric", "split_examples", "load_task", "mnli_to_hans_probs",
+    "mnli_to_hans_preds", "HANS_RULES", "word_overlap", "overlap_biased_split",
 ]
 
 
@@ -98,13 +99,33 @@ def get_task(name: str) -> TaskSpec:
 
 
 def mnli_to_hans_probs(probs):
-    """Collapse 3-way MNLI probabilities (..., 3) to HANS's 2 classes (..., 2): entailment stays,
-    neutral + contradiction become non-entailment (the usual HANS evaluation of MNLI models)."""
+    """Collapse 3-way MNLI probabilities (..., 3) to 2 classes (..., 2) by summing: entailment stays,
+    P(neutral) + P(contradiction) becomes non-entailment. This is the "sum" rule, an option only: it
+    counts a flat output (e.g. 0.4/0.35/0.25) as non-entailment. The default HANS scoring is
+    :func:`mnli_to_hans_preds` (argmax over the 3 classes first)."""
     if probs.shape[-1] != 3:
         raise ValueError(f"probs: expected last dim 3 (MNLI classes), got shape {tuple(probs.shape)}")
     import torch
 
     return torch.stack([probs[..., 0], probs[..., 1] + probs[..., 2]], dim=-1)
+
+
+HANS_RULES = ("argmax", "sum")
+
+
+def mnli_to_hans_preds(probs, rule: str = "argmax"):
+    """2-way HANS predictions (0 entailment, 1 non-entailment) of 3-way MNLI outputs (..., 3).
+
+    ``rule="argmax"`` (default, as the SRNet authors' code scores HANS): the 3-way argmax first, then
+    neutral and contradiction both map to non-entailment. ``rule="sum"``: argmax of
+    :func:`mnli_to_hans_probs` (P(neutral) + P(contradiction) against P(entailment))."""
+    if rule not in HANS_RULES:
+        raise ValueError(f"rule: expected one of {HANS_RULES}, got {rule!r}")
+    if probs.shape[-1] != 3:
+        raise ValueError(f"probs: expected last dim 3 (MNLI classes), got shape {tuple(probs.shape)}")
+    if rule == "sum":
+        return mnli_to_hans_probs(probs).argmax(-1)
+    return (probs.argmax(-1) != 0).long()
 
 
 class DataFormatError(ValueError):
@@ -368,6 +389,57 @@ def split_examples(examples: Sequence[Example], sizes: Sequence[float | int], se
     return parts
 
 
+def word_overlap(text_a: str, text_b: str | None) -> float:
+    """Jaccard overlap of the lower-cased word sets of two texts (0.0 when both are empty)."""
+    import re
+
+    a = set(re.findall(r"[a-z0-9]+", text_a.lower()))
+    b = set(re.findall(r"[a-z0-9]+", (text_b or "").lower()))
+    return len(a & b) / len(a | b) if (a or b) else 0.0
+
+
+def overlap_biased_split(examples: Sequence[Example], agree_fraction: float = 0.8, seed: int = 0, *,
+                         threshold: float | None = None) -> tuple[list[Example], list[Example], dict]:
+    """A training subset in which a word-overlap cue agrees with the label ``agree_fraction`` of the
+    time, and the anti-correlated remainder as an OOD set (for paraphrase pairs, label 1 = paraphrase).
+
+    The cue predicts 1 when :func:`word_overlap` >= ``threshold`` (default: the median overlap). Train =
+    every example the cue gets right plus just enough of the ones it gets wrong (seeded draw) to reach
+    ``agree_fraction`` (the agreeing part is subsampled instead when the wrong ones are too few); OOD =
+    the cue-wrong examples left over (the cue is 0% accurate there). Returns (train, ood, stats) with
+    stats: threshold, agree_fraction (measured on train), n_train, n_ood."""
+    if not 0.5 <= agree_fraction < 1.0:
+        raise ValueError(f"agree_fraction: expected a number in [0.5, 1), got {agree_fraction!r}")
+    if len(examples) < 4:
+        raise ValueError(f"examples: expected at least 4 examples, got {len(examples)}")
+    bad = [i for i, ex in enumerate(examples) if ex.label not in (0, 1) or ex.text_b is None]
+    if bad:
+        raise ValueError(f"examples: expected sentence pairs with labels 0/1; example {bad[0]} is not")
+    scores = [word_overlap(ex.text_a, ex.text_b) for ex in examples]
+    if threshold is None:
+        ordered = sorted(scores)
+        threshold = ordered[len(ordered) // 2]
+    agree = [i for i, (ex, sc) in enumerate(zip(examples, scores)) if int(sc >= threshold) == ex.label]
+    disagree = [i for i, (ex, sc) in enumerate(zip(examples, scores)) if int(sc >= threshold) != ex.label]
+    rng = random.Random(seed)
+    rng.shuffle(agree)
+    rng.shuffle(disagree)
+    n_dis = round(len(agree) * (1.0 - agree_fraction) / agree_fraction)
+    if n_dis >= len(disagree):  # too few cue-wrong examples: keep half of them for OOD, shrink the agreeing part
+        n_dis = len(disagree) // 2
+        agree = agree[:round(n_dis * agree_fraction / (1.0 - agree_fraction))]
+    if n_dis < 1 or not agree:
+        raise ValueError(f"examples: the overlap cue (threshold {threshold:.3f}) leaves too few examples on one "
+                         f"side ({len(agree)} agree, {len(disagree)} disagree) for agree_fraction {agree_fraction}")
+    train_idx = sorted(agree + disagree[:n_dis])
+    ood_idx = sorted(disagree[n_dis:])
+    train = [examples[i] for i in train_idx]
+    ood = [examples[i] for i in ood_idx]
+    stats = {"threshold": threshold, "agree_fraction": len(agree) / len(train_idx), "n_train": len(train),
+             "n_ood": len(ood)}
+    return train, ood, stats
+
+
 class TaskSplits(NamedTuple):
     train: list[Example]
     id_dev: list[Example]
@@ -375,16 +447,20 @@ class TaskSplits(NamedTuple):
     spec: TaskSpec          # label space of train / id_dev
     ood_spec: TaskSpec | None  # label space of ood (HANS: 2 classes for the 3-class MNLI)
     sources: dict           # split name -> human-readable provenance ("real: ..." / "GENERATED: ...")
+    ood_train: list[Example] | None = None  # OOD *training* data disjoint from ood (mnli: HANS-style train part)
 
 
 _SPLITS = ("train", "dev", "id_dev", "ood", "all")
 
 
 def load_task(name: str, split: str = "all", data_dir=None, *, seed: int = 0, dev_fraction: float = 0.2,
-              hans_per_subcase: int = 100, synthetic_sizes: tuple[int, int, int] = (2000, 500, 500)):
+              hans_per_subcase: int = 100, synthetic_sizes: tuple[int, int, int] = (2000, 500, 500),
+              hans_holdout: str = "template"):
     """The standard sets for ``name`` (see the module docstring for what is real and what is generated).
     ``split``: "train", "dev"/"id_dev", "ood" (a list, or None when there is no OOD set) or "all" (a
-    :class:`TaskSplits`). ``seed`` drives the train/dev split and the generators."""
+    :class:`TaskSplits`). ``seed`` drives the train/dev split and the generators. For mnli the OOD set
+    is the "eval" part of the HANS-style generator and ``TaskSplits.ood_train`` its disjoint "train"
+    part (``hans_holdout``: "template" or "subcase", see ``hans_style.part_patterns``), 2-way labels."""
     if split not in _SPLITS:
         raise ValueError(f"split: expected one of {_SPLITS}, got {split!r}")
     root = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -393,12 +469,17 @@ def load_task(name: str, split: str = "all", data_dir=None, *, seed: int = 0, de
 
         train, dev = split_examples(load_mnli(root / "mnli" / "dev_matched.tsv"),
                                     [1.0 - dev_fraction, dev_fraction], seed)
-        ood = generate_hans_style(hans_per_subcase, seed) if split in ("ood", "all") else None
+        want_ood = split in ("ood", "all")
+        ood = generate_hans_style(hans_per_subcase, seed, part="eval", holdout=hans_holdout) if want_ood else None
+        ood_train = (generate_hans_style(hans_per_subcase, seed, part="train", holdout=hans_holdout)
+                     if split == "all" else None)
         splits = TaskSplits(train, dev, ood, TASKS["mnli"], TASKS["hans_style"], {
             "train": f"real: MNLI dev_matched.tsv, {1 - dev_fraction:.0%} seeded stratified split (seed {seed})",
             "id_dev": f"real: MNLI dev_matched.tsv, the held-out {dev_fraction:.0%}",
-            "ood": f"GENERATED: {HANS_STYLE_NAME}, {hans_per_subcase} per subcase (seed {seed}); "
-                   "not the official HANS set"})
+            "ood": f"GENERATED: {HANS_STYLE_NAME}, eval part (held-out {hans_holdout}s), {hans_per_subcase} per "
+                   f"subcase (seed {seed}); not the official HANS set",
+            "ood_train": f"GENERATED: {HANS_STYLE_NAME}, train part ({hans_holdout}s disjoint from the eval part), "
+                         f"{hans_per_subcase} per subcase (seed {seed})"}, ood_train)
     elif name == "mrpc":
         splits = TaskSplits(load_mrpc(root / "mrpc" / "train.tsv"), load_mrpc(root / "mrpc" / "dev.tsv"),
                             load_paws(root / "paws_qqp" / "dev_and_test.tsv"), TASKS["mrpc"], TASKS["paws_qqp"],

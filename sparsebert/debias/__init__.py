@@ -2,7 +2,8 @@
 model, and the CE / product-of-experts / example-reweighting / confidence-regularization losses."""
 from .bias_model import BiasModel, attach_bias_probs, bias_probs_of, cross_fit_bias_probs, fit_bias_model
 from .features import (
-    NEGATION_WORDS, PAIR_FEATURE_NAMES, ClaimOnlyFeaturizer, PairOverlapFeaturizer, make_featurizer, pair_features,
+    NEGATION_WORDS, PAIR_FEATURE_NAMES, ClaimOnlyFeaturizer, ClaimWordsFeaturizer, PairOverlapFeaturizer,
+    make_featurizer, pair_features,
 )
 from .losses import (
     LOSSES, ConfidenceRegularizationLoss, CrossEntropyLoss, ExampleReweightingLoss, ProductOfExpertsLoss, make_loss,
@@ -10,7 +11,7 @@ from .losses import (
 )
 
 __all__ = [
-    "BiasModel", "ClaimOnlyFeaturizer", "ConfidenceRegularizationLoss", "CrossEntropyLoss", "ExampleReweightingLoss",
+    "BiasModel", "ClaimOnlyFeaturizer", "ClaimWordsFeaturizer", "ConfidenceRegularizationLoss", "CrossEntropyLoss", "ExampleReweightingLoss",
     "LOSSES", "NEGATION_WORDS", "PAIR_FEATURE_NAMES", "PairOverlapFeaturizer", "ProductOfExpertsLoss",
     "attach_bias_probs", "bias_probs_of", "cross_fit_bias_probs", "fit_bias_model", "make_featurizer", "make_loss",
     "needs_bias_probs", "needs_teacher_probs", "pair_features",

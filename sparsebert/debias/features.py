@@ -6,6 +6,8 @@
   bias-only models.
 * :class:`ClaimOnlyFeaturizer` for FEVER (claim = ``text_b``): max-pooled word embeddings of the claim
   (any embedding matrix + its tokenizer, e.g. the backbone's input embeddings), plus negation and length.
+* :class:`ClaimWordsFeaturizer` for FEVER without an embedding: a bag of words of the claim plus
+  negation and length (the default of the SRNet driver).
 
 A featurizer is callable on a sequence of :class:`~sparsebert.data.Example` and returns a float32 tensor
 (N, F); ``feature_names`` lists the F columns.
@@ -21,7 +23,7 @@ import torch
 from ..data.tasks import Example
 
 __all__ = ["NEGATION_WORDS", "PAIR_FEATURE_NAMES", "feature_words", "pair_features", "PairOverlapFeaturizer",
-           "ClaimOnlyFeaturizer", "make_featurizer"]
+           "ClaimOnlyFeaturizer", "ClaimWordsFeaturizer", "make_featurizer"]
 
 NEGATION_WORDS = frozenset({"not", "no", "never", "nothing", "nobody", "none", "nowhere", "neither", "nor",
                             "n't", "cannot", "without"})
@@ -131,13 +133,68 @@ class ClaimOnlyFeaturizer:
         return torch.stack(rows)
 
 
-def make_featurizer(task: str, *, embedding: torch.Tensor | None = None, tokenizer=None):
-    """The default featurizer for a task: claim-only for fever/fever_symmetric (needs ``embedding`` and
-    ``tokenizer``), pair overlap for the pair tasks."""
+class ClaimWordsFeaturizer:
+    """Claim-only features for FEVER without an embedding: a bag of words of the claim (binary presence
+    of each vocabulary word) plus ``claim_negation``, ``claim_negation_count`` and ``log_claim_len``.
+    With :class:`BiasModel` on top this is a bag-of-words logistic regression on the claim. The
+    vocabulary is fixed at construction (:meth:`from_examples`: the claim words seen at least
+    ``min_count`` times, most frequent first, at most ``max_words``); labels are never read."""
+
+    def __init__(self, vocabulary: Sequence[str], *, field: str = "text_b"):
+        if field not in ("text_a", "text_b"):
+            raise ValueError(f"field: expected 'text_a' or 'text_b', got {field!r}")
+        vocabulary = list(vocabulary)
+        if len(set(vocabulary)) != len(vocabulary):
+            raise ValueError("vocabulary: expected distinct words")
+        self.vocabulary, self.field = vocabulary, field
+        self._index = {w: i for i, w in enumerate(vocabulary)}
+        self.feature_names = tuple(f"claim_has_{w}" for w in vocabulary) + (
+            "claim_negation", "claim_negation_count", "log_claim_len")
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Example], *, min_count: int = 2, max_words: int = 2000,
+                      field: str = "text_b") -> "ClaimWordsFeaturizer":
+        if min_count < 1 or max_words < 0:
+            raise ValueError(f"min_count must be >= 1 and max_words >= 0, got {min_count} and {max_words}")
+        counts: dict[str, int] = {}
+        for i, ex in enumerate(examples):
+            claim = getattr(ex, field)
+            if claim is None:
+                raise ValueError(f"examples[{i}]: {field} (the claim) is None")
+            for w in set(feature_words(claim)):
+                counts[w] = counts.get(w, 0) + 1
+        vocab = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))[:max_words]
+        return cls(vocab, field=field)
+
+    def __call__(self, examples: Sequence[Example]) -> torch.Tensor:
+        out = torch.zeros(len(examples), len(self.feature_names))
+        v = len(self.vocabulary)
+        for i, ex in enumerate(examples):
+            claim = getattr(ex, self.field)
+            if claim is None:
+                raise ValueError(f"examples[{i}]: {self.field} (the claim) is None")
+            words = feature_words(claim)
+            for w in words:
+                j = self._index.get(w)
+                if j is not None:
+                    out[i, j] = 1.0
+            n_neg = sum(map(_is_negation, words))
+            out[i, v:] = torch.tensor([float(n_neg > 0), float(n_neg), math.log1p(len(words))])
+        return out
+
+
+def make_featurizer(task: str, *, embedding: torch.Tensor | None = None, tokenizer=None,
+                    examples: Sequence[Example] | None = None):
+    """The default featurizer for a task. fever/fever_symmetric: claim-only, from ``embedding`` and
+    ``tokenizer`` (:class:`ClaimOnlyFeaturizer`) or, without them, a claim bag of words whose vocabulary
+    comes from ``examples`` (:class:`ClaimWordsFeaturizer`). Pair tasks: pair overlap."""
     if task in ("fever", "fever_symmetric"):
-        if embedding is None or tokenizer is None:
-            raise ValueError("embedding, tokenizer: claim-only FEVER features need both")
-        return ClaimOnlyFeaturizer(embedding, tokenizer)
+        if embedding is not None and tokenizer is not None:
+            return ClaimOnlyFeaturizer(embedding, tokenizer)
+        if examples is not None:
+            return ClaimWordsFeaturizer.from_examples(examples)
+        raise ValueError("embedding, tokenizer, examples: claim-only FEVER features need an embedding and its "
+                         "tokenizer, or the training examples (for a claim bag-of-words vocabulary)")
     if task in ("mnli", "hans", "hans_style", "qqp", "paws", "paws_qqp", "mrpc", "synthetic"):
         return PairOverlapFeaturizer()
     raise ValueError(f"task: no bias features defined for {task!r}")

@@ -3,9 +3,10 @@
 
   (a) prune the fine-tuned model: mask training on its frozen weights ("mask") or IMP with retraining
       ("imp"), starting from the dense model fine-tuned with the same loss;
-  (b) prune the pre-trained model and fine-tune the subnetwork in isolation: IMP masks from the
-      fine-tuned weights, weights rewound to the pre-trained ones (or an early fine-tuning checkpoint),
-      then the subnetwork is trained from there (lottery-ticket style);
+  (b) prune the pre-trained model and fine-tune the subnetwork in isolation: masks from the fine-tuned
+      weights -- by IMP, or given (`masks`, e.g. found by mask training in paradigm a) -- weights rewound
+      to the pre-trained ones (or an early fine-tuning checkpoint), then the subnetwork is trained from
+      there with its mask fixed (lottery-ticket style);
   (c) train masks on the frozen pre-trained model (only the scores and the classification head learn).
 
 Mask search from an intermediate fine-tuning checkpoint ("when to start searching") is paradigm (a)
@@ -16,27 +17,70 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Mapping, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
-from .imp import iterative_magnitude_pruning
+from ..nn import sparsity_report
+from ..nn.sparsify import encoder_linears
+from ..train import finetune
+from .imp import apply_masks, iterative_magnitude_pruning, rewind_weights
 from .mask_training import train_masks
 
 PARADIGMS = ("a", "b", "c")
 METHODS = ("mask", "imp")
 
 
+def masks_from_state(state: Mapping[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
+    """The keep-masks (name -> bool) of `model`'s encoder linears stored in a saved state dict (the
+    ``<name>.mask`` buffers of frozen SparseLinear layers, e.g. a finished mask-training run)."""
+    names = list(encoder_linears(model))
+    missing = [n for n in names if f"{n}.mask" not in state]
+    if missing:
+        raise ValueError(f"state: no mask for {len(missing)} encoder linears (first: {missing[0]!r}); expected "
+                         "the state dict of a finished mask-training or IMP run")
+    out = {}
+    for n in names:
+        m = state[f"{n}.mask"]
+        if m.shape != encoder_linears(model)[n].weight.shape:
+            raise ValueError(f"state: mask of {n!r} has shape {tuple(m.shape)}, the weight has "
+                             f"{tuple(encoder_linears(model)[n].weight.shape)}")
+        out[n] = m.bool()
+    return out
+
+
+def retrain_with_masks(model: nn.Module, train_loader, masks: Mapping[str, Tensor], *,
+                       rewind_state: Optional[Mapping] = None, loss_fn: Optional[Callable] = None, ckpt_dir=None,
+                       log_fn=None, progress: bool = True, **finetune_kwargs: Any) -> Dict[str, Any]:
+    """Fix `masks` on `model`, rewind its weights to `rewind_state` (when given), and fine-tune the
+    subnetwork (pruned weights stay zero). Returns {"sparsity", "train"}."""
+    apply_masks(model, masks)
+    if rewind_state is not None:
+        rewind_weights(model, rewind_state)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if log_fn:
+        log_fn(f"retraining a subnetwork of sparsity {sparsity_report(model)['overall']:.4f}")
+    train = finetune(model, train_loader, loss_fn=loss_fn, ckpt_dir=ckpt_dir, log_fn=log_fn, progress=progress,
+                     desc="retrain subnetwork", **finetune_kwargs)
+    return {"sparsity": sparsity_report(model)["overall"], "train": train}
+
+
 def find_subnetwork(paradigm: str, model: nn.Module, train_loader, *, sparsity: float, loss_fn: Optional[Callable],
                     method: str = "mask", rewind_state: Optional[Mapping] = None,
+                    masks: Optional[Mapping[str, Tensor]] = None,
                     mask_kwargs: Optional[Mapping[str, Any]] = None, imp_kwargs: Optional[Mapping[str, Any]] = None,
                     ckpt_dir=None, log_fn=None, progress: bool = True) -> Dict[str, Any]:
     """Run one paradigm in place on `model` (which must already hold the right starting weights: the
     fine-tuned model for "a" and "b", the pre-trained one for "c"). Returns the pruning record.
 
     mask_kwargs go to `train_masks` (sparsity schedule, scope, lr_scores, epochs, ...); imp_kwargs to
-    `iterative_magnitude_pruning` (rounds/rate, scope, epochs, lr, ...). Paradigm "b" needs `rewind_state`.
+    `iterative_magnitude_pruning` (rounds/rate, scope, epochs, lr, ...). Paradigm "b" needs `rewind_state`;
+    with `masks` (e.g. from a paradigm-a mask-training run) it retrains those masks instead of running IMP,
+    with the finetune options of imp_kwargs (epochs, lr, max_steps, ...).
     """
     if paradigm not in PARADIGMS:
         raise ValueError(f"paradigm must be one of {PARADIGMS}, got {paradigm!r}")
+    if masks is not None and paradigm != "b":
+        raise ValueError(f"masks are retrained in paradigm 'b' only, got paradigm {paradigm!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     mask_kwargs, imp_kwargs = dict(mask_kwargs or {}), dict(imp_kwargs or {})
@@ -50,6 +94,10 @@ def find_subnetwork(paradigm: str, model: nn.Module, train_loader, *, sparsity: 
         return {"paradigm": paradigm, "method": "imp", **rec}
     if rewind_state is None:
         raise ValueError("paradigm 'b' needs rewind_state (the pre-trained weights or an early checkpoint)")
+    if masks is not None:
+        ft_kwargs = {k: v for k, v in imp_kwargs.items() if k not in ("rounds", "rate", "scope", "granularity")}
+        rec = retrain_with_masks(model, train_loader, masks, rewind_state=rewind_state, **common, **ft_kwargs)
+        return {"paradigm": paradigm, "method": "mask_training", **rec}
     rec = iterative_magnitude_pruning(model, train_loader, target_sparsity=sparsity, rewind_state=rewind_state,
                                       **common, **imp_kwargs)
     return {"paradigm": paradigm, "method": "imp", **rec}

