@@ -10,6 +10,11 @@ Counting convention: one multiply-add = 2 FLOPs; per sequence of ``seq_len`` tok
 * fixed (not prunable): embedding sums and LayerNorm (~``7*L*d``), per layer the two residual adds,
   output-projection biases and LayerNorms (~``14*L*d``), pooler ``2*d*d`` and classifier ``2*d*C`` on the
   [CLS] token. Softmax, GELU and bias adds inside heads/neurons are ignored (they are < 1% of the total).
+  DistilBERT has no token-type embedding and no pooler but a ``pre_classifier`` of the same size (``2*d*d``),
+  so the same fixed count is used (the embedding term is an estimate either way).
+
+Config names come from ``sparsebert.nn.families`` (BERT/RoBERTa ``hidden_size``, ``num_attention_heads``,
+``intermediate_size``, ``num_hidden_layers``; DistilBERT ``dim``, ``n_heads``, ``hidden_dim``, ``n_layers``).
 
 Budget direction: ``flops_keep`` is the fraction of the dense model's FLOPs that the pruned model KEEPS
 (``flops_keep=0.4`` -> 40% of the FLOPs remain). Kwon et al. (2022) state their constraint the same way
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from .nn.families import FAMILIES
 
 __all__ = ["EncoderFlops", "encoder_flops", "masked_flops", "prunable_budget", "check_flops_keep"]
 
@@ -67,14 +74,16 @@ def encoder_flops(model_or_config, seq_len: int, *, heads_per_layer: Sequence[in
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     config = getattr(model_or_config, "config", model_or_config)
-    d = int(config.hidden_size)
-    n_layers = int(config.num_hidden_layers)
-    dense_heads = int(config.num_attention_heads)
+    fam = FAMILIES.get(_get(config, "model_type"), FAMILIES["bert"])  # other types: BERT's config names
+    d = int(getattr(config, fam.hidden))
+    n_layers = int(getattr(config, fam.num_layers))
+    dense_heads = int(getattr(config, fam.heads))
     d_h = d // dense_heads
     if heads_per_layer is None:
         heads_per_layer = _get(config, "sparsebert_heads_per_layer") or [dense_heads] * n_layers
     if neurons_per_layer is None:
-        neurons_per_layer = _get(config, "sparsebert_neurons_per_layer") or [int(config.intermediate_size)] * n_layers
+        neurons_per_layer = (_get(config, "sparsebert_neurons_per_layer")
+                             or [int(getattr(config, fam.intermediate))] * n_layers)
     if len(heads_per_layer) != n_layers or len(neurons_per_layer) != n_layers:
         raise ValueError("heads_per_layer and neurons_per_layer must have num_hidden_layers entries")
     L = seq_len

@@ -8,10 +8,16 @@ pairwise distance) compares neurons.
 * R2, representative ranking: neurons are ranked by greedy kernel clustering (facility location): each
   step keeps the neuron that most increases ``sum_i max_{s in S} K_is``, i.e. how well the kept set
   represents every neuron of the layer; the first ``k`` are kept.
-* D2, data-driven reconstruction: every pruned neuron ``j`` is replaced by a convex combination of the
-  kept ones, weights ``c_js = K_js / sum_s K_js``, scaled by ``alpha_j = <a_j, a_hat_j> / ||a_hat_j||^2``
-  (least-squares fit of ``a_hat_j = sum_s c_js a_s`` to ``a_j`` on the data); its FFN-out column is
-  merged into the kept columns: ``W_out[:, S] += W_out[:, j] * alpha_j * c_j``.
+* Merge (called "D2" in earlier versions of this module): every pruned neuron ``j`` is replaced by a
+  convex combination of the kept ones, weights ``c_js = K_js / sum_s K_js``, scaled by ``alpha_j =
+  <a_j, a_hat_j> / ||a_hat_j||^2`` (least-squares fit of ``a_hat_j = sum_s c_js a_s`` to ``a_j`` on the
+  data); its FFN-out column is merged into the kept columns: ``W_out[:, S] += W_out[:, j] * alpha_j * c_j``.
+
+APPROXIMATION (documented deviation): the paper's D2 is a data-driven RANKING of the neurons that is
+combined with the R2 representativeness rank to choose the kept set. Here the kept set comes from R2
+alone; no data-driven rank is computed or combined, and the merge above is this package's weight
+compensation, not the paper's D2. Results labelled "KCM" are therefore "KCM (R2 ranking + convex merge)";
+see docs/KPRUNE.md.
 
 As in the paper, only FFN neurons are pruned, with the same ratio in every layer; heads are kept. A
 budget that neuron pruning alone cannot reach raises ValueError. The activation sample is subsampled to
@@ -23,7 +29,7 @@ import time
 
 import torch
 
-from ..nn.structured import encoder_layers
+from ..nn.structured import encoder_family, encoder_layers
 from .kprune import StopForward, log_progress, model_inputs, start_pruning
 
 __all__ = ["kcm_prune", "representative_ranking", "convex_merge"]
@@ -78,7 +84,7 @@ def convex_merge(w_out: torch.Tensor, acts: torch.Tensor, K: torch.Tensor, kept:
 def kcm_prune(model, batches, flops_keep: float, *, seq_len: int | None = None, num_tokens: int = 100_000,
               kernel_tokens: int = 4096, seed: int = 0, progress=None):
     """KCM on ``model`` (FFN-out weights merged in place). Returns ``(head_mask, neuron_mask, report)``."""
-    dev, t_start, sample, seq_len, fl, budget, heads, neurons = start_pruning(
+    dev, t_start, sample, seq_len, fl, budget, heads, neurons, seq_src = start_pruning(
         "kcm_prune", model, batches, flops_keep, seq_len, num_tokens)
     n_layers, H, N = len(heads), heads[0], neurons[0]
     neuron_budget = budget - fl.per_head * H * n_layers
@@ -92,6 +98,7 @@ def kcm_prune(model, batches, flops_keep: float, *, seq_len: int | None = None, 
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     layers = encoder_layers(model)
+    fam = encoder_family(model)
     head_mask = torch.ones(n_layers, H, device=dev)
     neuron_mask = torch.zeros(n_layers, N, device=dev)
     times = {"activations": 0.0, "ranking": 0.0, "merge": 0.0}
@@ -106,7 +113,7 @@ def kcm_prune(model, batches, flops_keep: float, *, seq_len: int | None = None, 
                 acts[l].append(args[0].detach().reshape(-1, args[0].shape[-1])[tok_mask["m"]].cpu())
             return hook
 
-        handles = [layers[l].output.dense.register_forward_pre_hook(grab(l)) for l in range(n_layers)]
+        handles = [layers[l].get_submodule(fam.ffn_out).register_forward_pre_hook(grab(l)) for l in range(n_layers)]
         try:
             with torch.no_grad():
                 for batch in sample:
@@ -129,14 +136,14 @@ def kcm_prune(model, batches, flops_keep: float, *, seq_len: int | None = None, 
             kept = torch.sort(representative_ranking(K, k)).values
             times["ranking"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            fout = layers[l].output.dense
+            fout = layers[l].get_submodule(fam.ffn_out)
             fout.weight.data.copy_(convex_merge(fout.weight.data, a, K, kept))
             neuron_mask[l, kept] = 1.0
             times["merge"] += time.perf_counter() - t0
             log_progress(progress, f"kcm layer {l} FFN: kept {k}/{N}")
     finally:
         model.train(was_training)
-    report = {"method": "kcm", "seq_len": seq_len,
+    report = {"method": "kcm", "seq_len": seq_len, "seq_len_source": seq_src,
               "sample_tokens": sum(int(b["attention_mask"].sum()) for b in sample),
               "sample_sequences": sum(int(b["input_ids"].shape[0]) for b in sample),
               "phase_seconds": times, "total_seconds": time.perf_counter() - t_start,

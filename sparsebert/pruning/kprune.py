@@ -29,7 +29,22 @@ Iterative, sublayer by sublayer from the bottom (MHA of layer 0, FFN of layer 0,
 Notes on fidelity: at the first sublayer the student equals the teacher, so the KL gradient is zero
 and only representational knowledge ranks the units (as in the authors' code; the backward pass is
 skipped there). Teacher logits and pre-LayerNorm sublayer outputs are cached once (memory: tokens x
-hidden x 2 x layers floats). The sample is used with the batch size it is given.
+hidden x 2 x layers floats).
+
+Task heads (as ``compute_scores`` in snudm-starlab/K-prune ``src/prune.py``): classification uses the KL
+above; a regression head (1 output or ``config.problem_type == "regression"``) uses the MSE between the
+student's and the teacher's outputs (no temperature); an extractive-QA head (``start_logits`` /
+``end_logits``) averages the KL of the start and of the end distributions over the sequence.
+
+Batch size: the predictive knowledge squares one batch-mean gradient per batch, so its weight against the
+representational term depends on the batch size B (lam_rep = 2.5e-4 is calibrated for the authors'
+B = 32). The sample is therefore re-batched into ``knowledge_batch_size`` (default 32) sequences per batch,
+whatever batching the caller used (``knowledge_batch_size=None`` keeps the caller's batches).
+
+Ablations (options, not in the paper's main method): ``predictive=False`` / ``representational=False``
+drop one knowledge term; ``sublayerwise=False`` decides every mask at once from the first measurement
+(one-shot; at that point the student equals the teacher, so only representational knowledge ranks the
+units) and then tunes the weights sublayer by sublayer; ``weight_tuning=False`` skips the tuning.
 """
 from __future__ import annotations
 
@@ -40,9 +55,11 @@ import torch
 import torch.nn.functional as F
 
 from ..flops import encoder_flops, prunable_budget
-from ..nn.structured import apply_masks, encoder_layers, structure_of
+from ..nn.families import SUPPORTED_FAMILIES, family_of
+from ..nn.structured import apply_masks, encoder_family, encoder_layers, structure_of
 
-__all__ = ["KpruneConfig", "kprune", "prepare_batches", "start_pruning", "model_inputs", "SublayerCapture", "log_progress"]
+__all__ = ["KpruneConfig", "kprune", "prepare_batches", "start_pruning", "model_inputs", "SublayerCapture", "log_progress",
+           "rebatch", "resolve_seq_len", "check_model_family", "SUPPORTED_FAMILIES", "sample_seq_len", "head_kind", "teacher_targets", "predictive_loss"]
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -56,6 +73,10 @@ class KpruneConfig:
     num_tokens: int = 100_000
     weight_tuning: bool = True
     tuning_ridge: float = 0.0
+    knowledge_batch_size: int | None = 32
+    predictive: bool = True
+    representational: bool = True
+    sublayerwise: bool = True
 
 
 def log_progress(progress, msg: str) -> None:
@@ -87,23 +108,143 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in _INPUT_KEYS}
 
 
-def sample_seq_len(batches) -> int:
-    return max(int(b["input_ids"].shape[1]) for b in batches)
+def drop_unused_inputs(model, sample: list[dict]) -> list[dict]:
+    """Remove input keys the model's forward does not name (DistilBERT takes no ``token_type_ids``; its
+    ``**kwargs`` would pass them down to the attention)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    unused = [k for k in _INPUT_KEYS if k not in params]
+    return [{k: v for k, v in b.items() if k not in unused} for b in sample]
 
 
-def start_pruning(method: str, model, batches, flops_keep: float, seq_len, num_tokens: int):
+SEQ_LEN_CHOICES = ("average", "max")
+
+
+def sample_seq_len(batches, how: str = "max") -> int:
+    """Sequence length of the sample for the FLOPs model: ``"average"`` = mean number of non-padding tokens
+    per sequence (rounded, as the authors of Kwon et al. and Kprune use each task's average length),
+    ``"max"`` = the longest padded length."""
+    if how == "max":
+        return max(int(b["input_ids"].shape[1]) for b in batches)
+    if how == "average":
+        n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
+        n_seq = sum(int(b["input_ids"].shape[0]) for b in batches)
+        return max(1, round(n_tok / max(1, n_seq)))
+    raise ValueError(f"seq_len must be a positive int or one of {SEQ_LEN_CHOICES}, got {how!r}")
+
+
+def resolve_seq_len(seq_len, sample) -> tuple[int, str]:
+    """``(seq_len, source)`` for ``seq_len`` in {None (= "average"), "average", "max", int > 0}."""
+    if seq_len is None:
+        seq_len = "average"
+    if isinstance(seq_len, str):
+        return sample_seq_len(sample, seq_len), f"sample {seq_len}"
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"seq_len must be a positive int or one of {SEQ_LEN_CHOICES}, got {seq_len!r}")
+    return seq_len, "given"
+
+
+_TOKEN_KEYS = _INPUT_KEYS + ("attention_mask",)
+
+
+def rebatch(sample: list[dict], batch_size: int, num_tokens: int) -> list[dict]:
+    """The sample's sequences, in order, up to the first one that reaches ``num_tokens`` non-padding tokens,
+    regrouped into batches of ``batch_size`` sequences padded to the longest real length (right padding
+    with 0). Per-sequence tensors (labels, start/end positions) follow their sequences; the result does
+    not depend on how the caller batched the data."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"knowledge_batch_size must be a positive int or None, got {batch_size!r}")
+    keys = [k for k in sample[0] if k in _TOKEN_KEYS or sample[0][k].shape[:1] == sample[0]["input_ids"].shape[:1]]
+    rows = {k: [] for k in keys}
+    lengths, seen = [], 0
+    for b in sample:
+        am = b["attention_mask"]
+        for i in range(am.shape[0]):
+            n = int(am[i].nonzero().max()) + 1 if bool(am[i].any()) else 1
+            lengths.append(n)
+            for k in keys:
+                rows[k].append(b[k][i])
+            seen += int(am[i].sum())
+            if seen >= num_tokens:
+                break
+        if seen >= num_tokens:
+            break
+    out = []
+    for start in range(0, len(lengths), batch_size):
+        idx = range(start, min(start + batch_size, len(lengths)))
+        width = max(lengths[i] for i in idx)
+        batch = {}
+        for k in keys:
+            if k in _TOKEN_KEYS:
+                t = torch.zeros(len(idx), width, dtype=rows[k][idx[0]].dtype, device=rows[k][idx[0]].device)
+                for r, i in enumerate(idx):
+                    n = min(width, rows[k][i].shape[0])
+                    t[r, :n] = rows[k][i][:n]
+                batch[k] = t
+            else:
+                batch[k] = torch.stack([rows[k][i] for i in idx])
+        out.append(batch)
+    return out
+
+
+def check_model_family(model, method: str = "structured pruning") -> None:
+    """Raise ValueError unless the model is an encoder this package can prune (by ``config.model_type``,
+    one of ``sparsebert.nn.families.SUPPORTED_FAMILIES``: BERT, RoBERTa, DistilBERT)."""
+    family_of(model, method)
+
+
+def start_pruning(method: str, model, batches, flops_keep: float, seq_len, num_tokens: int,
+                  batch_size: int | None = None):
     """The common start of every structured-pruning method: check that the model is unpruned, collect
-    the sample (about `num_tokens` tokens) on the model's device, and turn `flops_keep` into the FLOPs
-    budget of the prunable units. Returns (device, t_start, sample, seq_len, flops, budget, heads, neurons)."""
+    the sample (about `num_tokens` tokens) on the model's device (re-batched to ``batch_size`` sequences
+    when given, see ``rebatch``), and turn `flops_keep` into the FLOPs budget of the prunable units at
+    ``seq_len`` (see ``resolve_seq_len``). Returns (device, t_start, sample, seq_len, flops, budget, heads,
+    neurons, seq_len_source)."""
+    check_model_family(model, method)
     heads, neurons = structure_of(model)
     if len(set(heads)) != 1 or len(set(neurons)) != 1:
         raise ValueError(f"{method} expects an unpruned model (the same number of heads/neurons in every layer)")
     dev = next(model.parameters()).device
     t_start = time.perf_counter()
-    sample = prepare_batches(batches, num_tokens, dev)
-    seq_len = seq_len or sample_seq_len(sample)
+    sample = drop_unused_inputs(model, prepare_batches(batches, num_tokens, dev))
+    if batch_size is not None:
+        sample = rebatch(sample, batch_size, num_tokens)
+    seq_len, source = resolve_seq_len(seq_len, sample)
     fl = encoder_flops(model, seq_len)
-    return dev, t_start, sample, seq_len, fl, prunable_budget(flops_keep, fl), heads, neurons
+    budget = prunable_budget(flops_keep, fl) if flops_keep is not None else None  # None: a latency budget
+    return dev, t_start, sample, seq_len, fl, budget, heads, neurons, source
+
+
+def head_kind(model, output) -> str:
+    """"qa" (start/end logits), "regression" (1 output or problem_type regression) or "classification"."""
+    if getattr(output, "start_logits", None) is not None:
+        return "qa"
+    logits = output.logits
+    if logits.shape[-1] == 1 or getattr(model.config, "problem_type", None) == "regression":
+        return "regression"
+    return "classification"
+
+
+def teacher_targets(kind: str, output, T: float) -> list[torch.Tensor]:
+    """What the student is compared with: softened probabilities (classification, QA start and end) or
+    the raw outputs (regression)."""
+    if kind == "qa":
+        return [F.softmax(output.start_logits.detach().float() / T, dim=-1),
+                F.softmax(output.end_logits.detach().float() / T, dim=-1)]
+    if kind == "regression":
+        return [output.logits.detach().float()]
+    return [F.softmax(output.logits.detach().float() / T, dim=-1)]
+
+
+def predictive_loss(kind: str, output, targets: list[torch.Tensor], T: float) -> torch.Tensor:
+    """Kprune's predictive-knowledge loss of one batch (see the module docstring)."""
+    if kind == "regression":
+        return F.mse_loss(output.logits.float(), targets[0])
+    logits = [output.start_logits, output.end_logits] if kind == "qa" else [output.logits]
+    kls = [F.kl_div(F.log_softmax(z.float() / T, dim=-1), t, reduction="batchmean") * T * T
+           for z, t in zip(logits, targets)]
+    return sum(kls) / len(kls)
 
 
 class StopForward(Exception):
@@ -117,8 +258,9 @@ class SublayerCapture:
 
     def __init__(self, model, layer: int, kind: str, stop: bool = False):
         lay = encoder_layers(model)[layer]
-        self.out_dense = lay.attention.output.dense if kind == "mha" else lay.output.dense
-        entry = lay.attention.self if kind == "mha" else lay.intermediate
+        fam = encoder_family(model)
+        self.out_dense = lay.get_submodule(fam.attn_out if kind == "mha" else fam.ffn_out)
+        entry = lay.get_submodule(fam.attn_entry if kind == "mha" else fam.ffn_entry)
         self.token_mask = None
         self.stop = stop
         self.x = self.residual = self.dense_out = None
@@ -185,6 +327,12 @@ def _lstsq_columns(xtx: torch.Tensor, xte: torch.Tensor, cols: torch.Tensor, w0:
     return torch.linalg.lstsq(a, b).solution
 
 
+def _oneshot_offset(s: int, n_layers: int, H: int, N: int) -> int:
+    """Start of sublayer ``s``'s units in the s == 0 candidate list (heads of every layer, then neurons)."""
+    idx = s // 2
+    return idx * H if s % 2 == 0 else n_layers * H + idx * N
+
+
 def kprune(model, batches, flops_keep: float, *, seq_len: int | None = None, config: KpruneConfig | None = None,
            progress=None, **overrides):
     """Run Kprune on ``model`` (weights of output projections are tuned in place).
@@ -197,8 +345,12 @@ def kprune(model, batches, flops_keep: float, *, seq_len: int | None = None, con
         if not hasattr(cfg, k):
             raise TypeError(f"unknown Kprune option {k!r}; known: {list(KpruneConfig.__dataclass_fields__)}")
         setattr(cfg, k, v)
-    dev, t_start, sample, seq_len, fl, budget, heads, neurons = start_pruning(
-        "kprune", model, batches, flops_keep, seq_len, cfg.num_tokens)
+    if not (cfg.predictive or cfg.representational):
+        raise ValueError("Kprune needs at least one knowledge term: predictive and representational are both False")
+    dev, t_start, sample, seq_len, fl, budget, heads, neurons, seq_src = start_pruning(
+        "kprune", model, batches, flops_keep, seq_len, cfg.num_tokens, cfg.knowledge_batch_size)
+    lam_pred = cfg.lam_pred if cfg.predictive else 0.0
+    lam_rep = cfg.lam_rep if cfg.representational else 0.0
     n_layers, H, N, dh = len(heads), heads[0], neurons[0], fl.head_size
     T = cfg.temperature
     n_samples = sum(int(b["input_ids"].shape[0]) for b in sample)
@@ -208,10 +360,17 @@ def kprune(model, batches, flops_keep: float, *, seq_len: int | None = None, con
     model.eval()
     flags = _frozen(model)
     layers = encoder_layers(model)
+    fam = encoder_family(model)
+
+    def out_proj(layer, kind):
+        return layer.get_submodule(fam.attn_out if kind == "mha" else fam.ffn_out)
+
     head_keep = [torch.ones(H, device=dev) for _ in range(n_layers)]
     neuron_keep = [torch.ones(N, device=dev) for _ in range(n_layers)]
     masks = apply_masks(model)
-    teacher_probs: list[torch.Tensor] = []
+    teacher_out: list[list[torch.Tensor]] = []
+    out_kind = None
+    oneshot_keep = None  # sublayerwise=False: every mask decided at s == 0
     teacher_y: dict[tuple, list] = {}
     times = {"measure": 0.0, "search": 0.0, "tuning": 0.0}
     per_sublayer = []
@@ -249,16 +408,17 @@ def kprune(model, batches, flops_keep: float, *, seq_len: int | None = None, con
                     cur.token_mask = tok
                     for c in caps.values():
                         c.token_mask = tok
-                    logits = model(**model_inputs(batch)).logits
+                    need_grad = s > 0 and lam_pred != 0 and oneshot_keep is None
+                    with torch.set_grad_enabled(need_grad):
+                        output = model(**model_inputs(batch))
                     if s == 0:
-                        teacher_probs.append(F.softmax(logits.detach().float() / T, dim=-1))
+                        out_kind = head_kind(model, output)
+                        teacher_out.append(teacher_targets(out_kind, output, T))
                         for key in [(l, kd) for l in range(n_layers) for kd in ("mha", "ffn")]:
                             c = cur if key == (idx, kind) else caps[key]
                             teacher_y.setdefault(key, []).append((c.dense_out + c.residual).cpu())
-                    else:
-                        kl = F.kl_div(F.log_softmax(logits.float() / T, dim=-1), teacher_probs[bi],
-                                      reduction="batchmean") * T * T
-                        kl.backward()
+                    elif need_grad:
+                        predictive_loss(out_kind, output, teacher_out[bi], T).backward()
                         for l, v in head_vars.items():
                             pred_h[l] += 0.5 * v.grad.detach() ** 2
                             v.grad = None
@@ -278,30 +438,37 @@ def kprune(model, batches, flops_keep: float, *, seq_len: int | None = None, con
                 cur.remove()
                 for c in caps.values():
                     c.remove()
-            times["measure"] += time.perf_counter() - t0
+            t_measure = time.perf_counter() - t0
+            times["measure"] += t_measure
 
             t0 = time.perf_counter()
             # FLOPs-normalized importance of every undecided unit
             cand_scores, cand_flops, cur_slice = [], [], None
             for l in sorted(head_vars):
-                w2 = layers[l].attention.output.dense.weight.detach().float().pow(2).mean(0)
+                w2 = out_proj(layers[l], "mha").weight.detach().float().pow(2).mean(0)
                 rep = (x2_h[l] * w2 / n_tokens).view(H, dh).mean(1)
                 pred = (pred_h[l] / n_samples).view(H, dh).mean(1)
-                sc = cfg.mu * (cfg.lam_rep * rep + cfg.lam_pred * pred) / fl.per_head
+                sc = cfg.mu * (lam_rep * rep + lam_pred * pred) / fl.per_head
                 if kind == "mha" and l == idx:
                     cur_slice = (sum(t.numel() for t in cand_scores), H)
                 cand_scores.append(sc)
                 cand_flops.append(torch.full((H,), float(fl.per_head), device=dev))
             for l in sorted(neuron_vars):
-                w2 = layers[l].output.dense.weight.detach().float().pow(2).mean(0)
+                w2 = out_proj(layers[l], "ffn").weight.detach().float().pow(2).mean(0)
                 rep = x2_n[l] * w2 / n_tokens
                 pred = pred_n[l] / n_samples
-                sc = (cfg.lam_rep * rep + cfg.lam_pred * pred) / fl.per_neuron
+                sc = (lam_rep * rep + lam_pred * pred) / fl.per_neuron
                 if kind == "ffn" and l == idx:
                     cur_slice = (sum(t.numel() for t in cand_scores), N)
                 cand_scores.append(sc)
                 cand_flops.append(torch.full((N,), float(fl.per_neuron), device=dev))
-            keep_all = _threshold_keep(torch.cat(cand_scores), torch.cat(cand_flops), budget)
+            if oneshot_keep is None:
+                keep_all = _threshold_keep(torch.cat(cand_scores), torch.cat(cand_flops), budget)
+                if not cfg.sublayerwise:  # one-shot ablation: keep this first global decision
+                    oneshot_keep = keep_all
+            else:  # one-shot: the s == 0 ranking covered every sublayer, in the same order
+                keep_all = oneshot_keep
+                cur_slice = (_oneshot_offset(s, n_layers, H, N), H if kind == "mha" else N)
             keep = keep_all[cur_slice[0]:cur_slice[0] + cur_slice[1]]
             unit_flops = fl.per_head if kind == "mha" else fl.per_neuron
             budget -= int(keep.sum()) * unit_flops
@@ -318,10 +485,12 @@ def kprune(model, batches, flops_keep: float, *, seq_len: int | None = None, con
                     with torch.no_grad():
                         cur.out_dense.weight[:, cols] = w_new.T.to(cur.out_dense.weight.dtype)
             times["tuning"] += time.perf_counter() - t0
+            t_tune = time.perf_counter() - t0
             per_sublayer.append({"layer": idx, "sublayer": kind, "kept": int(keep.sum()),
-                                 "total": H if kind == "mha" else N})
+                                 "total": H if kind == "mha" else N, "measure_seconds": t_measure,
+                                 "tuning_seconds": t_tune})
             log_progress(progress, f"kprune layer {idx} {kind.upper()}: kept {int(keep.sum())}/"
-                                   f"{H if kind == 'mha' else N} ({time.perf_counter() - t0:.1f}s tuning)")
+                                   f"{H if kind == 'mha' else N} ({t_measure:.1f}s measuring, {t_tune:.1f}s tuning)")
             # the stats of the scored sublayer are reused by nobody; free the teacher copy we no longer need
             teacher_y.pop((idx, kind), None)
     finally:
@@ -330,7 +499,8 @@ def kprune(model, batches, flops_keep: float, *, seq_len: int | None = None, con
         model.train(was_training)
     head_mask = torch.stack(head_keep)
     neuron_mask = torch.stack(neuron_keep)
-    report = {"method": "kprune", "seq_len": seq_len, "sample_tokens": n_tokens, "sample_sequences": n_samples,
+    report = {"method": "kprune", "seq_len": seq_len, "seq_len_source": seq_src, "sample_tokens": n_tokens,
+              "sample_sequences": n_samples, "head_kind": out_kind, "knowledge_batches": len(sample),
               "config": dict(cfg.__dict__), "phase_seconds": times,
               "total_seconds": time.perf_counter() - t_start, "sublayers": per_sublayer}
     return head_mask, neuron_mask, report
