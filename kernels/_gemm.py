@@ -17,7 +17,9 @@ Kernels (block names: BLOCK_M x BLOCK_N is the output tile, BLOCK_K the reductio
                                epilogue: dweight = G * m and/or dscores = G * W
     weight_grad_finalize_kernel  sums the split-M partials of G and runs the same epilogue
 
-Accumulation is fp32; fp32 inputs use an exact fp32 dot (input_precision="ieee"). Tiles are visited in
+Offsets along the tokens (M * N, M * K, split * N * K) are int64, so outputs may pass 2**31 elements;
+weight-side offsets (N * K) are int32, which `check_matrix` guarantees by refusing inputs of 2**31 or more
+elements. Accumulation is fp32; fp32 inputs use an exact fp32 dot (input_precision="ieee"). Tiles are visited in
 grouped order (GROUP_M rows of tiles at a time) so that the operand tiles stay in L2.
 """
 
@@ -30,6 +32,7 @@ MASK_PACKED = 2
 MASK_SCORES = 3
 
 from ._interpreter import INTERPRET
+from ._autotune import select
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), chosen for H100/H200 (228 KB shared memory / SM).
 _GPU_TILES = [
@@ -47,12 +50,12 @@ _SHARED_MEMORY_BUDGET = 227 * 1024  # H100/H200 per-block maximum
 
 
 def _configs():
-    if INTERPRET:  # one small config: the interpreter runs every program in Python
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3}, num_warps=1, num_stages=1)]
-    return [
+    # interpreter: one small config (it runs every program in Python); quick: 128x128x64 and 64x64x64
+    return select("_gemm", [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in _GPU_TILES
-    ]
+    ], [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3}, num_warps=1, num_stages=1)],
+        quick=(2, 6))
 
 
 def _pruner(rows_arg, cols_arg, operand_arg, mask_arg):
@@ -162,7 +165,7 @@ def linear_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # tokens
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # tokens; int64: M * N may pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
     offs_k = tl.arange(0, BLOCK_K)
     tau = 0.0
@@ -198,7 +201,7 @@ def linear_bwd_input_kernel(
 ):
     # output tile: tokens offs_m x input features offs_c; reduction over output features r
     pid_m, pid_c = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * N and M * K may pass 2**31
     offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_K)
     tau = 0.0
@@ -263,7 +266,7 @@ def linear_bwd_weight_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_K):
-        ms = m0 + offs_r
+        ms = m0 + offs_r.to(tl.int64)  # int64: M * N and M * K may pass 2**31
         # dy^T tile (BLOCK_M, BLOCK_K): element [n, m] = dy[m, n]
         dyt = tl.load(dy_ptr + ms[None, :] * N + offs_n[:, None], mask=(offs_n[:, None] < N) & (ms[None, :] < m_end), other=0.0)
         x = tl.load(x_ptr + ms[:, None] * K + offs_k[None, :], mask=(ms[:, None] < m_end) & (offs_k[None, :] < K), other=0.0)
@@ -277,7 +280,7 @@ def linear_bwd_weight_kernel(
                              words_per_row, tau, MASK_KIND, WRITE_DWEIGHT, WRITE_DSCORES)
     else:
         out_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        tl.store(partial_ptr + split * N * K + offs_n[:, None] * K + offs_k[None, :], acc, mask=out_mask)
+        tl.store(partial_ptr + split.to(tl.int64) * N * K + offs_n[:, None] * K + offs_k[None, :], acc, mask=out_mask)
 
 
 @triton.jit
@@ -293,8 +296,10 @@ def weight_grad_finalize_kernel(
     out_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     idx = offs_n[:, None] * K + offs_k[None, :]
     g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    partial = partial_ptr + idx
     for split in range(SPLIT_M):
-        g += tl.load(partial_ptr + split * N * K + idx, mask=out_mask, other=0.0)
+        g += tl.load(partial, mask=out_mask, other=0.0)
+        partial += N * K  # a 64-bit pointer walk: split * N * K may pass 2**31
     tau = 0.0
     if MASK_KIND == 3:
         tau = load_threshold(threshold, threshold_ptr, mask_ptr, THRESHOLD_FROM_PTR)

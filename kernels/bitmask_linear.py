@@ -9,24 +9,26 @@ is on). Per K tile it loads the bitmask words, turns them into a 0/1 tile, finds
 in `values` by prefix sums of the bits (row-wise inclusive scan + exclusive scan of row counts), gathers
 the values into a dense TILE_N x TILE_K tile in registers and feeds it to `tl.dot` with the activations.
 Tokens are the small dimension (1 to 64), so the bytes of W decide the time: at density d a bf16 weight
-costs 2d + 1/8 bytes instead of 2. With split-K the fp32 partial sums meet through atomic adds.
+costs 2d + 1/8 bytes instead of 2. With split-K the fp32 partial sums meet through relaxed atomic adds
+(the order of the adds, hence the last bits of y, varies between runs); in deterministic mode (explicit,
+or `torch.use_deterministic_algorithms(True)`) each split writes its own fp32 partial and torch sums them
+in a fixed order: bitwise-reproducible, at the cost of a (SPLIT_K, M, N) fp32 buffer.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._interpreter import INTERPRET as _INTERPRET
 from ._interpreter import exact_dot
+from ._autotune import select
 
 
 def _configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)]
-    return [
+    # quick: BLOCK_M 16 (4 warps, 2 stages) and 64 (4 warps, 3 stages)
+    return select("bitmask_linear", [
         triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
         for bm in (16, 32, 64) for w in (4, 8) for s in (2, 3, 4)
-    ]
+    ], [triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)], quick=(0, 13))
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -42,7 +44,7 @@ def _prune_configs(configs, named_args, **kwargs):
 def _bitmask_linear_kernel(
     x_ptr, values_ptr, bitmask_ptr, tile_offsets_ptr, bias_ptr, y_ptr,
     M, N, K, n_words, n_ktiles, stride_xm, stride_ym, M_BUCKET,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr, DETERMINISTIC: tl.constexpr,
     TILE_N: tl.constexpr, TILE_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -83,8 +85,10 @@ def _bitmask_linear_kernel(
     y_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+    elif DETERMINISTIC:  # y is (SPLIT_K, M, N) fp32: one slice per split, summed by the launcher
+        tl.store(y_ptrs + pid_k.to(tl.int64) * M * stride_ym, acc, mask=y_mask)
+    else:  # only the sum matters, no ordering with other memory operations: relaxed
+        tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -105,24 +109,33 @@ def choose_split_k(m: int, n: int, n_ktiles: int, tile_n: int, device: torch.dev
 
 
 def bitmask_linear_fwd(x, values, bitmask, tile_offsets, bias, in_features: int, tile_n: int, tile_k: int,
-                       split_k: int = 0):
+                       split_k: int = 0, deterministic=None):
     """x (M, K) contiguous -> y (M, N) in x's dtype. Inputs are validated by sparsebert.ops.
-    split_k = 0 picks it from the shape (see `choose_split_k`)."""
+    split_k = 0 picks it from the shape (see `choose_split_k`). deterministic: None follows
+    `torch.are_deterministic_algorithms_enabled()`; True sums the split-K partials in a fixed order."""
     m, k = x.shape
     n = bitmask.shape[0]
     n_ktiles = triton.cdiv(k, tile_k)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     if split_k <= 0:
         split_k = choose_split_k(m, n, n_ktiles, tile_n, x.device)
     split_k = max(1, min(split_k, n_ktiles))
     if split_k == 1:
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    elif deterministic:
+        y = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
     else:
         y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, tile_n), split_k)  # noqa: E731
     _bitmask_linear_kernel[grid](
         x, values, bitmask, tile_offsets, bias if bias is not None else x, y,
-        m, n, k, bitmask.shape[1], n_ktiles, x.stride(0), y.stride(0), triton.next_power_of_2(max(m, 1)),
-        HAS_BIAS=bias is not None, IEEE=exact_dot(x.dtype), SPLIT_K=split_k,
+        m, n, k, bitmask.shape[1], n_ktiles, x.stride(0), n, triton.next_power_of_2(max(m, 1)),
+        HAS_BIAS=bias is not None, IEEE=exact_dot(x.dtype), SPLIT_K=split_k, DETERMINISTIC=bool(deterministic),
         TILE_N=tile_n, TILE_K=tile_k,
     )
-    return y if split_k == 1 else y.to(x.dtype)
+    if split_k == 1:
+        return y
+    if deterministic:
+        y = y.sum(0)  # a fixed-order reduction (no atomics)
+    return y.to(x.dtype)

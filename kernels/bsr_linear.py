@@ -11,17 +11,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._interpreter import INTERPRET as _INTERPRET
 from ._interpreter import exact_dot
+from ._autotune import select
 
 
 def _configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)]
-    return [
+    # quick: BLOCK_M 16 (4 warps, 2 stages) and 128 (4 warps, 3 stages)
+    return select("bsr_linear", [
         triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
         for bm in (16, 64, 128) for w in (4, 8) for s in (2, 3, 4)
-    ] + [triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=s) for s in (2, 3)]
+    ] + [triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=s) for s in (2, 3)],
+        [triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)], quick=(0, 13))
 
 
 def _prune_configs(configs, named_args, **kwargs):

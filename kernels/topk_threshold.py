@@ -2,7 +2,7 @@
 
 `topk_threshold(scores_list, k_prune)` returns a 0-dim fp32 tensor tau = the (k_prune + 1)-th smallest
 value over all elements of all given tensors (so `scores >= tau` keeps n - k_prune of n when there are no
-ties), or -inf when k_prune == 0. No sort: a radix select over the order-preserving uint32 key of each
+ties), -inf when k_prune == 0 and +inf when k_prune == n (the C++ and CUDA kernels' edges). No sort: a radix select over the order-preserving uint32 key of each
 value (converted exactly to fp32 first, so tensors of different float dtypes mix):
 
     key(v) = bits(v) | 0x80000000   for v >= +0.0        key(v) = ~bits(v)   for v <= -0.0
@@ -11,7 +11,7 @@ Four passes, one per byte of the key, most significant first. Pass p histograms 
 higher bytes equal the prefix found so far (tl.histogram per block, one atomic add of the block's
 histogram per program); a one-program kernel then picks the byte whose cumulative count passes the
 remaining rank, appends it to the prefix and lowers the rank. Prefix and rank live in a 2-int32 device
-tensor, so the host never waits on the device. After 4 passes the prefix is the exact key of the answer.
+tensor written by fill kernels (no host-to-device copy), so the host never waits on the device. After 4 passes the prefix is the exact key of the answer.
 Several tensors of one dtype are concatenated first (one launch per pass instead of one per tensor).
 NaN orders above +inf (as in torch.kthvalue); -0.0 orders just below +0.0 (equal values either way).
 """
@@ -77,6 +77,14 @@ def _num_programs(numel: int, device: torch.device) -> int:
     return min(blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
 
 
+def check_count(total: int, device: torch.device) -> None:
+    """The kernels count and index in int32, and the last grid-stride step of a program may pass `numel` by
+    up to programs * BLOCK: refuse totals where that step would wrap past 2**31 - 1."""
+    limit = 2**31 - 1 - _num_programs(2**31 - 1, device) * _BLOCK
+    if total > limit:
+        raise ValueError(f"topk_threshold counts and indexes in int32; got {total} scores (limit {limit})")
+
+
 def _flat_buffers(tensors):
     """One flat contiguous buffer per dtype (a single tensor is only viewed, not copied)."""
     by_dtype = {}
@@ -86,10 +94,11 @@ def _flat_buffers(tensors):
 
 
 def topk_threshold(scores_list: Union[torch.Tensor, Sequence[torch.Tensor]], k_prune: int) -> torch.Tensor:
-    """0-dim fp32 tensor: the (k_prune + 1)-th smallest of all values in `scores_list` (-inf if k_prune == 0).
+    """0-dim fp32 tensor: the (k_prune + 1)-th smallest of all values in `scores_list` (-inf if k_prune == 0,
+    +inf if k_prune == total).
 
     scores_list: a tensor or a non-empty sequence of float tensors (fp32/fp16/bf16, any shape) on one
-    device; k_prune: int with 0 <= k_prune < total number of elements."""
+    device; k_prune: int with 0 <= k_prune <= total number of elements."""
     tensors = [scores_list] if isinstance(scores_list, torch.Tensor) else list(scores_list)
     if not tensors:
         raise ValueError("scores_list must hold at least one tensor")
@@ -104,17 +113,39 @@ def topk_threshold(scores_list: Union[torch.Tensor, Sequence[torch.Tensor]], k_p
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}")
     total = sum(t.numel() for t in tensors)
+    if isinstance(k_prune, torch.Tensor):  # a 0-dim integer tensor on the device: read by the kernels, no sync
+        return _select_device_rank(tensors, k_prune, total, device)
     if isinstance(k_prune, bool) or not isinstance(k_prune, int):
-        raise TypeError(f"k_prune must be an int, got {type(k_prune).__name__}")
-    if not 0 <= k_prune < total:
-        raise ValueError(f"k_prune must satisfy 0 <= k_prune < {total} (the number of scores), got {k_prune}")
-    if total >= 2**31:
-        raise ValueError(f"topk_threshold counts in int32; got {total} scores (limit 2**31 - 1)")
+        raise TypeError(f"k_prune must be an int or a 0-dim integer tensor, got {type(k_prune).__name__}")
+    if not 0 <= k_prune <= total:
+        raise ValueError(f"k_prune must satisfy 0 <= k_prune <= {total} (the number of scores), got {k_prune}")
+    check_count(total, device)
     if k_prune == 0:
         return torch.full((), -math.inf, dtype=torch.float32, device=device)
+    if k_prune == total:
+        return torch.full((), math.inf, dtype=torch.float32, device=device)
 
+    state = torch.zeros(2, dtype=torch.int32, device=device)  # [key prefix, rank within prefix]
+    state[1:].fill_(k_prune)  # a fill kernel, not a host-to-device copy: no sync
+    return _radix_select(tensors, state, device)
+
+
+def _select_device_rank(tensors, k_prune: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
+    """The radix select with the rank read from a 0-dim integer tensor; -inf for k <= 0, +inf for k >= total."""
+    if k_prune.dim() != 0 or k_prune.device != device or k_prune.is_floating_point():
+        raise ValueError(f"k_prune must be a 0-dim integer tensor on {device}, got {k_prune.dtype} {tuple(k_prune.shape)} "
+                         f"on {k_prune.device}")
+    check_count(total, device)
+    k = k_prune.long()
+    state = torch.zeros(2, dtype=torch.int32, device=device)
+    state[1:].copy_(k.clamp(0, total - 1))  # a device-to-device copy: no sync
+    out = _radix_select(tensors, state, device)
+    inf = torch.full((), math.inf, dtype=torch.float32, device=device)
+    return torch.where(k <= 0, -inf, torch.where(k >= total, inf, out))
+
+
+def _radix_select(tensors, state, device):
     buffers = _flat_buffers(tensors)
-    state = torch.tensor([0, k_prune], dtype=torch.int32, device=device)  # [key prefix, rank within prefix]
     hist = torch.zeros((4, 512), dtype=torch.int32, device=device)
     out = torch.empty((), dtype=torch.float32, device=device)
     for p, shift in enumerate((24, 16, 8, 0)):

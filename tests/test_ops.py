@@ -137,6 +137,8 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.sparsebert.masked_linear.default, (x, w, None, ops.pack_mask(m), True, backend))
     torch.library.opcheck(torch.ops.sparsebert.score_masked_linear.default, (x, w, b, s, tau, backend))
     torch.library.opcheck(torch.ops.sparsebert.topk_threshold.default, ([s.detach(), w.detach()], 17, backend))
+    torch.library.opcheck(torch.ops.sparsebert.topk_threshold_at_rank.default,
+                          ([s.detach(), w.detach()], torch.tensor(17), backend))
 
 
 def test_compiles_under_torch_compile():

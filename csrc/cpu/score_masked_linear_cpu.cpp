@@ -71,6 +71,34 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight
   return std::make_tuple(dscores, need_dweight ? std::optional<at::Tensor>(dweight) : std::nullopt);
 }
 
+// The `.tensor` overloads take the threshold as a 0-dim tensor (what the ops layer holds: a threshold
+// computed by topk_threshold stays a tensor end to end). On the CPU reading it is free: no device sync.
+double threshold_value(const at::Tensor& threshold) {
+  TORCH_CHECK(threshold.numel() == 1, "threshold must be a 0-dim (one-element) tensor, got shape ",
+              threshold.sizes());
+  TORCH_CHECK(threshold.device().is_cpu(), "threshold must be a CPU tensor, got ", threshold.device());
+  TORCH_CHECK(at::isFloatingType(threshold.scalar_type()), "threshold must be a float tensor, got ",
+              threshold.scalar_type());
+  return threshold.item<double>();
+}
+
+at::Tensor score_masked_linear_fwd_cpu_t(const at::Tensor& x, const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& bias, const at::Tensor& scores,
+                                         const at::Tensor& threshold) {
+  return score_masked_linear_fwd_cpu(x, weight, bias, scores, threshold_value(threshold));
+}
+
+at::Tensor score_masked_linear_bwd_input_cpu_t(const at::Tensor& dy, const at::Tensor& weight,
+                                               const at::Tensor& scores, const at::Tensor& threshold) {
+  return score_masked_linear_bwd_input_cpu(dy, weight, scores, threshold_value(threshold));
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight_scores_cpu_t(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
+    const at::Tensor& threshold, bool need_dweight) {
+  return score_masked_linear_bwd_weight_scores_cpu(dy, x, weight, scores, threshold_value(threshold), need_dweight);
+}
+
 }  // namespace sparsebert
 
 TORCH_LIBRARY_FRAGMENT(sparsebert_ext, m) {
@@ -79,10 +107,20 @@ TORCH_LIBRARY_FRAGMENT(sparsebert_ext, m) {
   m.def(
       "score_masked_linear_bwd_weight_scores(Tensor dy, Tensor x, Tensor weight, Tensor scores, float threshold, "
       "bool need_dweight) -> (Tensor, Tensor?)");
+  m.def(
+      "score_masked_linear_fwd.tensor(Tensor x, Tensor weight, Tensor? bias, Tensor scores, Tensor threshold) -> "
+      "Tensor");
+  m.def("score_masked_linear_bwd_input.tensor(Tensor dy, Tensor weight, Tensor scores, Tensor threshold) -> Tensor");
+  m.def(
+      "score_masked_linear_bwd_weight_scores.tensor(Tensor dy, Tensor x, Tensor weight, Tensor scores, "
+      "Tensor threshold, bool need_dweight) -> (Tensor, Tensor?)");
 }
 
 TORCH_LIBRARY_IMPL(sparsebert_ext, CPU, m) {
   m.impl("score_masked_linear_fwd", &sparsebert::score_masked_linear_fwd_cpu);
   m.impl("score_masked_linear_bwd_input", &sparsebert::score_masked_linear_bwd_input_cpu);
   m.impl("score_masked_linear_bwd_weight_scores", &sparsebert::score_masked_linear_bwd_weight_scores_cpu);
+  m.impl("score_masked_linear_fwd.tensor", &sparsebert::score_masked_linear_fwd_cpu_t);
+  m.impl("score_masked_linear_bwd_input.tensor", &sparsebert::score_masked_linear_bwd_input_cpu_t);
+  m.impl("score_masked_linear_bwd_weight_scores.tensor", &sparsebert::score_masked_linear_bwd_weight_scores_cpu_t);
 }

@@ -58,8 +58,25 @@ at::Tensor topk_threshold_cpu(at::TensorList scores, int64_t k_prune) {
   return at::full({}, ordered_key_to_float(keys[static_cast<size_t>(k_prune)]), out_options);
 }
 
+// The `.tensor` overload: k_prune as a 0-dim integer tensor (computed on the device from a sparsity tensor,
+// so that a changing sparsity is data, not a constant baked into a compiled graph). On the CPU reading it is
+// free: no device sync.
+at::Tensor topk_threshold_cpu_t(at::TensorList scores, const at::Tensor& k_prune) {
+  TORCH_CHECK(k_prune.numel() == 1, "k_prune must be a 0-dim (one-element) tensor, got shape ", k_prune.sizes());
+  TORCH_CHECK(k_prune.device().is_cpu(), "k_prune must be a CPU tensor, got ", k_prune.device());
+  TORCH_CHECK(!at::isFloatingType(k_prune.scalar_type()) && k_prune.scalar_type() != at::kBool,
+              "k_prune must be an integer tensor, got ", k_prune.scalar_type());
+  return topk_threshold_cpu(scores, k_prune.item<int64_t>());
+}
+
 }  // namespace sparsebert
 
-TORCH_LIBRARY_FRAGMENT(sparsebert_ext, m) { m.def("topk_threshold(Tensor[] scores, int k_prune) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(sparsebert_ext, m) {
+  m.def("topk_threshold(Tensor[] scores, int k_prune) -> Tensor");
+  m.def("topk_threshold.tensor(Tensor[] scores, Tensor k_prune) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(sparsebert_ext, CPU, m) { m.impl("topk_threshold", &sparsebert::topk_threshold_cpu); }
+TORCH_LIBRARY_IMPL(sparsebert_ext, CPU, m) {
+  m.impl("topk_threshold", &sparsebert::topk_threshold_cpu);
+  m.impl("topk_threshold.tensor", &sparsebert::topk_threshold_cpu_t);
+}

@@ -51,19 +51,37 @@ MaskSpec mask_spec(const at::Tensor& mask, bool packed, int64_t N, int64_t K, co
     TORCH_CHECK(mask.scalar_type() == at::kInt, "packed mask must be int32, got ", mask.scalar_type());
     TORCH_CHECK(mask.size(0) == N && mask.size(1) == (K + 31) / 32, "packed mask must have shape (", N, ", ",
                 (K + 31) / 32, "), got ", mask.sizes());
-    return MaskSpec{MaskKind::Bits, mask.data_ptr(), DType::Float32, 0.f};
+    return MaskSpec{MaskKind::Bits, mask.data_ptr(), DType::Float32, nullptr};
   }
   TORCH_CHECK(mask.scalar_type() == at::kByte || mask.scalar_type() == at::kBool, "mask must be uint8 or bool, got ",
               mask.scalar_type());
   TORCH_CHECK(mask.size(0) == N && mask.size(1) == K, "mask must have shape (", N, ", ", K, "), got ", mask.sizes());
-  return MaskSpec{MaskKind::Bytes, mask.data_ptr(), DType::Float32, 0.f};
+  return MaskSpec{MaskKind::Bytes, mask.data_ptr(), DType::Float32, nullptr};
 }
 
-MaskSpec score_spec(const at::Tensor& scores, double threshold, int64_t N, int64_t K, const at::Tensor& ref) {
+// The threshold as the kernels read it: one fp32 on the inputs' device (a no-op for the fp32 0-dim tensor the
+// ops layer passes). The returned tensor must stay alive until the launch is enqueued.
+at::Tensor device_threshold(const at::Tensor& threshold, const at::Tensor& ref) {
+  TORCH_CHECK(threshold.numel() == 1, "threshold must be a 0-dim (one-element) tensor, got shape ", threshold.sizes());
+  TORCH_CHECK(threshold.device() == ref.device(), "threshold is on ", threshold.device(), " but the inputs are on ",
+              ref.device());
+  TORCH_CHECK(at::isFloatingType(threshold.scalar_type()), "threshold must be a float tensor, got ",
+              threshold.scalar_type());
+  return threshold.reshape({}).to(at::kFloat).contiguous();
+}
+
+MaskSpec score_spec(const at::Tensor& scores, const at::Tensor& threshold_f32, int64_t N, int64_t K,
+                    const at::Tensor& ref) {
   check_2d(scores, "scores", ref);
   TORCH_CHECK(scores.size(0) == N && scores.size(1) == K, "scores must have shape (", N, ", ", K, "), got ",
               scores.sizes());
-  return MaskSpec{MaskKind::Scores, scores.data_ptr(), device_dtype(scores, "scores"), static_cast<float>(threshold)};
+  return MaskSpec{MaskKind::Scores, scores.data_ptr(), device_dtype(scores, "scores"),
+                  threshold_f32.data_ptr<float>()};
+}
+
+// A float threshold (the default overloads) becomes a device scalar by a fill kernel, not a copy: no sync.
+at::Tensor fill_threshold(double threshold, const at::Tensor& ref) {
+  return at::full({}, threshold, ref.options().dtype(at::kFloat));
 }
 
 // y = x @ (W ⊙ m)ᵀ + b for either mask kind.
@@ -147,24 +165,39 @@ at::Tensor masked_linear_bwd_weight_cuda(const at::Tensor& dy, const at::Tensor&
   return dweight;
 }
 
+at::Tensor score_masked_linear_fwd_cuda_t(const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias, const at::Tensor& scores,
+                                          const at::Tensor& threshold) {
+  check_fwd_inputs(x, weight);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor thr = device_threshold(threshold, x);
+  return linear_fwd(x, weight, bias, score_spec(scores, thr, weight.size(0), weight.size(1), x));
+}
+
 at::Tensor score_masked_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                         const std::optional<at::Tensor>& bias, const at::Tensor& scores,
                                         double threshold) {
-  check_fwd_inputs(x, weight);
   const c10::cuda::CUDAGuard guard(x.device());
-  return linear_fwd(x, weight, bias, score_spec(scores, threshold, weight.size(0), weight.size(1), x));
+  return score_masked_linear_fwd_cuda_t(x, weight, bias, scores, fill_threshold(threshold, x));
+}
+
+at::Tensor score_masked_linear_bwd_input_cuda_t(const at::Tensor& dy, const at::Tensor& weight,
+                                                const at::Tensor& scores, const at::Tensor& threshold) {
+  check_bwd_input_inputs(dy, weight);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const at::Tensor thr = device_threshold(threshold, dy);
+  return linear_bwd_input(dy, weight, score_spec(scores, thr, weight.size(0), weight.size(1), dy));
 }
 
 at::Tensor score_masked_linear_bwd_input_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& scores,
                                               double threshold) {
-  check_bwd_input_inputs(dy, weight);
   const c10::cuda::CUDAGuard guard(dy.device());
-  return linear_bwd_input(dy, weight, score_spec(scores, threshold, weight.size(0), weight.size(1), dy));
+  return score_masked_linear_bwd_input_cuda_t(dy, weight, scores, fill_threshold(threshold, dy));
 }
 
-std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight_scores_cuda(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores, double threshold,
-    bool need_dweight) {
+std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight_scores_cuda_t(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
+    const at::Tensor& threshold, bool need_dweight) {
   check_bwd_weight_inputs(dy, x);
   check_2d(weight, "weight", dy);
   const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
@@ -172,7 +205,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight
               weight.sizes());
   check_same_dtype(weight, "weight", x, "x");
   const c10::cuda::CUDAGuard guard(dy.device());
-  const MaskSpec spec = score_spec(scores, threshold, N, K, dy);
+  const at::Tensor thr = device_threshold(threshold, dy);
+  const MaskSpec spec = score_spec(scores, thr, N, K, dy);
   at::Tensor dscores = at::empty({N, K}, scores.options());
   at::Tensor dweight = need_dweight ? at::empty({N, K}, weight.options()) : at::Tensor();
   C10_CUDA_CHECK(cuda::masked_linear_weight_grad(device_dtype(x, "x"), dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
@@ -180,6 +214,14 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight
                                                  static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
                                                  c10::cuda::getCurrentCUDAStream()));
   return std::make_tuple(dscores, need_dweight ? std::optional<at::Tensor>(dweight) : std::nullopt);
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight_scores_cuda(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores, double threshold,
+    bool need_dweight) {
+  const c10::cuda::CUDAGuard guard(dy.device());
+  return score_masked_linear_bwd_weight_scores_cuda_t(dy, x, weight, scores, fill_threshold(threshold, dy),
+                                                       need_dweight);
 }
 
 at::Tensor topk_threshold_cuda(at::TensorList scores, int64_t k_prune) {
@@ -204,6 +246,35 @@ at::Tensor topk_threshold_cuda(at::TensorList scores, int64_t k_prune) {
   C10_CUDA_CHECK(cuda::topk_threshold_select(values.data_ptr<float>(), n, k_prune,
                                              reinterpret_cast<unsigned long long*>(workspace.data_ptr<int64_t>()),
                                              out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+// k_prune as a 0-dim integer tensor on the scores' device, read by the kernels (no host sync).
+at::Tensor topk_threshold_cuda_t(at::TensorList scores, const at::Tensor& k_prune) {
+  TORCH_CHECK(!scores.empty(), "topk_threshold needs at least one scores tensor");
+  TORCH_CHECK(k_prune.numel() == 1, "k_prune must be a 0-dim (one-element) tensor, got shape ", k_prune.sizes());
+  TORCH_CHECK(k_prune.device() == scores[0].device(), "k_prune is on ", k_prune.device(), " but the scores are on ",
+              scores[0].device());
+  TORCH_CHECK(!at::isFloatingType(k_prune.scalar_type()) && k_prune.scalar_type() != at::kBool,
+              "k_prune must be an integer tensor, got ", k_prune.scalar_type());
+  std::vector<at::Tensor> flat;
+  int64_t n = 0;
+  for (const at::Tensor& s : scores) {
+    TORCH_CHECK(s.is_cuda() && s.device() == scores[0].device(), "scores must all be on ", scores[0].device(),
+                ", got ", s.device());
+    device_dtype(s, "scores");
+    flat.push_back(s.reshape({-1}).to(at::kFloat));
+    n += s.numel();
+  }
+  const c10::cuda::CUDAGuard guard(scores[0].device());
+  const auto out_options = scores[0].options().dtype(at::kFloat);
+  const at::Tensor values = flat.size() == 1 ? flat[0].contiguous() : at::cat(flat);
+  const at::Tensor k = k_prune.reshape({}).to(at::kLong).contiguous();
+  at::Tensor workspace = at::empty({cuda::topk_threshold_workspace_elems()}, out_options.dtype(at::kLong));
+  at::Tensor out = at::empty({}, out_options);
+  C10_CUDA_CHECK(cuda::topk_threshold_select_device_rank(
+      values.data_ptr<float>(), n, k.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(workspace.data_ptr<int64_t>()),
+      out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -242,6 +313,54 @@ at::Tensor unpack_mask_cuda(const at::Tensor& packed, int64_t in_features) {
   return mask;
 }
 
+// y = x @ Wᵀ + bias, W in the tc-bitmask format (csrc/cuda/bitmask_spmm.cu); fp16/bf16.
+at::Tensor bitmask_spmm_cuda(const at::Tensor& x, const at::Tensor& data, const at::Tensor& tile_offsets,
+                             const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features,
+                             int64_t split_k) {
+  check_2d(x, "x", x);
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "bitmask_spmm (CUDA) takes float16 or bfloat16 x, got ", x.scalar_type());
+  check_same_dtype(data, "data", x, "x");
+  TORCH_CHECK(data.is_cuda() && data.device() == x.device(), "data must be on ", x.device(), ", got ", data.device());
+  TORCH_CHECK(data.dim() == 1 && data.is_contiguous(), "data must be 1-D and contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(data.data_ptr()) % 16 == 0, "data must be 16-byte aligned");
+  TORCH_CHECK(tile_offsets.is_cuda() && tile_offsets.device() == x.device(), "tile_offsets must be on ", x.device());
+  TORCH_CHECK(tile_offsets.scalar_type() == at::kInt && tile_offsets.dim() == 1 && tile_offsets.is_contiguous(),
+              "tile_offsets must be a contiguous 1-D int32 tensor");
+  TORCH_CHECK(out_features >= 1 && out_features <= std::numeric_limits<int>::max(), "out_features out of range: ",
+              out_features);
+  TORCH_CHECK(in_features == x.size(1), "x has ", x.size(1), " features but in_features is ", in_features);
+  const int64_t tiles = ((out_features + 63) / 64) * ((in_features + 63) / 64);
+  TORCH_CHECK(tile_offsets.size(0) == tiles + 1, "tile_offsets must have ", tiles + 1, " entries, got ",
+              tile_offsets.size(0));
+  TORCH_CHECK(split_k >= 0, "split_k must be >= 0, got ", split_k);
+  const void* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_cuda() && bias->device() == x.device(), "bias must be on ", x.device());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->is_contiguous(),
+                "bias must be contiguous with shape (", out_features, ")");
+    check_same_dtype(*bias, "bias", x, "x");
+    bias_ptr = bias->data_ptr();
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int M = static_cast<int>(x.size(0)), N = static_cast<int>(out_features), K = static_cast<int>(in_features);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  const cuda::BitmaskSpmmPlan plan = cuda::bitmask_spmm_plan(M, N, K, static_cast<int>(split_k), num_sms);
+  at::Tensor partials, tickets;
+  if (plan.split > 1) {
+    partials = at::empty({plan.split, M, N}, x.options().dtype(at::kFloat));
+    tickets = at::zeros({plan.token_blocks * plan.row_tiles}, x.options().dtype(at::kInt));
+  }
+  C10_CUDA_CHECK(cuda::bitmask_spmm_forward(
+      device_dtype(x, "x"), plan, x.data_ptr(), data.data_ptr(), tile_offsets.data_ptr<int32_t>(), bias_ptr,
+      y.data_ptr(), plan.split > 1 ? partials.data_ptr<float>() : nullptr,
+      plan.split > 1 ? tickets.data_ptr<int32_t>() : nullptr, M, N, K, c10::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
 }  // namespace
 }  // namespace sparsebert
 
@@ -253,6 +372,17 @@ TORCH_LIBRARY_IMPL(sparsebert_ext, CUDA, m) {
   m.impl("score_masked_linear_bwd_input", &sparsebert::score_masked_linear_bwd_input_cuda);
   m.impl("score_masked_linear_bwd_weight_scores", &sparsebert::score_masked_linear_bwd_weight_scores_cuda);
   m.impl("topk_threshold", &sparsebert::topk_threshold_cuda);
+  m.impl("score_masked_linear_fwd.tensor", &sparsebert::score_masked_linear_fwd_cuda_t);
+  m.impl("score_masked_linear_bwd_input.tensor", &sparsebert::score_masked_linear_bwd_input_cuda_t);
+  m.impl("score_masked_linear_bwd_weight_scores.tensor", &sparsebert::score_masked_linear_bwd_weight_scores_cuda_t);
+  m.impl("topk_threshold.tensor", &sparsebert::topk_threshold_cuda_t);
   m.impl("pack_mask", &sparsebert::pack_mask_cuda);
   m.impl("unpack_mask", &sparsebert::unpack_mask_cuda);
+  m.impl("bitmask_spmm", &sparsebert::bitmask_spmm_cuda);
+}
+
+// CUDA-only op: its schema lives here (a CPU build has no bitmask_spmm; the ops layer then offers triton/torch).
+TORCH_LIBRARY_FRAGMENT(sparsebert_ext, m) {
+  m.def("bitmask_spmm(Tensor x, Tensor data, Tensor tile_offsets, Tensor? bias, int out_features, int in_features, "
+        "int split_k=0) -> Tensor");
 }

@@ -27,7 +27,9 @@ struct MaskSpec {
   MaskKind kind;
   const void* data;
   DType scores_dtype;  // MaskKind::Scores only
-  float threshold;     // MaskKind::Scores only; rounded to scores_dtype first, as torch's `scores >= t` does
+  // MaskKind::Scores only: a DEVICE pointer to one fp32 threshold, read by the kernels (no host sync);
+  // rounded to scores_dtype first, as torch's `scores >= t` does. Null for the other kinds.
+  const float* threshold;
 };
 
 // y = x @ (weight ⊙ mask)ᵀ + bias   (bias may be null)
@@ -49,10 +51,27 @@ cudaError_t masked_linear_weight_grad(DType dtype, const void* dy, const void* x
 int64_t topk_threshold_workspace_elems();
 cudaError_t topk_threshold_select(const float* values, int64_t n, int64_t k_prune, unsigned long long* workspace,
                                   float* out, cudaStream_t stream);
+// The same with the rank read on the device from `*k_prune` (one int64, no host sync): *out = -inf when
+// *k_prune <= 0, +inf when *k_prune >= n, else the value of rank *k_prune.
+cudaError_t topk_threshold_select_device_rank(const float* values, int64_t n, const int64_t* k_prune,
+                                              unsigned long long* workspace, float* out, cudaStream_t stream);
 
 // packed (rows, ceil(K/32)) int32 <- mask (rows, K) bytes; and back (mask bytes are 0/1, bool-compatible).
 cudaError_t pack_mask(const uint8_t* mask, int64_t rows, int64_t K, int32_t* packed, cudaStream_t stream);
 cudaError_t unpack_mask(const int32_t* packed, int64_t rows, int64_t K, uint8_t* mask, cudaStream_t stream);
+
+// Bitmask SpMM (bitmask_spmm.cu): y (M, N) = x (M, K) @ Wᵀ + bias with W (N, K) in the tc-bitmask format of
+// sparsebert/ops/reference_formats.py (`data` in x's dtype, 16-byte aligned; `tile_offsets` int32,
+// ceil(N/64) * ceil(K/64) + 1 entries). fp16/bf16 only (cudaErrorInvalidValue otherwise). The plan fixes the
+// grid: split > 1 needs `partials` (split, M, N) fp32 and `tickets` (token_blocks * row_tiles) int32 that are
+// zero on entry (the kernel leaves them zero). split_k <= 0 picks about two CTAs per SM.
+struct BitmaskSpmmPlan {
+  int row_tiles, n_ktiles, tokens_per_cta, token_blocks, ktiles_per_split, split;
+};
+BitmaskSpmmPlan bitmask_spmm_plan(int M, int N, int K, int split_k, int num_sms);
+cudaError_t bitmask_spmm_forward(DType dtype, const BitmaskSpmmPlan& plan, const void* x, const void* data,
+                                 const int32_t* tile_offsets, const void* bias, void* y, float* partials,
+                                 int32_t* tickets, int M, int N, int K, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace sparsebert

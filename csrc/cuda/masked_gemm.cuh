@@ -66,8 +66,10 @@ struct ScoreMask {
   using score_t = S;
   const S* scores;
   int K;
-  float threshold;
-  __device__ __forceinline__ bool keep(int n, int k) const { return to_float(scores[int64_t(n) * K + k]) >= threshold; }
+  const float* threshold;  // device pointer (one fp32), rounded to S as torch compares it
+  __device__ __forceinline__ bool keep(int n, int k) const {
+    return to_float(scores[int64_t(n) * K + k]) >= to_float(from_float<S>(__ldg(threshold)));
+  }
 };
 
 enum class GemmMode { Forward, InputGrad, WeightGrad };
@@ -295,10 +297,6 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// Threshold as torch compares it: rounded to the scores dtype first.
-template <typename S>
-inline float rounded_threshold(float threshold) { return to_float(from_float<S>(threshold)); }
-
 // Call f(mask_policy) with the policy described by `spec` for an (N, K) weight.
 template <typename F>
 cudaError_t dispatch_mask(const MaskSpec& spec, int K, F&& f) {
@@ -308,7 +306,7 @@ cudaError_t dispatch_mask(const MaskSpec& spec, int K, F&& f) {
     case MaskKind::Scores:
       return dispatch_dtype(spec.scores_dtype, [&](auto s) {
         using S = decltype(s);
-        return f(ScoreMask<S>{static_cast<const S*>(spec.data), K, rounded_threshold<S>(spec.threshold)});
+        return f(ScoreMask<S>{static_cast<const S*>(spec.data), K, spec.threshold});
       });
   }
   return cudaErrorInvalidValue;

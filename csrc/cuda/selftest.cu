@@ -179,7 +179,9 @@ void run_gemm_case(DType dtype, const MaskCase& mc, int M, int N, int K) {
   if (mc.kind == MaskKind::Bits && !mc.words.empty())
     CHECK_CUDA(cudaMemcpy(dmask.ptr, mc.words.data(), mc.words.size() * 4, cudaMemcpyHostToDevice));
   DeviceBuffer dscores_in(mc.kind == MaskKind::Scores ? mc.scores.bytes() : std::vector<unsigned char>{});
-  const MaskSpec spec{mc.kind, mc.kind == MaskKind::Scores ? dscores_in.ptr : dmask.ptr, mc.scores_dtype, mc.threshold};
+  DeviceBuffer dthreshold(std::vector<float>{mc.threshold});  // the kernels read the threshold on the device
+  const MaskSpec spec{mc.kind, mc.kind == MaskKind::Scores ? dscores_in.ptr : dmask.ptr, mc.scores_dtype,
+                      mc.kind == MaskKind::Scores ? static_cast<const float*>(dthreshold.ptr) : nullptr};
   const size_t es = x.elem_size();
   char label[160];
 
@@ -260,6 +262,21 @@ void run_topk_case(const char* what, const std::vector<float>& values, long long
   const bool ok = ordered_key(got) == keys[size_t(k)];
   std::printf("%-4s topk %-55s n=%zu k=%lld got %g\n", ok ? "ok" : "FAIL", what, values.size(), k, got);
   if (!ok) ++g_failures;
+  // the same rank read from the device (and its edges: k = 0 gives -inf, k = n gives +inf)
+  for (long long kd : {k, 0LL, (long long)values.size()}) {
+    DeviceBuffer dk(std::vector<int64_t>{kd});
+    CHECK_CUDA(sparsebert::cuda::topk_threshold_select_device_rank(
+        static_cast<const float*>(dvalues.ptr), (long long)values.size(), static_cast<const int64_t*>(dk.ptr),
+        static_cast<unsigned long long*>(ws.ptr), static_cast<float*>(out.ptr), 0));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    float got_d;
+    std::memcpy(&got_d, out.download().data(), 4);
+    const bool ok_d = kd == 0 ? got_d == -INFINITY
+                              : (kd == (long long)values.size() ? got_d == INFINITY : ordered_key(got_d) == keys[size_t(k)]);
+    std::printf("%-4s topk device rank %-43s n=%zu k=%lld got %g\n", ok_d ? "ok" : "FAIL", what, values.size(), kd,
+                got_d);
+    if (!ok_d) ++g_failures;
+  }
 }
 
 void run_pack_case(int rows, int K) {
@@ -279,6 +296,87 @@ void run_pack_case(int rows, int K) {
   const bool ok = std::memcmp(packed.data(), want.data(), packed.size()) == 0 && unpacked == mask;
   std::printf("%-4s pack/unpack rows=%d K=%d\n", ok ? "ok" : "FAIL", rows, K);
   if (!ok) ++g_failures;
+}
+
+}  // namespace
+
+namespace {
+
+// ---- bitmask SpMM (tc-bitmask format, see bitmask_spmm.cu) -------------------------------------------------
+// Host encoder written from the format's specification, independent of the Python one: per 64 x 64 tile
+// 64 words (sub-tile s = ((R*4 + S)*4 + Qc*2 + Qr), bit 8*row + col), values in word/bit order, 16-byte padding.
+void encode_tc_bitmask(const HostArray& w, int N, int K, std::vector<unsigned char>& data, std::vector<int32_t>& offsets) {
+  const int nt = (N + 63) / 64, kt = (K + 63) / 64;
+  const size_t elem = w.elem_size();
+  const HostArray one{w.dtype, {0.f}};
+  data.clear();
+  offsets.assign(1, 0);
+  for (int i = 0; i < nt; ++i)
+    for (int j = 0; j < kt; ++j) {
+      std::vector<uint64_t> words(64, 0);
+      std::vector<float> vals;
+      for (int s = 0; s < 64; ++s) {
+        const int R = s / 16, S = (s / 4) % 4, Qc = (s / 2) % 2, Qr = s % 2;
+        for (int p = 0; p < 64; ++p) {
+          const int r = i * 64 + R * 16 + Qr * 8 + p / 8, c = j * 64 + S * 16 + Qc * 8 + p % 8;
+          if (r < N && c < K && w.values[size_t(r) * K + c] != 0.f) {
+            words[s] |= 1ull << p;
+            vals.push_back(w.values[size_t(r) * K + c]);
+          }
+        }
+      }
+      const size_t start = data.size();
+      data.resize(start + 512);
+      std::memcpy(&data[start], words.data(), 512);
+      const std::vector<unsigned char> vb = HostArray{w.dtype, vals}.bytes();
+      data.insert(data.end(), vb.begin(), vb.end());
+      while (data.size() % 16) data.push_back(0);
+      offsets.push_back(static_cast<int32_t>(data.size() / elem));
+    }
+}
+
+void run_spmm_case(DType dtype, int M, int N, int K, float density, int split_k) {
+  HostArray w = random_array(dtype, size_t(N) * K);
+  std::uniform_real_distribution<float> unit(0.f, 1.f);
+  for (float& v : w.values)
+    if (unit(g_rng) >= density) v = 0.f;
+  const HostArray x = random_array(dtype, size_t(M) * K), bias = random_array(dtype, N);
+  std::vector<unsigned char> data;
+  std::vector<int32_t> offsets;
+  encode_tc_bitmask(w, N, K, data, offsets);
+  int num_sms = 0;
+  CHECK_CUDA(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0));
+  const sparsebert::cuda::BitmaskSpmmPlan plan = sparsebert::cuda::bitmask_spmm_plan(M, N, K, split_k, num_sms);
+  DeviceBuffer d_x(x.bytes()), d_data(data), d_off(offsets), d_bias(bias.bytes());
+  DeviceBuffer d_y(size_t(M) * N * 2), d_partials(size_t(plan.split) * M * N * 4),
+      d_tickets(size_t(plan.token_blocks) * plan.row_tiles * 4);
+  std::vector<unsigned char> first;
+  for (int rep = 0; rep < 2; ++rep) {  // twice: the tickets must be back at zero, the result bitwise equal
+    CHECK_CUDA(sparsebert::cuda::bitmask_spmm_forward(dtype, plan, d_x.ptr, d_data.ptr, static_cast<const int32_t*>(d_off.ptr),
+                                                      d_bias.ptr, d_y.ptr, static_cast<float*>(d_partials.ptr),
+                                                      static_cast<int32_t*>(d_tickets.ptr), M, N, K, 0));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    if (rep == 0) first = d_y.download();
+  }
+  const std::vector<unsigned char> second = d_y.download();
+  std::vector<double> want(size_t(M) * N);
+  double scale = 0.0;
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      double acc = bias.values[n], mag = std::fabs(bias.values[n]);
+      for (int k = 0; k < K; ++k) {
+        const double t = double(x.values[size_t(m) * K + k]) * w.values[size_t(n) * K + k];
+        acc += t;
+        mag += std::fabs(t);
+      }
+      want[size_t(m) * N + n] = acc;
+      scale = std::max(scale, mag / std::sqrt(double(K) + 1.0));
+    }
+  char what[160];
+  std::snprintf(what, sizeof what, "bitmask_spmm %s M=%d N=%d K=%d density=%.2f split=%d%s", dtype_name(dtype), M, N, K,
+                density, plan.split, first == second ? "" : " NOT REPRODUCIBLE");
+  if (first != second) ++g_failures;
+  expect_close(what, to_floats(dtype, second, size_t(M) * N), want, tolerance(dtype), scale);
 }
 
 }  // namespace
@@ -308,6 +406,13 @@ int main() {
   for (long long k : {0LL, 12345LL, 99999LL}) run_topk_case("ties", values, k);
 
   for (const auto& rk : {std::pair<int, int>{1, 1}, {3, 31}, {5, 32}, {7, 33}, {97, 61}, {64, 3072}}) run_pack_case(rk.first, rk.second);
+
+  for (DType dtype : {DType::Float16, DType::BFloat16}) {
+    const int spmm_shapes[][3] = {{1, 1, 1}, {13, 77, 200}, {64, 130, 96}, {8, 64, 768}, {100, 193, 333}};
+    for (const auto& s : spmm_shapes)
+      for (float density : {0.1f, 0.3f, 1.0f})
+        for (int split : {0, 1, 3}) run_spmm_case(dtype, s[0], s[1], s[2], density, split);
+  }
 
   std::printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "PASSED", g_failures);
   return g_failures ? 1 : 0;

@@ -36,6 +36,17 @@ __global__ void radix_init_kernel(unsigned long long* ws, long long k) {
   }
 }
 
+// The rank read on the device: clamped into [0, n - 1] (the edges are written by radix_finish_edges_kernel).
+__global__ void radix_init_device_rank_kernel(unsigned long long* ws, const int64_t* k, long long n) {
+  ws[threadIdx.x] = 0ull;
+  if (threadIdx.x == 0) {
+    const long long kk = static_cast<long long>(*k);
+    ws[kRank] = static_cast<unsigned long long>(kk < 0 ? 0 : (kk >= n ? n - 1 : kk));
+    ws[kPrefix] = 0ull;
+    ws[kPrefixMask] = 0ull;
+  }
+}
+
 // Histogram of digit (key >> shift) & 255 over keys whose already-chosen high digits match the prefix.
 __global__ void __launch_bounds__(kHistThreads) radix_histogram_kernel(const float* values, long long n,
                                                                        unsigned long long* ws, int shift) {
@@ -73,6 +84,18 @@ __global__ void radix_finish_kernel(const unsigned long long* ws, float* out) {
   out[0] = key_to_float(static_cast<uint32_t>(ws[kPrefix]));
 }
 
+// -inf when nothing is pruned, +inf when everything is (the host launcher's edges), else the selected value.
+__global__ void radix_finish_edges_kernel(const unsigned long long* ws, const int64_t* k, long long n, float* out) {
+  const long long kk = static_cast<long long>(*k);
+  out[0] = kk <= 0 ? -__int_as_float(0x7f800000) : (kk >= n ? __int_as_float(0x7f800000)
+                                                             : key_to_float(static_cast<uint32_t>(ws[kPrefix])));
+}
+
+int hist_blocks(int64_t n) {
+  const long long blocks_needed = (n + kHistThreads * 8 - 1) / (kHistThreads * 8);  // ~8 elements per thread
+  return static_cast<int>(blocks_needed < 1024 ? blocks_needed : 1024);
+}
+
 }  // namespace
 
 int64_t topk_threshold_workspace_elems() { return kWorkspaceElems; }
@@ -80,14 +103,26 @@ int64_t topk_threshold_workspace_elems() { return kWorkspaceElems; }
 cudaError_t topk_threshold_select(const float* values, int64_t n, int64_t k_prune, unsigned long long* workspace,
                                   float* out, cudaStream_t stream) {
   if (n <= 0 || k_prune < 0 || k_prune >= n) return cudaErrorInvalidValue;
-  const long long blocks_needed = (n + kHistThreads * 8 - 1) / (kHistThreads * 8);  // ~8 elements per thread
-  const int blocks = static_cast<int>(blocks_needed < 1024 ? blocks_needed : 1024);
+  const int blocks = hist_blocks(n);
   radix_init_kernel<<<1, kRadixBins, 0, stream>>>(workspace, k_prune);
   for (int shift = 24; shift >= 0; shift -= 8) {
     radix_histogram_kernel<<<blocks, kHistThreads, 0, stream>>>(values, n, workspace, shift);
     radix_select_digit_kernel<<<1, 1, 0, stream>>>(workspace, shift);
   }
   radix_finish_kernel<<<1, 1, 0, stream>>>(workspace, out);
+  return cudaGetLastError();
+}
+
+cudaError_t topk_threshold_select_device_rank(const float* values, int64_t n, const int64_t* k_prune,
+                                              unsigned long long* workspace, float* out, cudaStream_t stream) {
+  if (n <= 0 || k_prune == nullptr) return cudaErrorInvalidValue;
+  const int blocks = hist_blocks(n);
+  radix_init_device_rank_kernel<<<1, kRadixBins, 0, stream>>>(workspace, k_prune, n);
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    radix_histogram_kernel<<<blocks, kHistThreads, 0, stream>>>(values, n, workspace, shift);
+    radix_select_digit_kernel<<<1, 1, 0, stream>>>(workspace, shift);
+  }
+  radix_finish_edges_kernel<<<1, 1, 0, stream>>>(workspace, k_prune, n, out);
   return cudaGetLastError();
 }
 

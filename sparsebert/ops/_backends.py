@@ -98,6 +98,14 @@ def resolve_backend(name: str, device: torch.device | str, supports: Optional[It
     return choice
 
 
+def op_backend(name: str, device: torch.device | str, supports: Optional[Iterable[str]] = None) -> str:
+    """The backend argument an op wrapper passes to its torch.library op: `name` is checked now (ValueError
+    for one that cannot run on `device`), but "auto" stays "auto" and the op resolves it where it runs, so a
+    torch.export / torch.compile graph does not bake in the backend found at trace time."""
+    chosen = resolve_backend(name, device, supports)
+    return "auto" if name == "auto" else chosen
+
+
 @functools.lru_cache(maxsize=None)
 def _log_choice(backend: str, device: str) -> None:
     log.debug("sparsebert ops on %s use the %s backend", device, backend)
@@ -106,18 +114,26 @@ def _log_choice(backend: str, device: str) -> None:
 def _ext_namespace() -> SimpleNamespace:
     ns = torch.ops.sparsebert_ext
 
+    # A tensor (0-dim k_prune, 0-dim threshold) goes to the `.tensor` overloads, which read it where it lives
+    # (free on the CPU; on the device in the CUDA kernels): no host sync.
     def topk(scores, k_prune):
+        if isinstance(k_prune, torch.Tensor):
+            return ns.topk_threshold.tensor(list(scores), k_prune)
         return ns.topk_threshold(list(scores), int(k_prune))
 
+    def _thr(op, threshold):
+        return getattr(op, "tensor") if isinstance(threshold, torch.Tensor) else op.default
+
     def bws(dy, x, weight, scores, threshold, need_dweight):
-        ds, dw = ns.score_masked_linear_bwd_weight_scores(dy, x, weight, scores, float(threshold), bool(need_dweight))
+        op = _thr(ns.score_masked_linear_bwd_weight_scores, threshold)
+        ds, dw = op(dy, x, weight, scores, threshold, bool(need_dweight))
         return ds, (dw if need_dweight else None)
 
     def fwd_s(x, weight, bias, scores, threshold):
-        return ns.score_masked_linear_fwd(x, weight, bias, scores, float(threshold))
+        return _thr(ns.score_masked_linear_fwd, threshold)(x, weight, bias, scores, threshold)
 
     def bwi_s(dy, weight, scores, threshold):
-        return ns.score_masked_linear_bwd_input(dy, weight, scores, float(threshold))
+        return _thr(ns.score_masked_linear_bwd_input, threshold)(dy, weight, scores, threshold)
 
     return SimpleNamespace(
         masked_linear_fwd=ns.masked_linear_fwd,

@@ -1,6 +1,8 @@
 """The "torch" backend: the 2-D backend contract (docs/ARCHITECTURE.md) in plain torch.
 
 Always available; the slow but sure path on any device (bitsandbytes-style default backend).
+Masked-dense semantics, as the C++, CUDA and Triton kernels: a pruned weight is absent (`where(m, W, 0)`),
+so a NaN or inf in a masked-out weight never reaches the output (`W * m` would give NaN rows).
 """
 from __future__ import annotations
 
@@ -13,31 +15,34 @@ from torch import Tensor
 from .reference import dense_mask, pack_mask, unpack_mask  # noqa: F401  (re-exported for the dispatcher)
 
 
-def _mask_of(mask: Tensor, packed: bool, k: int, dtype: torch.dtype) -> Tensor:
-    m = unpack_mask(mask, k) if packed else mask != 0
-    return m.to(dtype)
+def _keep(mask: Tensor, packed: bool, k: int) -> Tensor:
+    return unpack_mask(mask, k) if packed else mask != 0
+
+
+def _masked(t: Tensor, keep: Tensor) -> Tensor:
+    return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def masked_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, packed: bool) -> Tensor:
-    w = weight * _mask_of(mask, packed, weight.shape[1], weight.dtype)
+    w = _masked(weight, _keep(mask, packed, weight.shape[1]))
     return torch.nn.functional.linear(x, w, bias)
 
 
 def masked_linear_bwd_input(dy: Tensor, weight: Tensor, mask: Tensor, packed: bool) -> Tensor:
-    return dy @ (weight * _mask_of(mask, packed, weight.shape[1], weight.dtype))
+    return dy @ _masked(weight, _keep(mask, packed, weight.shape[1]))
 
 
 def masked_linear_bwd_weight(dy: Tensor, x: Tensor, mask: Tensor, packed: bool) -> Tensor:
     g = dy.float().t() @ x.float()
-    return (g * _mask_of(mask, packed, x.shape[1], torch.float32)).to(x.dtype)
+    return _masked(g, _keep(mask, packed, x.shape[1])).to(x.dtype)
 
 
 def score_masked_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, threshold: float) -> Tensor:
-    return torch.nn.functional.linear(x, weight * (scores >= threshold).to(weight.dtype), bias)
+    return torch.nn.functional.linear(x, _masked(weight, scores >= threshold), bias)
 
 
 def score_masked_linear_bwd_input(dy: Tensor, weight: Tensor, scores: Tensor, threshold: float) -> Tensor:
-    return dy @ (weight * (scores >= threshold).to(weight.dtype))
+    return dy @ _masked(weight, scores >= threshold)
 
 
 def score_masked_linear_bwd_weight_scores(
@@ -45,12 +50,22 @@ def score_masked_linear_bwd_weight_scores(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     g = dy.float().t() @ x.float()
     dscores = (g * weight.float()).to(scores.dtype)
-    dweight = (g * (scores >= threshold).float()).to(weight.dtype) if need_dweight else None
+    dweight = _masked(g, scores >= threshold).to(weight.dtype) if need_dweight else None
     return dscores, dweight
 
 
-def topk_threshold(scores: List[Tensor], k_prune: int) -> Tensor:
+def topk_threshold(scores: List[Tensor], k_prune) -> Tensor:
     flat = torch.cat([s.reshape(-1).float() for s in scores])
+    if isinstance(k_prune, Tensor):  # a 0-dim integer tensor on the device: sort + gather, no host sync
+        n = flat.numel()
+        k = k_prune.reshape(1).long()
+        value = flat.sort().values.gather(0, k.clamp(0, n - 1)).reshape(())
+        inf = torch.full((), math.inf, dtype=torch.float32, device=flat.device)
+        return torch.where(k.reshape(()) <= 0, -inf, torch.where(k.reshape(()) >= n, inf, value))
+    if not 0 <= k_prune <= flat.numel():
+        raise ValueError(f"k_prune must satisfy 0 <= k_prune <= {flat.numel()} (the number of scores), got {k_prune}")
     if k_prune == 0:
-        return torch.tensor(-math.inf, device=flat.device)
+        return torch.full((), -math.inf, dtype=torch.float32, device=flat.device)
+    if k_prune == flat.numel():  # everything pruned: +inf, as the C++ and CUDA kernels
+        return torch.full((), math.inf, dtype=torch.float32, device=flat.device)
     return flat.kthvalue(k_prune + 1).values

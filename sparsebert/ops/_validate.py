@@ -1,7 +1,6 @@
 """Input checks shared by the ops: clear errors that name the argument, raised before any kernel runs."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -68,34 +67,78 @@ def check_mask(mask, weight: Tensor) -> bool:
     return packed
 
 
+def check_mask_to_pack(mask) -> None:
+    """`pack_mask`'s input: a 2-D bool or uint8 (N, K) mask."""
+    check_tensor("mask", mask, ndim=2)
+    if mask.dtype not in (torch.bool, torch.uint8):
+        raise TypeError(f"mask must be a bool or uint8 (N, K) tensor to pack, got {mask.dtype}")
+
+
+def check_packed_mask(packed, in_features) -> None:
+    """`unpack_mask`'s input: a 2-D int32 (N, ceil(in_features / 32)) tensor and an int in_features >= 0."""
+    check_tensor("packed", packed, ndim=2)
+    if packed.dtype != torch.int32:
+        raise TypeError(f"packed must be an int32 (bit-packed) tensor, got {packed.dtype}")
+    if isinstance(in_features, bool) or not isinstance(in_features, (int, torch.SymInt)) or in_features < 0:
+        raise ValueError(f"in_features must be an int >= 0, got {in_features!r}")
+    words = (in_features + 31) // 32
+    if packed.shape[1] != words:
+        raise ValueError(f"in_features = {in_features} needs packed of shape (N, {words}) (32 bits a word), "
+                         f"got {tuple(packed.shape)}")
+
+
 def check_scores(scores, weight: Tensor) -> None:
     check_tensor("scores", scores, ndim=2)
     check_float("scores", scores)
     if scores.shape != weight.shape:
         raise ValueError(f"scores must have the weight's shape {tuple(weight.shape)}, got {tuple(scores.shape)}")
     check_same_device("scores", scores, "weight", weight)
+    assert_no_nan("scores", scores.detach())
 
 
 def as_threshold(threshold, device: torch.device) -> Tensor:
-    """A float or 0-dim tensor -> 0-dim fp32 tensor on `device`; NaN is refused."""
+    """A float or 0-dim tensor -> 0-dim fp32 tensor on `device`; NaN is refused.
+
+    No host sync: a Python float is checked on the host and written by a fill kernel (no host-to-device
+    copy); a tensor is checked on the device (`torch._assert_async`: an error on the CPU, a device-side
+    assert on a GPU)."""
     if isinstance(threshold, Tensor):
         if threshold.numel() != 1:
             raise ValueError(f"threshold must be a scalar or a 1-element tensor, got shape {tuple(threshold.shape)}")
         t = threshold.detach().reshape(()).to(device=device, dtype=torch.float32)
-        # A host-side NaN check costs nothing on the CPU; on a GPU (or while tracing) it would force a sync.
-        if t.device.type == "cpu" and not torch.compiler.is_compiling() and torch.isnan(t).item():
-            raise ValueError("threshold is NaN; a mask cannot be taken from it")
+        device_check(~torch.isnan(t), "threshold is NaN; a mask cannot be taken from it")
         return t
-    if not isinstance(threshold, (int, float)):
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"threshold must be a float or a 0-dim tensor, got {type(threshold).__name__}")
-    if math.isnan(threshold):
+    if threshold != threshold:
         raise ValueError("threshold is NaN; a mask cannot be taken from it")
-    return torch.tensor(float(threshold), dtype=torch.float32, device=device)
+    return torch.full((), threshold, dtype=torch.float32, device=device)
 
 
-def check_sparsity(sparsity) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"sparsity must be a float in [0, 1), got {type(sparsity).__name__}")
-    if not (0.0 <= float(sparsity) < 1.0) or math.isnan(sparsity):
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    return float(sparsity)
+def device_check(ok: Tensor, message: str) -> None:
+    """Refuses bad values without a host sync: `torch._assert_async(ok)`, which on a GPU is a device-side
+    assert (the error surfaces at the next synchronization). On the CPU the check is immediate and raises
+    ValueError(message), like the other input checks (RuntimeError while tracing under torch.compile)."""
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        try:
+            torch._assert_async(ok, message)
+        except RuntimeError:
+            raise ValueError(message) from None
+    else:
+        torch._assert_async(ok, message)
+
+
+def assert_no_nan(name: str, t: Tensor) -> None:
+    """Refuses NaN in `t` (see `device_check`); the message names `name`."""
+    device_check(~torch.isnan(t).any(), f"{name} contains NaN; a NaN score has no rank (refused)")
+
+
+def check_sparsity(sparsity, name: str = "sparsity") -> float:
+    """A float in [0, 1) (NaN fails the range test); errors name `name`. Also takes the symbolic float
+    torch.compile passes for a sparsity that changes between calls: no math.isnan or float() on it, so the
+    graph stays whole."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(sparsity).__name__}")
+    if not (0.0 <= sparsity < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {sparsity}")
+    return sparsity * 1.0

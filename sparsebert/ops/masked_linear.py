@@ -3,21 +3,31 @@
 Backward gives dX and dW * m (retraining a pruned layer, as in IMP), and db.
 One torch.library op per kernel (forward, input backward, weight backward), each with a fake impl, so
 the whole thing traces under torch.compile; `register_autograd` ties them together.
+
+Size dispatch (issue 10 item 1): with backend="auto" on CUDA and at least the crossover number of tokens
+(`_crossover`, a measured per-GPU table), the layer runs as the weight pass: `sparsebert::masked_weight`
+writes W * m once (one elementwise kernel), F.linear does the forward GEMM with the bias in cuBLAS's
+epilogue, autograd's input-gradient GEMM reads the same W * m, and the weight gradient is cuBLAS dY^T X
+followed by the same elementwise pass (dW = G * m); db is autograd's reduction of dY.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import _crossover
 from . import _validate as V
-from ._backends import impl, resolve_backend
+from ._backends import available_backends, impl, op_backend, resolve_backend
+
+PASS_BACKENDS = ("triton", "torch")  # the kernels of the elementwise weight pass
 
 
 @torch.library.custom_op("sparsebert::masked_linear", mutates_args=())
 def _masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, packed: bool, backend: str) -> Tensor:
-    return impl(backend).masked_linear_fwd(x, weight, bias, mask, packed)
+    return impl(resolve_backend(backend, x.device)).masked_linear_fwd(x, weight, bias, mask, packed)
 
 
 @_masked_linear.register_fake
@@ -27,7 +37,7 @@ def _(x, weight, bias, mask, packed, backend):
 
 @torch.library.custom_op("sparsebert::masked_linear_bwd_input", mutates_args=())
 def _masked_linear_bwd_input(dy: Tensor, weight: Tensor, mask: Tensor, packed: bool, backend: str) -> Tensor:
-    return impl(backend).masked_linear_bwd_input(dy, weight, mask, packed)
+    return impl(resolve_backend(backend, dy.device)).masked_linear_bwd_input(dy, weight, mask, packed)
 
 
 @_masked_linear_bwd_input.register_fake
@@ -37,7 +47,7 @@ def _(dy, weight, mask, packed, backend):
 
 @torch.library.custom_op("sparsebert::masked_linear_bwd_weight", mutates_args=())
 def _masked_linear_bwd_weight(dy: Tensor, x: Tensor, mask: Tensor, packed: bool, backend: str) -> Tensor:
-    return impl(backend).masked_linear_bwd_weight(dy, x, mask, packed)
+    return impl(resolve_backend(backend, dy.device)).masked_linear_bwd_weight(dy, x, mask, packed)
 
 
 @_masked_linear_bwd_weight.register_fake
@@ -67,18 +77,83 @@ def _backward(ctx, dy):
 _masked_linear.register_autograd(_backward, setup_context=_setup)
 
 
+@torch.library.custom_op("sparsebert::masked_weight", mutates_args=())
+def _masked_weight(weight: Tensor, mask: Tensor, packed: bool, backend: str) -> Tensor:
+    """W * m (masked-dense: a pruned entry is 0 even where W is NaN/inf), one elementwise pass."""
+    if backend == "triton":
+        from sparsebert.kernels import _gemm, mask_weight
+        return mask_weight.masked_weight(weight, mask, _gemm.MASK_PACKED if packed else _gemm.MASK_UINT8)
+    from ._torch_backend import _keep, _masked
+    return _masked(weight, _keep(mask, packed, weight.shape[1]))
+
+
+@_masked_weight.register_fake
+def _(weight, mask, packed, backend):
+    return torch.empty_like(weight)
+
+
+def _setup_weight(ctx, inputs, output):
+    weight, mask, packed, backend = inputs
+    ctx.save_for_backward(mask)
+    ctx.packed, ctx.backend = packed, backend
+
+
+def _backward_weight(ctx, grad):
+    (mask,) = ctx.saved_tensors
+    # dW = dW_eff * m: the same elementwise pass, on the gradient cuBLAS computed (dY^T X)
+    return _masked_weight(grad.contiguous(), mask, ctx.packed, ctx.backend), None, None, None
+
+
+_masked_weight.register_autograd(_backward_weight, setup_context=_setup_weight)
+
+
+def pass_backend(device: torch.device) -> str:
+    """The kernel of the weight pass on `device`: Triton where it runs, else torch."""
+    return "triton" if "triton" in available_backends(device) else "torch"
+
+
+def masked_linear_weight_pass(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, *,
+                              pass_kernel: Optional[str] = None) -> Tensor:
+    """The weight-pass path of `masked_linear` (what "auto" runs at or above the crossover): W * m written
+    once, then dense GEMMs (cuBLAS on a GPU). pass_kernel: "triton", "torch" or None (best available)."""
+    V.check_linear(x, weight, bias)
+    packed = V.check_mask(mask, weight)
+    return _weight_pass(x, weight, bias, mask, packed, pass_kernel)
+
+
+def _weight_pass(x, weight, bias, mask, packed, pass_kernel):
+    if pass_kernel is None:
+        pass_kernel = pass_backend(x.device)
+    elif pass_kernel not in PASS_BACKENDS:
+        raise ValueError(f"pass_kernel must be one of {PASS_BACKENDS} or None, got {pass_kernel!r}")
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    w_eff = _masked_weight(weight.contiguous(), mask.contiguous(), packed, pass_kernel)
+    return torch.nn.functional.linear(x, w_eff, bias)
+
+
+def _auto_takes_weight_pass(op: str, backend: str, x: Tensor) -> bool:
+    if backend != "auto" or x.device.type != "cuda" or os.environ.get("SPARSEBERT_BACKEND", "auto") != "auto":
+        return False
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return _crossover.use_weight_pass(op, x.device, x.dtype, tokens)
+
+
 def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, *, backend: str = "auto") -> Tensor:
     """y = x (W * m)^T + b.
 
     x: (..., K) float32/float16/bfloat16, any layout; weight: (N, K) same dtype; bias: (N,) or None;
     mask: (N, K) bool/uint8 (nonzero keeps) or (N, ceil(K/32)) int32 bit-packed (see `pack_mask`).
-    backend: "auto", "torch", "cpp", "cuda" or "triton".
+    backend: "auto", "torch", "cpp", "cuda" or "triton". "auto" on CUDA picks by token count against the
+    measured crossover (`_crossover`): the weight pass + cuBLAS above it, the fused kernels below.
     """
     V.check_linear(x, weight, bias)
     packed = V.check_mask(mask, weight)
+    if _auto_takes_weight_pass("masked_linear", backend, x):
+        return _weight_pass(x, weight, bias, mask, packed, None)
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    chosen = resolve_backend(backend, x.device)
+    chosen = op_backend(backend, x.device)
     lead = x.shape[:-1]
     y = _masked_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
                        None if bias is None else bias.contiguous(), mask.contiguous(), packed, chosen)

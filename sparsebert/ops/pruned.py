@@ -4,8 +4,11 @@
 ``pruned_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, heads, head_size, key_mask=None, *, backend="auto")``.
 Backends: "torch" (the references in `sparsebert.ops.reference`: gather the kept rows/columns, then dense
 torch ops) and "triton" (``sparsebert.kernels.pruned_ffn`` / ``pruned_attention``: read only the kept
-rows/columns inside the kernel). Each is a `torch.library` custom op with a fake impl. Inference ops
-(forward only); the masked dense model (``sparsebert.nn.structured``) is the differentiable path.
+rows/columns inside the kernel; the output projection's weight is read column-major, so pass ``w_out`` /
+``wo`` as ``w.t().contiguous().t()`` to save a transpose per call). Each is a `torch.library` custom op with a
+fake impl. Forward only, for the masked (not removed) model while pruning; the masked dense model
+(``sparsebert.nn.structured``) is the differentiable path, and a pruned model is served by
+``sparsebert.nn.inference.for_inference`` (smaller layers + cuBLAS + SDPA).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from torch import Tensor
 
 from . import reference as R
 from ._backends import resolve_backend
+from ._validate import device_check
 
 __all__ = ["pruned_ffn", "pruned_attention", "pruned_ffn_reference", "pruned_attention_reference"]
 
@@ -25,11 +29,14 @@ _SUPPORTS = ("triton", "torch")
 
 
 def _index(keep, limit, name, device):
+    """The kept indices as int64 on `device`; the range check runs on the device (`device_check`: ValueError
+    on the CPU, a device-side assert on a GPU), so a forward never waits for the device."""
     if not isinstance(keep, torch.Tensor) or keep.dtype not in (torch.int32, torch.int64) or keep.dim() != 1:
         raise TypeError(f"{name} must be a 1-D int32/int64 tensor of kept indices")
-    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= limit):
-        raise ValueError(f"{name} must index into [0, {limit}), got values in [{int(keep.min())}, {int(keep.max())}]")
-    return keep.to(device=device, dtype=torch.long)
+    keep = keep.to(device=device, dtype=torch.long)
+    if keep.numel():
+        device_check(((keep >= 0) & (keep < limit)).all(), f"{name} must index into [0, {limit})")
+    return keep
 
 
 def _check_x(x, d, name="x"):
@@ -45,7 +52,7 @@ def _pruned_ffn(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, 
     if backend == "torch":
         return R.pruned_ffn(x, w_in, b_in, w_out, b_out, keep)
     from sparsebert.kernels.pruned_ffn import pruned_ffn as tri
-    return tri(x.contiguous(), w_in.contiguous(), b_in, w_out.contiguous(), b_out, keep)
+    return tri(x.contiguous(), w_in, b_in, w_out, b_out, keep)  # the kernel picks each weight's layout
 
 
 @_pruned_ffn.register_fake
@@ -60,8 +67,7 @@ def _pruned_attention(x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, b
     if backend == "torch":
         return R.pruned_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, heads, head_size, key_mask)
     from sparsebert.kernels.pruned_attention import pruned_attention as tri
-    return tri(x.contiguous(), wq.contiguous(), bq, wk.contiguous(), bk, wv.contiguous(), bv, wo.contiguous(), bo,
-               heads, head_size, key_mask)
+    return tri(x.contiguous(), wq, bq, wk, bk, wv, bv, wo, bo, heads, head_size, key_mask)
 
 
 @_pruned_attention.register_fake

@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._validate import check_mask_to_pack, check_packed_mask
+
 
 def pack_mask(mask: Tensor) -> Tensor:
     """(N, K) bool/uint8 mask -> (N, ceil(K/32)) int32 words; bit k % 32 of word k // 32, LSB first."""
+    check_mask_to_pack(mask)
     n, k = mask.shape
     words = (k + 31) // 32
     bits = torch.zeros(n, words * 32, dtype=torch.int64, device=mask.device)
@@ -29,6 +32,7 @@ def pack_mask(mask: Tensor) -> Tensor:
 
 def unpack_mask(packed: Tensor, in_features: int) -> Tensor:
     """Inverse of `pack_mask`: (N, ceil(K/32)) int32 -> (N, K) bool."""
+    check_packed_mask(packed, in_features)
     shifts = torch.arange(32, device=packed.device, dtype=torch.int64)
     bits = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & 1
     return bits.reshape(packed.shape[0], -1)[:, :in_features].bool()
@@ -42,30 +46,41 @@ def dense_mask(mask: Tensor, in_features: int) -> Tensor:
 
 
 def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor) -> Tensor:
-    """y = x (W * m)^T + b. Autograd gives dX and dW * m (the mask is a constant)."""
-    m = dense_mask(mask, weight.shape[1]).to(weight.dtype)
-    return F.linear(x, weight * m, bias)
+    """y = x (W * m)^T + b. Autograd gives dX and dW * m (the mask is a constant).
+
+    Masked-dense semantics: a pruned weight is absent (`where(m, W, 0)`), so a NaN or inf stored in a
+    masked-out weight does not reach y (every backend follows this)."""
+    keep = dense_mask(mask, weight.shape[1])
+    return F.linear(x, torch.where(keep, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), bias)
 
 
-class _StraightThroughMask(torch.autograd.Function):
-    """m = (scores >= threshold) forward; the gradient passes straight through to the scores."""
+class _ScoreMaskedWeight(torch.autograd.Function):
+    """W_eff = where(scores >= tau, W, 0) forward; backward dW = G * m and, straight through, dScores = G * W."""
 
     @staticmethod
-    def forward(ctx, scores: Tensor, threshold: Tensor) -> Tensor:
-        return (scores >= threshold).to(scores.dtype)
+    def forward(ctx, weight: Tensor, scores: Tensor, threshold: Tensor) -> Tensor:
+        keep = scores >= threshold
+        ctx.save_for_backward(weight, keep)
+        ctx.scores_dtype = scores.dtype
+        return torch.where(keep, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad, None
+        weight, keep = ctx.saved_tensors
+        dweight = torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        return dweight, (grad.float() * weight.float()).to(ctx.scores_dtype), None
 
 
 def score_masked_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, threshold: Union[float, Tensor]
 ) -> Tensor:
-    """y = x (W * [s >= tau])^T + b, with dScores = (dY^T X) * W by the straight-through estimator."""
-    tau = torch.as_tensor(threshold, dtype=torch.float32, device=scores.device)
-    m = _StraightThroughMask.apply(scores, tau.to(scores.dtype) if scores.dtype != torch.float32 else tau)
-    return F.linear(x, weight * m.to(weight.dtype), bias)
+    """y = x (W * [s >= tau])^T + b, with dScores = (dY^T X) * W by the straight-through estimator.
+    Masked-dense semantics as `masked_linear` (a NaN in a pruned weight does not reach y)."""
+    if isinstance(threshold, Tensor):
+        tau = threshold.detach().to(device=scores.device, dtype=torch.float32).reshape(())
+    else:
+        tau = torch.full((), float(threshold), dtype=torch.float32, device=scores.device)
+    return F.linear(x, _ScoreMaskedWeight.apply(weight, scores, tau.to(scores.dtype)), bias)
 
 
 def topk_threshold(scores: Union[Tensor, Sequence[Tensor]], sparsity: float) -> Tensor:
@@ -77,7 +92,7 @@ def topk_threshold(scores: Union[Tensor, Sequence[Tensor]], sparsity: float) -> 
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
     k_prune = int(round(sparsity * flat.numel()))
     if k_prune == 0:
-        return torch.tensor(-math.inf, device=flat.device)
+        return torch.full((), -math.inf, dtype=torch.float32, device=flat.device)
     return flat.kthvalue(k_prune + 1).values if k_prune < flat.numel() else flat.max()
 
 

@@ -21,6 +21,12 @@ bsr (block-sparse rows, blocks B x B, B in {16, 32, 64}); torch's BSR layout:
     meta (N, ceil(K/8)) uint8: per group a nibble idx0 | idx1 << 2 (positions 0..3 in the group),
     group 2j in the low nibble of byte j, group 2j+1 in the high nibble. K must be a multiple of 4.
     Bytes per weight = sizeof(dtype) / 2 + 1/8.
+
+sparse-rows (unstructured, row by row; the CPU inference format, float32 only):
+    values (nnz,) float32: the nonzeros row by row, columns ascending inside a row;
+    col_indices (nnz,) int16 when K <= 32768, else int32: each nonzero's column;
+    row_offsets (N + 1,) int32: row n's nonzeros are values[row_offsets[n]:row_offsets[n + 1]].
+    Bytes per weight = density * (4 + 2) + 4 / K (int16 indices).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._validate import device_check
 from .reference import pack_mask, unpack_mask
 
 BSR_BLOCK_SIZES = (16, 32, 64)
@@ -85,8 +92,9 @@ def bitmask_decode(values: Tensor, bitmask: Tensor, tile_offsets: Tensor, in_fea
     """Inverse of `bitmask_encode`: the dense (N, K) weight."""
     mask = unpack_mask(bitmask, in_features)
     tiles_m = _to_tiles(mask, tile_n, tile_k)
-    if int(tiles_m.sum()) != values.numel():
-        raise ValueError(f"bitmask has {int(tiles_m.sum())} set bits but values has {values.numel()} entries")
+    # checked on the device (no host sync: this decoder is the "torch" backend's forward)
+    device_check(tiles_m.sum() == values.numel(), f"the bitmask's set bits and values ({values.numel()} entries) "
+                 "disagree in number")
     tiles_w = torch.zeros(tiles_m.shape, dtype=values.dtype, device=values.device)
     tiles_w[tiles_m] = values
     nt, kt = tiles_m.shape[:2]
@@ -132,7 +140,7 @@ def bsr_decode(values: Tensor, crow_indices: Tensor, col_indices: Tensor, in_fea
     block = values.shape[-1]
     nb = crow_indices.numel() - 1
     counts = (crow_indices[1:] - crow_indices[:-1]).long()
-    rows = torch.repeat_interleave(torch.arange(nb, device=values.device), counts)
+    rows = torch.repeat_interleave(torch.arange(nb, device=values.device), counts, output_size=col_indices.shape[0])
     blocks = torch.zeros(nb, in_features // block, block, block, dtype=values.dtype, device=values.device)
     blocks[rows, col_indices.long()] = values
     return blocks.permute(0, 2, 1, 3).reshape(nb * block, in_features)
@@ -152,7 +160,8 @@ def bsr_linear_blockwise(x: Tensor, values: Tensor, crow_indices: Tensor, col_in
     block = values.shape[-1]
     nb = crow_indices.numel() - 1
     counts = (crow_indices[1:] - crow_indices[:-1]).long()
-    rows = torch.repeat_interleave(torch.arange(nb, device=x.device), counts)
+    # output_size from the shape: without it repeat_interleave reads counts.sum() on the host (a sync)
+    rows = torch.repeat_interleave(torch.arange(nb, device=x.device), counts, output_size=col_indices.shape[0])
     xb = x.reshape(m, in_features // block, block)[:, col_indices.long()]  # (M, nnzb, B)
     acc_dtype = torch.float32 if x.dtype != torch.float64 else x.dtype
     partial = torch.einsum("mjc,jrc->jmr", xb.to(acc_dtype), values.to(acc_dtype))  # (nnzb, M, B)
@@ -210,6 +219,141 @@ def nm24_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor],
     return F.linear(x, nm24_decode(values, meta, in_features), bias)
 
 
+# ------------------------------------------------------------------------------------------ sparse-rows
+def sparse_rows_index_dtype(in_features: int) -> torch.dtype:
+    """int16 column indices when in_features <= 32768 (2 bytes per nonzero), else int32."""
+    return torch.int16 if in_features <= 32768 else torch.int32
+
+
+def sparse_rows_encode(weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Dense (N, K) float32 weight -> (values (nnz,) float32, col_indices (nnz,) int16/int32, row_offsets
+    (N + 1,) int32); zeros of `weight` are the pruned entries, nonzeros row by row, columns ascending."""
+    _check_weight(weight)
+    if weight.dtype != torch.float32:
+        raise TypeError(f"the sparse-rows format stores float32 values, got weight dtype {weight.dtype}")
+    n, k = weight.shape
+    rows, cols = (weight != 0).nonzero(as_tuple=True)  # row-major: ascending columns inside each row
+    if rows.numel() >= 2**31:
+        raise ValueError(f"weight has {rows.numel()} nonzeros; the sparse-rows format indexes them with int32")
+    offsets = torch.zeros(n + 1, dtype=torch.int64, device=weight.device)
+    offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+    values = weight[rows, cols].contiguous()
+    return values, cols.to(sparse_rows_index_dtype(k)).contiguous(), offsets.to(torch.int32)
+
+
+def sparse_rows_decode(values: Tensor, col_indices: Tensor, row_offsets: Tensor, in_features: int) -> Tensor:
+    """Inverse of `sparse_rows_encode`: the dense (N, in_features) weight."""
+    n = row_offsets.numel() - 1
+    counts = (row_offsets[1:] - row_offsets[:-1]).long()
+    # output_size from the shape: without it repeat_interleave reads counts.sum() on the host (a sync)
+    rows = torch.repeat_interleave(torch.arange(n, device=values.device), counts, output_size=values.shape[0])
+    dense = torch.zeros(n, in_features, dtype=values.dtype, device=values.device)
+    dense[rows, col_indices.long()] = values
+    return dense
+
+
+def sparse_rows_linear(x: Tensor, values: Tensor, col_indices: Tensor, row_offsets: Tensor, bias: Optional[Tensor],
+                       in_features: int) -> Tensor:
+    """Reference: y = x @ W.T + bias with W decoded from the sparse-rows format."""
+    return F.linear(x, sparse_rows_decode(values, col_indices, row_offsets, in_features), bias)
+
+
+# ------------------------------------------------------------------------------------ tc-bitmask (v2)
+# Tile-contiguous bitmask format ("tc-bitmask"), read by the SpInfer / Flash-LLM style SpMM
+# (csrc/cuda/bitmask_spmm.cu, kernels/bitmask_spmm.py, op sparsebert.ops.bitmask_spmm):
+#     W (N, K) is cut into 64 x 64 tiles (zero-padded at the edges), tile t = i * KT + j for tile row i,
+#     tile column j (KT = ceil(K / 64)); the tiles of one tile row are adjacent, so a K range is one
+#     contiguous byte range.
+#     data          (total,) in W's dtype. Tile t occupies data[tile_offsets[t] : tile_offsets[t + 1]]:
+#                   64 uint64 bitmask words (512 bytes, little-endian, reinterpreted as W's dtype), then
+#                   the tile's nonzeros, then zeros up to a multiple of 16 bytes (every tile 16-byte aligned).
+#     tile_offsets  (NT * KT + 1,) int32: element offsets of the tiles in `data`; the last is data.numel().
+#     Inside a tile, word s (s = 0..63) covers the 8 x 8 sub-tile in the order the mma.sync m16n8k16 A
+#     fragments consume them: s = ((R * 4 + S) * 4 + Qc * 2 + Qr), where the sub-tile holds tile rows
+#     R*16 + Qr*8 + (0..7) and tile columns S*16 + Qc*8 + (0..7); bit p = 8 * row + col (row, col in 0..7).
+#     The nonzeros follow word order, then bit order; the value of set bit p of word s sits at
+#     sum(popcount(word[s'] for s' < s)) + popcount(word[s] & ((1 << p) - 1)).
+#     Bytes per weight = density * sizeof(dtype) + 1/8 + (padding <= 14 bytes + 4) / 4096.
+TC_TILE = 64
+TC_HEADER_BYTES = 512
+
+
+def tc_header_elems(dtype: torch.dtype) -> int:
+    """Number of `dtype` elements the 64 bitmask words of a tile occupy."""
+    return TC_HEADER_BYTES // torch.empty((), dtype=dtype).element_size()
+
+
+def _tc_subtiles(t: Tensor) -> Tensor:
+    """(N, K) -> (NT * KT, 64 sub-tiles, 64 positions) in the tc-bitmask order, zero-padded."""
+    tiles = _to_tiles(t, TC_TILE, TC_TILE)  # (NT, KT, 64 r, 64 c)
+    nt, kt = tiles.shape[:2]
+    # r = R*16 + Qr*8 + ri, c = S*16 + Qc*8 + ci  ->  (R, S, Qc, Qr, ri, ci)
+    six = tiles.reshape(nt, kt, 4, 2, 8, 4, 2, 8).permute(0, 1, 2, 5, 6, 3, 4, 7)
+    return six.reshape(nt * kt, 64, 64)
+
+
+def _tc_from_subtiles(sub: Tensor, nt: int, kt: int) -> Tensor:
+    """Inverse of `_tc_subtiles` (without the crop): (NT * KT, 64, 64) -> (NT * 64, KT * 64)."""
+    six = sub.reshape(nt, kt, 4, 4, 2, 2, 8, 8).permute(0, 2, 5, 6, 1, 3, 4, 7)  # (NT, R, Qr, ri, KT, S, Qc, ci)
+    return six.reshape(nt * TC_TILE, kt * TC_TILE)
+
+
+def tc_bitmask_encode(weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """Dense (N, K) weight -> (data, tile_offsets) in the tc-bitmask format; zeros are the pruned entries."""
+    _check_weight(weight)
+    n, k = weight.shape
+    nt, kt = _cdiv(n, TC_TILE), _cdiv(k, TC_TILE)
+    elem = weight.element_size()
+    header, align = TC_HEADER_BYTES // elem, 16 // elem
+    sub_w = _tc_subtiles(weight)
+    bits = sub_w != 0  # (T, 64, 64)
+    shifts = torch.arange(64, device=weight.device, dtype=torch.int64)
+    words = (bits.to(torch.int64) << shifts).sum(-1)  # distinct bits: the sum is the OR (bit 63 wraps to the sign)
+    counts = bits.sum(dim=(1, 2)).to(torch.int64)
+    lengths = header + (counts + align - 1) // align * align
+    offsets = torch.zeros(nt * kt + 1, dtype=torch.int64, device=weight.device)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    total = int(offsets[-1])
+    if total >= 2**31:
+        raise ValueError(f"the tc-bitmask data of a weight of shape {(n, k)} has {total} elements; int32 offsets "
+                         "index at most 2**31 - 1")
+    data = torch.zeros(total, dtype=weight.dtype, device=weight.device)
+    data64 = data.view(torch.int64)  # every tile is a multiple of 16 bytes long
+    words_at = offsets[:-1] * elem // 8
+    data64[words_at[:, None] + shifts] = words
+    flat = bits.reshape(bits.shape[0], -1)
+    rank = torch.cumsum(flat.to(torch.int64), 1) - 1
+    where = (offsets[:-1, None] + header + rank)[flat]
+    data[where] = sub_w.reshape(flat.shape)[flat]
+    return data, offsets.to(torch.int32)
+
+
+def tc_bitmask_decode(data: Tensor, tile_offsets: Tensor, out_features: int, in_features: int) -> Tensor:
+    """Inverse of `tc_bitmask_encode`: the dense (out_features, in_features) weight. No host sync."""
+    nt, kt = _cdiv(out_features, TC_TILE), _cdiv(in_features, TC_TILE)
+    elem = data.element_size()
+    header = TC_HEADER_BYTES // elem
+    starts = tile_offsets[:-1].to(torch.int64)
+    shifts = torch.arange(64, device=data.device, dtype=torch.int64)
+    words = data.view(torch.int64)[(starts * elem // 8)[:, None] + shifts]  # (T, 64)
+    bits = ((words[:, :, None] >> shifts) & 1).bool().reshape(nt * kt, 4096)
+    rank = torch.cumsum(bits.to(torch.int64), 1) - 1
+    where = (starts[:, None] + header + rank).clamp(0, max(data.numel() - 1, 0))
+    sub = torch.where(bits, data[where], torch.zeros((), dtype=data.dtype, device=data.device))
+    dense = _tc_from_subtiles(sub, nt, kt)
+    return dense[:out_features, :in_features].contiguous()
+
+
+def tc_bitmask_nbytes(data: Tensor, tile_offsets: Tensor) -> int:
+    return data.numel() * data.element_size() + tile_offsets.numel() * tile_offsets.element_size()
+
+
+def bitmask_spmm(x: Tensor, data: Tensor, tile_offsets: Tensor, bias: Optional[Tensor], out_features: int,
+                 in_features: int) -> Tensor:
+    """Reference: y = x @ W.T + bias with W decoded from the tc-bitmask format."""
+    return F.linear(x, tc_bitmask_decode(data, tile_offsets, out_features, in_features), bias)
+
+
 def dense_nbytes(out_features: int, in_features: int, dtype: torch.dtype) -> int:
     return out_features * in_features * torch.empty((), dtype=dtype).element_size()
 
@@ -223,4 +367,7 @@ __all__ = [
     "BSR_BLOCK_SIZES", "bitmask_encode", "bitmask_decode", "bitmask_linear", "bitmask_nbytes",
     "bitmask_bytes_per_weight", "bsr_encode", "bsr_decode", "bsr_linear", "bsr_linear_blockwise", "is_2to4",
     "nm24_encode", "nm24_decode", "nm24_linear", "dense_nbytes", "check_tile", "check_block",
+    "sparse_rows_encode", "sparse_rows_decode", "sparse_rows_linear", "sparse_rows_index_dtype",
+    "TC_TILE", "TC_HEADER_BYTES", "tc_header_elems", "tc_bitmask_encode", "tc_bitmask_decode",
+    "tc_bitmask_nbytes", "bitmask_spmm",
 ]

@@ -4,6 +4,11 @@ The mask is never written to memory. Backward: dX = dY (W * m), and, by the stra
 estimator, dScores = (dY^T X) * W produced by the same GEMM as the optional dW = (dY^T X) * m
 (one GEMM, two epilogue outputs). The threshold travels as a 0-dim tensor so that a threshold computed on
 the device by `topk_threshold` needs no host round trip in the ops layer.
+
+Size dispatch (issue 10 item 1, as `masked_linear`): with backend="auto" on CUDA at or above the measured
+crossover, `sparsebert::score_masked_weight` writes W * [s >= tau] once, F.linear (cuBLAS, bias in the
+epilogue) and autograd's input-gradient GEMM share it, and the weight gradient is cuBLAS G = dY^T X followed
+by one elementwise pass writing dScores = G * W and dW = G * m (`sparsebert::score_masked_weight_grad`).
 """
 from __future__ import annotations
 
@@ -13,17 +18,20 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._backends import impl, resolve_backend
+from ._backends import impl, op_backend, resolve_backend
+from .masked_linear import PASS_BACKENDS, _auto_takes_weight_pass, pass_backend
 
 
-def _tau(threshold: Tensor, backend: str):
-    # torch and Triton read the threshold on the device (no host sync); the C++/CUDA ops take a float.
-    return threshold if backend in ("torch", "triton") else float(threshold)
+def _tau(threshold: Tensor, backend: str) -> Tensor:
+    # Every backend takes the 0-dim tensor and reads it where it lives (the C++/CUDA ops through their
+    # `.tensor` overloads): no host sync.
+    return threshold
 
 
 @torch.library.custom_op("sparsebert::score_masked_linear", mutates_args=())
 def _score_masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, threshold: Tensor,
                          backend: str) -> Tensor:
+    backend = resolve_backend(backend, x.device)
     return impl(backend).score_masked_linear_fwd(x, weight, bias, scores, _tau(threshold, backend))
 
 
@@ -34,6 +42,7 @@ def _(x, weight, bias, scores, threshold, backend):
 
 @torch.library.custom_op("sparsebert::score_masked_linear_bwd_input", mutates_args=())
 def _score_masked_linear_bwd_input(dy: Tensor, weight: Tensor, scores: Tensor, threshold: Tensor, backend: str) -> Tensor:
+    backend = resolve_backend(backend, dy.device)
     return impl(backend).score_masked_linear_bwd_input(dy, weight, scores, _tau(threshold, backend))
 
 
@@ -45,6 +54,7 @@ def _(dy, weight, scores, threshold, backend):
 @torch.library.custom_op("sparsebert::score_masked_linear_bwd_weight_scores", mutates_args=())
 def _score_masked_linear_bwd_weight_scores(dy: Tensor, x: Tensor, weight: Tensor, scores: Tensor, threshold: Tensor,
                                            need_dweight: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    backend = resolve_backend(backend, dy.device)
     ds, dw = impl(backend).score_masked_linear_bwd_weight_scores(dy, x, weight, scores, _tau(threshold, backend),
                                                                   need_dweight)
     return ds, (dw if dw is not None else weight.new_empty(0))
@@ -80,6 +90,80 @@ def _backward(ctx, dy):
 _score_masked_linear.register_autograd(_backward, setup_context=_setup)
 
 
+@torch.library.custom_op("sparsebert::score_masked_weight", mutates_args=())
+def _score_masked_weight(weight: Tensor, scores: Tensor, threshold: Tensor, backend: str) -> Tensor:
+    """W * [scores >= tau] (masked-dense), one elementwise pass; tau read on the device."""
+    if backend == "triton":
+        from sparsebert.kernels import _gemm, mask_weight
+        return mask_weight.masked_weight(weight, scores, _gemm.MASK_SCORES, threshold)
+    from ._torch_backend import _masked
+    return _masked(weight, scores >= threshold)
+
+
+@_score_masked_weight.register_fake
+def _(weight, scores, threshold, backend):
+    return torch.empty_like(weight)
+
+
+@torch.library.custom_op("sparsebert::score_masked_weight_grad", mutates_args=())
+def _score_masked_weight_grad(grad: Tensor, weight: Tensor, scores: Tensor, threshold: Tensor, need_dscores: bool,
+                              need_dweight: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """From G = dY^T X: (dscores = G * W in the scores' dtype, dweight = G * m in the weight's dtype), one pass;
+    an output not asked for is an empty tensor."""
+    if backend == "triton":
+        from sparsebert.kernels import _gemm, mask_weight
+        ds, dw = mask_weight.weight_grad_epilogue(grad, weight, scores, _gemm.MASK_SCORES, threshold,
+                                                  need_dscores=need_dscores, need_dweight=need_dweight)
+    else:
+        from ._torch_backend import _masked
+        g = grad.float()
+        ds = (g * weight.float()).to(scores.dtype) if need_dscores else None
+        dw = _masked(g, scores >= threshold).to(weight.dtype) if need_dweight else None
+    return (ds if ds is not None else scores.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
+
+
+@_score_masked_weight_grad.register_fake
+def _(grad, weight, scores, threshold, need_dscores, need_dweight, backend):
+    return (scores.new_empty(scores.shape) if need_dscores else scores.new_empty(0),
+            weight.new_empty(weight.shape) if need_dweight else weight.new_empty(0))
+
+
+def _setup_weight(ctx, inputs, output):
+    weight, scores, threshold, backend = inputs
+    ctx.save_for_backward(weight, scores, threshold)
+    ctx.backend = backend
+
+
+def _backward_weight(ctx, grad):
+    weight, scores, threshold = ctx.saved_tensors
+    need_dw, need_ds = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dw or need_ds):
+        return None, None, None, None
+    ds, dw = _score_masked_weight_grad(grad.contiguous(), weight, scores, threshold, need_ds, need_dw, ctx.backend)
+    return (dw if need_dw else None), (ds if need_ds else None), None, None
+
+
+_score_masked_weight.register_autograd(_backward_weight, setup_context=_setup_weight)
+
+
+def score_masked_linear_weight_pass(x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor,
+                                    threshold: Union[float, Tensor], *, pass_kernel: Optional[str] = None) -> Tensor:
+    """The weight-pass path of `score_masked_linear` (what "auto" runs at or above the crossover).
+    pass_kernel: "triton", "torch" or None (best available)."""
+    V.check_linear(x, weight, bias)
+    V.check_scores(scores, weight)
+    return _weight_pass(x, weight, bias, scores, V.as_threshold(threshold, weight.device), pass_kernel)
+
+
+def _weight_pass(x, weight, bias, scores, tau, pass_kernel):
+    if pass_kernel is None:
+        pass_kernel = pass_backend(x.device)
+    elif pass_kernel not in PASS_BACKENDS:
+        raise ValueError(f"pass_kernel must be one of {PASS_BACKENDS} or None, got {pass_kernel!r}")
+    w_eff = _score_masked_weight(weight.contiguous(), scores.contiguous(), tau, pass_kernel)
+    return torch.nn.functional.linear(x, w_eff, bias)
+
+
 def score_masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor,
                         threshold: Union[float, Tensor], *, backend: str = "auto") -> Tensor:
     """y = x (W * [scores >= threshold])^T + b; gradients: dX, dScores (STE), dW and db when they require grad.
@@ -90,7 +174,9 @@ def score_masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], score
     V.check_linear(x, weight, bias)
     V.check_scores(scores, weight)
     tau = V.as_threshold(threshold, weight.device)
-    chosen = resolve_backend(backend, x.device)
+    if _auto_takes_weight_pass("score_masked_linear", backend, x):
+        return _weight_pass(x, weight, bias, scores, tau, None)
+    chosen = op_backend(backend, x.device)
     lead = x.shape[:-1]
     y = _score_masked_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
                              None if bias is None else bias.contiguous(), scores.contiguous(), tau, chosen)
