@@ -3,7 +3,7 @@
     compress(model, format="bitmask" | "bsr" | "2:4" | "dense", block_size=32, tile=(32, 64), ...)
     decompress(model, to="linear" | "sparse")
     footprint_report(model)                     bytes per module and in total, against dense
-    save_compressed(model, path); load_compressed(path_or_state, model_skeleton)
+    save_compressed(model, path); load_compressed(path)   one safetensors file, JSON manifest + config inside
 
 Inference modules (no training; forward only; each has `.nbytes()`, `.bytes_per_weight`, `.dense_weight()`):
     BitmaskLinear         unstructured: nonzeros + 1-bit mask + per-tile offsets (Triton on GPU, C++ on CPU)
@@ -34,13 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import reference_formats as rf
-from ..ops.sparse_formats import bitmask_linear, bsr_linear
+from ..ops.sparse_formats import bitmask_linear, bsr_linear, validate_bitmask_format, validate_bsr_format
+from ..ops.sparse_rows_linear import validate_sparse_rows_format
 from .sparse_linear import SparseLinear
 
 log = logging.getLogger("sparsebert.nn.compress")
 
-FORMATS = ("bitmask", "bsr", "2:4", "dense")
-SAVE_FORMAT_VERSION = 1
+FORMATS = ("bitmask", "bsr", "2:4", "dense", "sparse-rows", "auto")
+SAVE_FORMAT_VERSION = 2  # 2: safetensors + JSON metadata (1 was a torch pickle)
 
 
 def _nbytes(*tensors: Optional[Tensor]) -> int:
@@ -98,6 +99,21 @@ class _CompressedLinear(nn.Module, abc.ABC):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bytes_per_weight={self.bytes_per_weight:.3f}")
 
+    def validate(self) -> None:
+        """Check the stored format's contents (indices in range, offsets consistent); ValueError naming the
+        tensor. Runs at construction and after every state-dict load, never in forward."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        n_errors, n_missing = len(error_msgs), len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(error_msgs) == n_errors and len(missing_keys) == n_missing:  # loaded whole: check it
+            try:
+                self.validate()
+            except ValueError as exc:
+                raise ValueError(f"{type(self).__name__} {prefix.rstrip('.') or '(root)'}: {exc}") from None
+
 
 class BitmaskLinear(_CompressedLinear):
     """y = x W^T + b with W as nonzero values + bitmask + per-tile offsets (see reference_formats)."""
@@ -112,6 +128,11 @@ class BitmaskLinear(_CompressedLinear):
         self.register_buffer("bitmask", bitmask)
         self.register_buffer("tile_offsets", offsets)
         self.backend = backend
+        self.validate()
+
+    def validate(self) -> None:
+        validate_bitmask_format(self.values, self.bitmask, self.tile_offsets, self.in_features, self.tile_n,
+                                self.tile_k)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -131,14 +152,6 @@ class BitmaskLinear(_CompressedLinear):
     def manifest(self) -> Dict:
         return {**super().manifest(), "tile": [self.tile_n, self.tile_k], "nnz": self.values.numel()}
 
-    @classmethod
-    def _empty(cls, m: Dict) -> "BitmaskLinear":
-        dtype = getattr(torch, m["dtype"])
-        new = cls(torch.zeros(m["out_features"], m["in_features"], dtype=dtype),
-                  torch.zeros(m["out_features"], dtype=dtype) if m["has_bias"] else None, tile=m["tile"])
-        new.values = torch.zeros(m["nnz"], dtype=dtype)
-        return new
-
 
 class BSRLinear(_CompressedLinear):
     """y = x W^T + b with W as B x B blocks (values, crow_indices, col_indices), B in {16, 32, 64}."""
@@ -154,6 +167,10 @@ class BSRLinear(_CompressedLinear):
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
         self.backend = backend
+        self.validate()
+
+    def validate(self) -> None:
+        validate_bsr_format(self.values, self.crow_indices, self.col_indices, self.in_features, self.out_features)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -175,15 +192,6 @@ class BSRLinear(_CompressedLinear):
 
     def manifest(self) -> Dict:
         return {**super().manifest(), "block_size": self.block_size, "nnzb": self.values.shape[0]}
-
-    @classmethod
-    def _empty(cls, m: Dict) -> "BSRLinear":
-        dtype, b = getattr(torch, m["dtype"]), m["block_size"]
-        new = cls(torch.zeros(m["out_features"], m["in_features"], dtype=dtype),
-                  torch.zeros(m["out_features"], dtype=dtype) if m["has_bias"] else None, block_size=b)
-        new.values = torch.zeros(m["nnzb"], b, b, dtype=dtype)
-        new.col_indices = torch.zeros(m["nnzb"], dtype=torch.int32)
-        return new
 
 
 def _semi_structured_supported(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -293,23 +301,31 @@ class SemiStructuredLinear(_CompressedLinear):
         self.meta = self.meta.new_empty(0)
         return True
 
-    def _probe(self, x2: Tensor) -> str:
-        """Time the sparse and the dense product on this input once; the faster one wins."""
+    def _probe(self, x2: Tensor, reps: int = 25, margin: float = 0.05) -> str:
+        """Time the sparse and the dense product on this input; sparse wins only when its median is more
+        than `margin` faster than dense. Each of the `reps` runs per candidate (alternating, after
+        warm-up) starts from a flushed L2 and is timed alone with CUDA events, so that "never slower than
+        dense" holds beyond timing noise."""
         dense = self._dense_weight_cached()
-        times = {}
-        for name, w in (("sparse", self._sparse), ("dense", dense)):
+        candidates = (("sparse", self._sparse), ("dense", dense))
+        flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=x2.device)  # > any GPU's L2
+        events = {name: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                         for _ in range(reps)] for name, _ in candidates}
+        for _, w in candidates:
             for _ in range(3):
                 F.linear(x2, w)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
+        for i in range(reps):
+            for name, w in candidates:
+                flush.zero_()
+                start, end = events[name][i]
+                start.record()
                 F.linear(x2, w)
-            end.record()
-            torch.cuda.synchronize()
-            times[name] = start.elapsed_time(end)
-        choice = "sparse" if times["sparse"] < times["dense"] else "dense"
-        log.debug("2:4 probe %s: sparse %.4f ms, dense %.4f ms -> %s", tuple(x2.shape), times["sparse"] / 10,
-                  times["dense"] / 10, choice)
+                end.record()
+        torch.cuda.synchronize()
+        times = {name: sorted(s.elapsed_time(e) for s, e in events[name])[reps // 2] for name, _ in candidates}
+        choice = "sparse" if times["sparse"] * (1.0 + margin) < times["dense"] else "dense"
+        log.debug("2:4 probe %s: sparse %.4f ms, dense %.4f ms (medians of %d, margin %.0f%%) -> %s",
+                  tuple(x2.shape), times["sparse"], times["dense"], reps, 100 * margin, choice)
         return choice
 
     def forward(self, x: Tensor) -> Tensor:
@@ -334,18 +350,14 @@ class SemiStructuredLinear(_CompressedLinear):
         y = F.linear(x2.contiguous(), w, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    @classmethod
-    def _empty(cls, m: Dict) -> "SemiStructuredLinear":
-        dtype = getattr(torch, m["dtype"])
-        return cls(torch.zeros(m["out_features"], m["in_features"], dtype=dtype),
-                   torch.zeros(m["out_features"], dtype=dtype) if m["has_bias"] else None,
-                   policy=m.get("policy", "auto"))
-
     def manifest(self) -> Dict:
         return {**super().manifest(), "policy": self.policy}
 
 
 COMPRESSED_TYPES = {"bitmask": BitmaskLinear, "bsr": BSRLinear, "2:4": SemiStructuredLinear}
+# what each format saves (besides the bias); "sparse-rows" is SparseRowsLinear (sparsebert.nn.cpu_sparse)
+_STORED_TENSORS = {"bitmask": ("values", "bitmask", "tile_offsets"), "bsr": ("values", "crow_indices", "col_indices"),
+                   "2:4": ("values", "meta"), "sparse-rows": ("values", "col_indices", "row_offsets")}
 
 
 # ------------------------------------------------------------------------------------------ model surgery
@@ -374,13 +386,23 @@ def _is_linear_like(module: nn.Module) -> bool:
 
 def compress(model: nn.Module, format: str = "bitmask", *, block_size: int = 32, tile=(32, 64),
              modules: Union[None, Iterable[str], Callable[[str, nn.Module], bool]] = None,
-             min_sparsity: float = 0.0, policy: str = "auto", backend: str = "auto") -> nn.Module:
+             min_sparsity: float = 0.0, policy: str = "auto", backend: str = "auto",
+             speed_check: bool = True, tokens: Iterable[int] = (1, 16, 128), margin: float = 0.10,
+             timer=None) -> nn.Module:
     """Replace pruned linears of `model` (in place; returned) by inference modules of `format`.
 
     format: "bitmask" (tile=(TILE_N, TILE_K)), "bsr" (block_size 16/32/64), "2:4" (policy auto/sparse/
-    dense), or "dense" (plain nn.Linear with the zeros written in: SparseLinear and compressed modules).
+    dense), "sparse-rows" (float32 CPU kernel, sparsebert.nn.cpu_sparse), "dense" (plain nn.Linear with the
+    zeros written in: SparseLinear and compressed modules), or "auto": per layer, "sparse-rows" when it
+    measures at least `margin` faster than dense at every token count in `tokens` on this machine, else
+    "dense" (see cpu_sparse.choose_cpu_format; `timer` replaces the clock).
     modules: names, or a predicate (name, module) -> bool; default: every linear whose effective weight
     has more than `min_sparsity` zeros (every SparseLinear that prunes anything, compressed modules too).
+    speed_check: with an explicit sparse format on CPU weights, time each new layer against dense (3 quick
+    interleaved reps per token count) and warn (SlowerThanDenseWarning) naming the layer and the ratio when
+    it is slower at some token count.
+    The choice and the measured speedups (dense time / layer time per token count) of every layer handled
+    are recorded in `model.compress_choices` {name: {"format", "speedups", "reason"}}.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -390,14 +412,21 @@ def compress(model: nn.Module, format: str = "bitmask", *, block_size: int = 32,
         rf.check_tile(*tile)
     named = {n: m for n, m in model.named_modules() if n and _is_linear_like(m)}
     if modules is None:
-        chosen = []
+        chosen, zeros, total = [], 0, 0
         for name, mod in named.items():
             if isinstance(mod, _CompressedLinear):
                 chosen.append(name)
                 continue
             w = _effective_weight(mod)
-            if float((w == 0).float().mean()) > min_sparsity:
+            z = int((w == 0).sum())
+            zeros, total = zeros + z, total + w.numel()
+            if z / max(1, w.numel()) > min_sparsity:
                 chosen.append(name)
+        if not chosen:
+            warnings.warn(f"compress(format={format!r}) changed nothing: no linear layer has more than "
+                          f"min_sparsity={min_sparsity} zeros (measured density {1 - zeros / max(1, total):.4f} "
+                          f"over {len(named)} linears); prune the model first (sparsify + mask training or IMP)",
+                          UserWarning, stacklevel=2)
     elif callable(modules):
         chosen = [n for n, m in named.items() if modules(n, m)]
     else:
@@ -405,28 +434,59 @@ def compress(model: nn.Module, format: str = "bitmask", *, block_size: int = 32,
         missing = [n for n in chosen if n not in named]
         if missing:
             raise ValueError(f"modules {missing} are not linear layers of the model")
+    from .cpu_sparse import SlowerThanDenseWarning, SparseRowsLinear, choose_cpu_format, interleaved_median_timer
+    from .cpu_sparse import measure_speedup
+
+    tokens = tuple(tokens)
+    choices = getattr(model, "compress_choices", None)
+    choices = dict(choices) if isinstance(choices, dict) else {}
     for name in chosen:
         mod = named[name]
-        if isinstance(mod, _CompressedLinear) and mod.format == format:
+        fmt, new = format, None
+        if format == "auto":
+            w, b = _effective_weight(mod), _bias_of(mod)
+            choice = choose_cpu_format(w, b, tokens=tokens, margin=margin, timer=timer)
+            fmt, new = choice.format, choice.module
+            choices[name] = choice.as_dict()
+            log.info("compress(auto) %s %s: %s (%s)", name, tuple(w.shape), fmt, choice.reason)
+        if isinstance(mod, _CompressedLinear) and mod.format == fmt:
             continue
-        w, b = _effective_weight(mod), _bias_of(mod)
+        if format != "auto":
+            w, b = _effective_weight(mod), _bias_of(mod)
         try:
-            if format == "dense":
+            if new is not None:
+                pass
+            elif fmt == "dense":
                 new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
                 with torch.no_grad():
                     new.weight.copy_(w)
                     if b is not None:
                         new.bias.copy_(b)
-            elif format == "bitmask":
+            elif fmt == "bitmask":
                 new = BitmaskLinear(w, b, tile=tile, backend=backend)
-            elif format == "bsr":
+            elif fmt == "bsr":
                 new = BSRLinear(w, b, block_size=block_size, backend=backend)
+            elif fmt == "sparse-rows":
+                new = SparseRowsLinear(w, b, backend=backend)
             else:
                 new = SemiStructuredLinear(w, b, policy=policy)
-        except ValueError as exc:
-            raise ValueError(f"cannot compress module {name!r} (weight {tuple(w.shape)}) to {format!r}: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"cannot compress module {name!r} (weight {tuple(w.shape)}) to {fmt!r}: {exc}") from exc
+        if format in ("bitmask", "bsr", "sparse-rows") and speed_check and w.device.type == "cpu":
+            speedups = measure_speedup(new, w, b, tokens=tokens, timer=timer or interleaved_median_timer(3, 1))
+            choices[name] = {"format": fmt, "speedups": speedups, "reason": "explicit format"}
+            slow = {t: r for t, r in speedups.items() if r < 1.0}
+            if slow:
+                worst = min(slow, key=slow.get)
+                warnings.warn(f"compress(format={fmt!r}): module {name!r} {tuple(w.shape)} measured slower than "
+                              f"dense on this CPU: {slow[worst]:.2f}x dense speed at {worst} tokens (speedups by "
+                              f"token count: { {t: round(r, 2) for t, r in speedups.items()} }); format='auto' "
+                              f"keeps such layers dense", SlowerThanDenseWarning, stacklevel=2)
+        elif format == "dense":
+            choices[name] = {"format": "dense", "speedups": {}, "reason": "explicit format"}
         new.train(mod.training)
         _set_module(model, name, new)
+    model.compress_choices = choices
     return model
 
 
@@ -471,39 +531,182 @@ def footprint_report(model: nn.Module) -> Dict:
             "ratio": total / dense_total if dense_total else float("nan")}
 
 
+def _manifest_dtype(name: str, m: Dict) -> torch.dtype:
+    dtype = getattr(torch, str(m.get("dtype")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"module {name!r}: manifest dtype must be a floating torch dtype, got {m.get('dtype')!r}")
+    return dtype
+
+
+def compressed_from_tensors(name: str, m: Dict, tensors: Dict[str, Tensor], *, backend: str = "auto",
+                            device=None) -> _CompressedLinear:
+    """Build the compressed module described by manifest `m` from its stored tensors (keys without the
+    module prefix), through the layer's constructor: the stored form is decoded with the reference decoder,
+    re-encoded, and must match what was stored exactly; anything else is a ValueError naming the module."""
+    fmt = m.get("format")
+    if fmt not in _STORED_TENSORS:
+        raise ValueError(f"module {name!r}: format must be one of {sorted(_STORED_TENSORS)}, got {fmt!r}")
+    try:
+        n, k, has_bias = int(m["out_features"]), int(m["in_features"]), bool(m["has_bias"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"module {name!r}: manifest needs integer in_features/out_features and has_bias") from exc
+    dtype = _manifest_dtype(name, m)
+    stored = _STORED_TENSORS[fmt]
+    wanted = set(stored) | ({"bias"} if has_bias else set())
+    if set(tensors) != wanted:
+        raise ValueError(f"module {name!r} ({fmt}): stored tensors must be {sorted(wanted)}, got {sorted(tensors)}")
+    if tensors["values"].dtype != dtype:
+        raise ValueError(f"module {name!r}: values have dtype {tensors['values'].dtype}, manifest says {dtype}")
+    bias = tensors.get("bias")
+    if bias is not None and (bias.dtype != dtype or tuple(bias.shape) != (n,)):
+        raise ValueError(f"module {name!r}: bias must be ({n},) {dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    t = {s: tensors[s] for s in stored}
+    try:
+        if fmt == "bitmask":
+            tile = [int(v) for v in m["tile"]]
+            if tuple(t["bitmask"].shape) != (n, -(-k // 32)):
+                raise ValueError(f"bitmask must have shape ({n}, {-(-k // 32)}), got {tuple(t['bitmask'].shape)}")
+            dense = rf.bitmask_decode(t["values"], t["bitmask"], t["tile_offsets"], k, *tile)
+            new = BitmaskLinear(dense, bias, tile=tile, backend=backend)
+        elif fmt == "bsr":
+            b = int(m["block_size"])
+            rf.check_block(b)
+            if t["values"].dim() != 3 or tuple(t["values"].shape[1:]) != (b, b) or n % b or k % b:
+                raise ValueError(f"values must be (nnzb, {b}, {b}) blocks of a ({n}, {k}) weight, got "
+                                 f"{tuple(t['values'].shape)}")
+            if tuple(t["crow_indices"].shape) != (n // b + 1,):
+                raise ValueError(f"crow_indices must have {n // b + 1} entries, got {tuple(t['crow_indices'].shape)}")
+            dense = rf.bsr_decode(t["values"], t["crow_indices"], t["col_indices"], k)
+            new = BSRLinear(dense, bias, block_size=b, backend=backend)
+        elif fmt == "sparse-rows":
+            from .cpu_sparse import SparseRowsLinear  # cpu_sparse imports this module
+            validate_sparse_rows_format(t["values"], t["col_indices"], t["row_offsets"], k, n)
+            dense = rf.sparse_rows_decode(t["values"], t["col_indices"], t["row_offsets"], k)
+            new = SparseRowsLinear(dense, bias, backend=backend)
+        else:
+            if tuple(t["values"].shape) != (n, k // 2) or tuple(t["meta"].shape) != (n, -(-k // 8)):
+                raise ValueError(f"values must be ({n}, {k // 2}) and meta ({n}, {-(-k // 8)}), got "
+                                 f"{tuple(t['values'].shape)} and {tuple(t['meta'].shape)}")
+            dense = rf.nm24_decode(t["values"], t["meta"].to(torch.uint8), k)
+            new = SemiStructuredLinear(dense, bias, policy=m.get("policy", "auto"))
+    except (RuntimeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"module {name!r}: stored {fmt} tensors are invalid: {exc}") from exc
+    if tuple(dense.shape) != (n, k):
+        raise ValueError(f"module {name!r}: stored {fmt} tensors decode to {tuple(dense.shape)}, manifest says {(n, k)}")
+    for s in stored:
+        if getattr(new, s).dtype != t[s].dtype or not torch.equal(getattr(new, s), t[s]):
+            raise ValueError(f"module {name!r}: stored {fmt} tensor {s!r} is inconsistent with the others "
+                             "(re-encoding the decoded weight gives a different value)")
+    return new if device is None else new.to(device)
+
+
 # ------------------------------------------------------------------------------------------ save / load
+_PICKLE_HINT = ("files written by sparsebert 0.1 (torch pickles) are not read, since loading a pickle can run "
+                "code; load that file with torch.load(weights_only=True) in a trusted session and save it again")
+
+
+def compressed_state(model: nn.Module) -> Dict[str, Tensor]:
+    """The model's state dict on the CPU, contiguous, with tied (shared-storage) tensors cloned apart so that
+    safetensors accepts them; compressed modules appear in their stored form."""
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
+        if key is not None and key in seen:
+            v = v.clone()
+        seen.add(key)
+        state[k] = v
+    return state
+
+
+def compressed_manifest(model: nn.Module) -> Dict[str, Dict]:
+    """Module name -> manifest (format, shape, dtype, format settings) of every compressed module."""
+    return {n: m.manifest() for n, m in model.named_modules() if isinstance(m, _CompressedLinear)}
+
+
 def save_compressed(model: nn.Module, path) -> None:
-    """Save the whole model state (compressed modules in their stored form) with a manifest that says
-    which modules are compressed and how; load with `load_compressed(path, skeleton)`."""
-    manifest = {n: m.manifest() for n, m in model.named_modules() if isinstance(m, _CompressedLinear)}
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"sparsebert_compressed": SAVE_FORMAT_VERSION, "manifest": manifest, "state_dict": state}, path)
+    """Save a compressed model as one safetensors file (no pickle): every tensor of the state dict, and in
+    the file's metadata a JSON manifest of the compressed modules plus, for a Hugging Face model, its config
+    and class, so that `load_compressed(path)` needs no skeleton. Written atomically, with the umask."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .persistence import atomic_file
+
+    meta = {"sparsebert_compressed": str(SAVE_FORMAT_VERSION), "manifest": json.dumps(compressed_manifest(model))}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        meta["config"] = config.to_json_string(use_diff=False)
+        meta["model_class"] = type(model).__name__
+    state = compressed_state(model)
+    with atomic_file(path) as tmp:
+        save_file(state, tmp, metadata=meta)
 
 
-def load_compressed(path_or_state, model_skeleton: nn.Module, *, map_location="cpu") -> nn.Module:
-    """Rebuild a compressed model: `model_skeleton` has the architecture (e.g. a freshly built dense model
-    of the same config); its modules named in the manifest are replaced by empty compressed modules, then
-    the saved state is loaded strictly. Returns the skeleton, modified in place."""
+def _read_compressed_file(path, map_location):
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a safetensors file written by save_compressed ({exc}); " + _PICKLE_HINT) from exc
+    if "sparsebert_compressed" not in meta:
+        raise ValueError(f"{path} is not a sparsebert compressed checkpoint (no 'sparsebert_compressed' metadata)")
+    try:
+        version = int(meta["sparsebert_compressed"])
+        manifest = json.loads(meta["manifest"])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: the sparsebert metadata is damaged ({exc})") from exc
+    return {"sparsebert_compressed": version, "manifest": manifest, "state_dict": state,
+            "config": meta.get("config"), "model_class": meta.get("model_class")}
+
+
+def load_compressed(path_or_state, model_skeleton: Optional[nn.Module] = None, *, map_location="cpu",
+                    backend: str = "auto") -> nn.Module:
+    """Rebuild a model saved by `save_compressed` (a safetensors file, or the same content as a dict with
+    keys sparsebert_compressed / manifest / state_dict). Without `model_skeleton` the model is built from
+    the config and class stored in the file; the compressed modules are built from their stored tensors
+    (validated: see `compressed_from_tensors`), then the whole state is loaded strictly."""
     blob = path_or_state
     if not isinstance(blob, dict):
-        blob = torch.load(path_or_state, map_location=map_location, weights_only=True)
+        blob = _read_compressed_file(path_or_state, map_location)
     if not isinstance(blob, dict) or "sparsebert_compressed" not in blob:
-        raise ValueError("not a sparsebert compressed checkpoint (expected the dict written by save_compressed)")
-    if blob["sparsebert_compressed"] > SAVE_FORMAT_VERSION:
+        raise ValueError("not a sparsebert compressed checkpoint (expected the file or dict written by save_compressed)")
+    if int(blob["sparsebert_compressed"]) > SAVE_FORMAT_VERSION:
         raise ValueError(f"checkpoint format version {blob['sparsebert_compressed']} is newer than this "
                          f"sparsebert understands ({SAVE_FORMAT_VERSION})")
+    if model_skeleton is None:
+        if not blob.get("config") or not blob.get("model_class"):
+            raise ValueError("this compressed checkpoint records no model config/class; pass model_skeleton "
+                             "(a freshly built model of the same architecture)")
+        import json
+
+        from .persistence import build_model
+        model_skeleton = build_model(json.loads(blob["config"]), blob["model_class"])
+    state = blob["state_dict"]
     device = next((p.device for p in model_skeleton.parameters()), torch.device("cpu"))
     for name, m in blob["manifest"].items():
-        if m["format"] not in COMPRESSED_TYPES:
-            raise ValueError(f"module {name!r} has unknown format {m['format']!r}")
         try:
             model_skeleton.get_submodule(name)
         except AttributeError as exc:
-            raise ValueError(f"the skeleton has no module {name!r} named in the checkpoint") from exc
-        _set_module(model_skeleton, name, COMPRESSED_TYPES[m["format"]]._empty(m).to(device))
-    model_skeleton.load_state_dict(blob["state_dict"], strict=True)
+            raise ValueError(f"the model has no module {name!r} named in the checkpoint") from exc
+        prefix = name + "."
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        _set_module(model_skeleton, name, compressed_from_tensors(name, m, own, backend=backend, device=device))
+    model_skeleton.load_state_dict(state, strict=True)
+    for module in model_skeleton.modules():  # compressed formats: contents checked whatever the loader
+        if isinstance(module, _CompressedLinear):
+            module.validate()
     return model_skeleton
 
 
-__all__ = ["compress", "decompress", "footprint_report", "save_compressed", "load_compressed", "BitmaskLinear",
+__all__ = ["compress", "decompress", "footprint_report", "save_compressed", "load_compressed",
+           "compressed_from_tensors", "compressed_manifest", "compressed_state", "BitmaskLinear",
            "BSRLinear", "SemiStructuredLinear", "FORMATS"]

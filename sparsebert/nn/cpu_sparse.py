@@ -1,0 +1,170 @@
+"""CPU sparse inference: the `SparseRowsLinear` layer and the measured sparse-or-dense choice behind
+`compress(model, format="auto")`.
+
+    SparseRowsLinear(weight, bias)          unstructured float32 W as nonzeros + int16 columns + row offsets;
+                                            forward = the C++ AVX2 kernel (sparsebert.ops.sparse_rows_linear)
+    choose_cpu_format(weight, bias)         times that layer against dense F.linear at a few token counts
+                                            and returns a FormatChoice ("sparse-rows" only when it is at least
+                                            `margin` faster at every one of them)
+    measure_speedup(module, weight, bias)   dense time / module time per token count (the explicit-format
+                                            check in compress())
+Timings are medians of interleaved wall-clock runs (sparse, dense, sparse, ...) after a warm-up, so that a
+change of machine load hits both candidates alike. `timer=` replaces the clock (tests).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import reference_formats as rf
+from ..ops.sparse_rows_linear import cpp_available, sparse_rows_linear, validate_sparse_rows_format
+from .compress import _CompressedLinear, _nbytes
+
+DEFAULT_TOKENS = (1, 16, 128)
+DEFAULT_MARGIN = 0.10
+
+# timer(candidates, tokens) -> {name: seconds}: the time of each candidate callable at that token count.
+Timer = Callable[[Mapping[str, Callable[[], Tensor]], int], Mapping[str, float]]
+
+
+class SlowerThanDenseWarning(UserWarning):
+    """A compressed layer measured slower than the dense product it replaces."""
+
+
+class SparseRowsLinear(_CompressedLinear):
+    """y = x W^T + b with an unstructured float32 W stored row by row (values, col_indices, row_offsets;
+    layout in sparsebert.ops.reference_formats). CPU: the C++ kernel; elsewhere: decode + F.linear."""
+
+    format = "sparse-rows"
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None, *, backend: str = "auto"):
+        if weight.dtype != torch.float32:
+            raise TypeError(f"SparseRowsLinear stores float32 weights, got {weight.dtype} (cast with .float())")
+        if bias is not None and bias.dtype != torch.float32:
+            raise TypeError(f"SparseRowsLinear needs a float32 bias, got {bias.dtype}")
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        values, cols, offsets = rf.sparse_rows_encode(weight.detach())
+        self.register_buffer("values", values)
+        self.register_buffer("col_indices", cols)
+        self.register_buffer("row_offsets", offsets)
+        self.backend = backend
+        self.validate()
+
+    def validate(self) -> None:
+        validate_sparse_rows_format(self.values, self.col_indices, self.row_offsets, self.in_features,
+                                    self.out_features)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def weight_nbytes(self) -> int:
+        return _nbytes(self.values, self.col_indices, self.row_offsets)
+
+    def dense_weight(self) -> Tensor:
+        return rf.sparse_rows_decode(self.values, self.col_indices, self.row_offsets, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sparse_rows_linear(x, self.values, self.col_indices, self.row_offsets, self.bias, self.in_features,
+                                  backend=self.backend)
+
+    def manifest(self) -> Dict:
+        return {**super().manifest(), "nnz": self.values.numel()}
+
+
+@dataclass
+class FormatChoice:
+    """What compress(format="auto") chose for one layer and why. speedups: token count -> dense time /
+    sparse time (> 1: the sparse layer is faster)."""
+
+    format: str
+    speedups: Dict[int, float] = field(default_factory=dict)
+    reason: str = ""
+    module: Optional[torch.nn.Module] = field(default=None, repr=False, compare=False)  # the measured layer
+
+    def as_dict(self) -> Dict:
+        return {"format": self.format, "speedups": dict(self.speedups), "reason": self.reason}
+
+
+def interleaved_median_timer(reps: int = 9, warmup: int = 2) -> Timer:
+    """A Timer: `warmup` untimed calls of each candidate, then `reps` rounds calling each candidate once in
+    turn; the median wall-clock seconds per candidate."""
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"reps must be >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+
+    def timer(candidates: Mapping[str, Callable[[], Tensor]], tokens: int) -> Dict[str, float]:
+        with torch.inference_mode():
+            for fn in candidates.values():
+                for _ in range(warmup):
+                    fn()
+            times = {name: [] for name in candidates}
+            for _ in range(reps):
+                for name, fn in candidates.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+        return {name: statistics.median(ts) for name, ts in times.items()}
+
+    return timer
+
+
+def _check_tokens(tokens: Sequence[int]) -> tuple:
+    tokens = tuple(tokens)
+    if not tokens or not all(isinstance(t, int) and t >= 1 for t in tokens):
+        raise ValueError(f"tokens must be a non-empty sequence of positive ints, got {tokens!r}")
+    return tokens
+
+
+def measure_speedup(module: torch.nn.Module, weight: Tensor, bias: Optional[Tensor], *,
+                    tokens: Sequence[int] = DEFAULT_TOKENS, timer: Optional[Timer] = None,
+                    seed: int = 0) -> Dict[int, float]:
+    """Dense time / module time for x of shape (t, in_features), t in `tokens` (random inputs, weight's dtype
+    and device). > 1 means the module is faster than F.linear with the dense weight."""
+    tokens = _check_tokens(tokens)
+    timer = timer or interleaved_median_timer()
+    gen = torch.Generator().manual_seed(seed)
+    w = weight.detach().contiguous()
+    b = None if bias is None else bias.detach()
+    out = {}
+    for t in tokens:
+        x = torch.randn(t, w.shape[1], generator=gen).to(device=w.device, dtype=w.dtype)
+        times = timer({"sparse": lambda: module(x), "dense": lambda: F.linear(x, w, b)}, t)
+        out[t] = float(times["dense"]) / max(float(times["sparse"]), 1e-12)
+    return out
+
+
+def choose_cpu_format(weight: Tensor, bias: Optional[Tensor] = None, *, tokens: Sequence[int] = DEFAULT_TOKENS,
+                      margin: float = DEFAULT_MARGIN, timer: Optional[Timer] = None,
+                      module: Optional[SparseRowsLinear] = None) -> FormatChoice:
+    """"sparse-rows" when SparseRowsLinear(weight, bias) is at least `margin` faster than dense F.linear at
+    every token count in `tokens` (measured here, now), else "dense". Weights that the sparse kernel does not
+    serve (not on the CPU, not float32, no C++ kernel built) get "dense" without a measurement."""
+    tokens = _check_tokens(tokens)
+    if not 0.0 <= margin < 10.0:
+        raise ValueError(f"margin must be in [0, 10), got {margin!r}")
+    if weight.device.type != "cpu":
+        return FormatChoice("dense", reason=f"the sparse-rows kernel is a CPU kernel; weight is on {weight.device}")
+    if weight.dtype != torch.float32:
+        return FormatChoice("dense", reason=f"the sparse-rows kernel is float32 only; weight is {weight.dtype}")
+    if not cpp_available():
+        return FormatChoice("dense", reason="the C++ extension (sparsebert._C) with the sparse-rows kernel is not "
+                                            "loaded; its torch fallback is never faster than dense")
+    module = module if module is not None else SparseRowsLinear(weight, bias)
+    speedups = measure_speedup(module, weight, bias, tokens=tokens, timer=timer)
+    worst_t = min(speedups, key=speedups.get)
+    worst = speedups[worst_t]
+    if worst >= 1.0 + margin:
+        return FormatChoice("sparse-rows", speedups,
+                            f"sparse-rows is >= {worst:.2f}x dense at every token count {list(tokens)}", module)
+    return FormatChoice("dense", speedups, f"sparse-rows is {worst:.2f}x dense at {worst_t} tokens "
+                                           f"(needs >= {1 + margin:.2f}x at every token count)")
+
+
+__all__ = ["SparseRowsLinear", "FormatChoice", "choose_cpu_format", "measure_speedup", "interleaved_median_timer",
+           "SlowerThanDenseWarning", "DEFAULT_TOKENS", "DEFAULT_MARGIN"]
