@@ -7,7 +7,9 @@ Modes
   "scores"  trainable real-valued scores binarized in the kernel, m = [scores >= tau], through
             `score_masked_linear` with a straight-through estimator (mask training). tau is either the
             `threshold` buffer (set by the caller, e.g. a global top-k over many layers) or, when
-            `target_sparsity` is set, this layer's own top-k threshold computed at every forward.
+            `target_sparsity` is set, this layer's own top-k threshold computed at every forward
+            (`refresh_threshold` stores that top-k threshold in the buffer instead: recomputed only when
+            called, e.g. every 1,000 steps as in the "Win-win Deal" code).
             With a structured `granularity` ("2:4" or ("block", b), for the 2:4 and BSR inference
             formats) the per-layer top-k keeps whole groups; the kernel is the same, fed a 0/1 score
             surrogate whose gradient is the identity (straight-through).
@@ -24,30 +26,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import masked_linear, score_masked_linear, topk_threshold
+from ..ops import BACKENDS, masked_linear, score_masked_linear, topk_threshold
+from ..ops.topk_threshold import topk_threshold_at_rank
 from ..ops import _validate as V
 from .granularity import canonical_granularity, granular_topk_mask
 
 MODES = ("dense", "mask", "scores")
-SCORE_INITS = ("magnitude", "constant", "kaiming")
+SCORE_INITS = ("magnitude", "magnitude_binary", "constant", "kaiming")
+
+
+def _check_target_sparsity(sparsity, granularity) -> None:
+    """target_sparsity: None or a float in [0, 1); exactly 0.5 with granularity "2:4"."""
+    if sparsity is None:
+        return
+    V.check_sparsity(sparsity, "target_sparsity")
+    if granularity == "2:4" and sparsity != 0.5:
+        raise ValueError(f"target_sparsity must be 0.5 with granularity '2:4' (it keeps 2 of every 4 weights), "
+                         f"got {sparsity}")
 
 
 class SparseLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  mode: str = "dense", mask: Optional[Tensor] = None, score_init: str = "magnitude",
                  score_init_value: float = 1.0, scores_dtype: torch.dtype = torch.float32,
-                 target_sparsity: Optional[float] = None, threshold: float = 0.0, granularity="element",
-                 backend: str = "auto"):
+                 target_sparsity: Optional[float] = None, threshold: Optional[float] = None, granularity="element",
+                 backend: str = "auto", phi: float = 0.01):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.backend = backend
         self.mode = "dense"
         self.target_sparsity: Optional[float] = None
         self.granularity = canonical_granularity(granularity)
+        _check_target_sparsity(target_sparsity, self.granularity)
         if mode == "mask":
             self.set_mask(torch.ones_like(self.weight, dtype=torch.uint8) if mask is None else mask)
         elif mode == "scores":
-            self.init_scores(score_init, value=score_init_value, dtype=scores_dtype)
-            self.set_threshold(threshold)
+            self.init_scores(score_init, value=score_init_value, dtype=scores_dtype, sparsity=target_sparsity, phi=phi)
+            if threshold is not None:  # default: 0, or phi for "magnitude_binary"
+                self.set_threshold(threshold)
             self.set_target_sparsity(target_sparsity)
         elif mode != "dense":
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -65,13 +80,18 @@ class SparseLinear(nn.Linear):
         new.backend = kwargs.pop("backend", "auto")
         new.mode, new.target_sparsity = "dense", None
         new.granularity = canonical_granularity(kwargs.pop("granularity", "element"))
+        _check_target_sparsity(kwargs.get("target_sparsity"), new.granularity)
         if mode == "mask":
             mask = kwargs.pop("mask", None)
             new.set_mask(mask if mask is not None else (linear.weight != 0))
         elif mode == "scores":
             new.init_scores(kwargs.pop("score_init", "magnitude"), value=kwargs.pop("score_init_value", 1.0),
-                            dtype=kwargs.pop("scores_dtype", torch.float32))
-            new.set_threshold(kwargs.pop("threshold", 0.0))
+                            dtype=kwargs.pop("scores_dtype", torch.float32),
+                            sparsity=kwargs.pop("score_init_sparsity", kwargs.get("target_sparsity")),
+                            phi=kwargs.pop("phi", 0.01))
+            threshold = kwargs.pop("threshold", None)
+            if threshold is not None:  # default: 0, or phi for "magnitude_binary"
+                new.set_threshold(threshold)
             new.set_target_sparsity(kwargs.pop("target_sparsity", None))
         elif mode != "dense":
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -87,24 +107,45 @@ class SparseLinear(nn.Linear):
             del self._parameters["scores"]
 
     def set_mask(self, mask: Tensor) -> "SparseLinear":
-        """Fix the mask (bool/uint8, weight's shape, nonzero = keep) and switch to mode "mask"."""
+        """Fix the mask (weight's shape; bool or integer, nonzero = keep) and switch to mode "mask".
+
+        A floating-point mask is taken only when every value is exactly 0 or 1: a float mask of
+        probabilities or scores would otherwise silently mean "keep everything nonzero" (threshold it first,
+        e.g. `probs > 0.5`)."""
         V.check_tensor("mask", mask, ndim=2)
         if tuple(mask.shape) != tuple(self.weight.shape):
             raise ValueError(f"mask must have the weight's shape {tuple(self.weight.shape)}, got {tuple(mask.shape)}")
+        if mask.is_floating_point() or mask.is_complex():
+            binary = (mask == 0) | (mask == 1)
+            if not bool(binary.all()):  # set_mask is not a per-forward path: this host check is fine here
+                bad = mask[~binary].reshape(-1)[0]
+                raise ValueError(f"mask is {mask.dtype} with values other than 0 and 1 (e.g. {bad.item()}); a float "
+                                 "mask must be exactly 0/1. Threshold probabilities or scores first (e.g. probs > 0.5)")
         m = (mask.detach() != 0).to(device=self.weight.device, dtype=torch.uint8)
         self._drop_state()
         self.register_buffer("mask", m.contiguous())
         self.mode = "mask"
         return self
 
-    def init_scores(self, how: str = "magnitude", *, value: float = 1.0, dtype: torch.dtype = torch.float32) -> "SparseLinear":
+    def init_scores(self, how: str = "magnitude", *, value: float = 1.0, dtype: torch.dtype = torch.float32,
+                    sparsity: Optional[float] = None, phi: float = 0.01) -> "SparseLinear":
         """Create trainable scores and switch to mode "scores".
 
-        how: "magnitude" (|W|, the usual start of mask training), "constant" (`value` everywhere; ties
-        keep everything until the scores move) or "kaiming" (uniform, as in supermask training).
+        how: "magnitude" (|W|, the usual start of mask training), "magnitude_binary" (2 * phi for the
+        top (1 - sparsity) of |W| in this matrix, 0 for the rest, and the threshold buffer set to phi: the
+        "Win-win Deal" code's start, `controlled_init="magnitude"` in `masking/maskers.py`), "constant"
+        (`value` everywhere; ties keep everything until the scores move) or "kaiming" (uniform, as in
+        supermask training).
         """
         w = self.weight.detach()
-        if how == "magnitude":
+        if how == "magnitude_binary":
+            if sparsity is None:
+                raise ValueError("score_init 'magnitude_binary' needs the sparsity of the binary start")
+            if not (isinstance(phi, (int, float)) and not isinstance(phi, bool) and phi > 0 and math.isfinite(phi)):
+                raise ValueError(f"phi must be a positive finite float, got {phi!r}")
+            keep = w.abs() >= topk_threshold(w.abs().float(), V.check_sparsity(sparsity), backend=self.backend)
+            s = torch.where(keep, 2.0 * float(phi), 0.0).to(dtype)
+        elif how == "magnitude":
             s = w.abs().to(dtype)
         elif how == "constant":
             s = torch.full_like(w, float(value), dtype=dtype)
@@ -116,7 +157,8 @@ class SparseLinear(nn.Linear):
             raise ValueError(f"score_init must be one of {SCORE_INITS}, got {how!r}")
         self._drop_state()
         self.scores = nn.Parameter(s.contiguous())
-        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=w.device))
+        self.register_buffer("threshold", torch.full((), float(phi) if how == "magnitude_binary" else 0.0,
+                                                     dtype=torch.float32, device=w.device))
         self.mode = "scores"
         return self
 
@@ -125,9 +167,49 @@ class SparseLinear(nn.Linear):
             raise RuntimeError("set_threshold needs mode 'scores' (call init_scores first)")
         self.threshold.copy_(V.as_threshold(tau, self.threshold.device))
 
+    @torch.no_grad()
+    def refresh_threshold(self, sparsity: float) -> None:
+        """Set the `threshold` buffer to this layer's top-k threshold at `sparsity` (on the device, no host
+        sync) and binarize by the buffer from now on, until the next refresh."""
+        if self.mode != "scores":
+            raise RuntimeError("refresh_threshold needs mode 'scores' (call init_scores first)")
+        self.threshold.copy_(topk_threshold(self.scores, V.check_sparsity(sparsity), backend=self.backend))
+        self.target_sparsity = None
+
     def set_target_sparsity(self, sparsity: Optional[float]) -> None:
         """Per-layer top-k binarization at this sparsity (None: use the `threshold` buffer)."""
-        self.target_sparsity = None if sparsity is None else V.check_sparsity(sparsity)
+        self.target_sparsity = sparsity
+
+    @property
+    def backend(self) -> str:
+        return self.__dict__["_backend"]
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        # checked by name only: the layer may move to another device before its first forward
+        if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+        self.__dict__["_backend"] = name
+
+    @property
+    def target_sparsity(self) -> Optional[float]:
+        return self.__dict__.get("_target_sparsity")
+
+    @target_sparsity.setter
+    def target_sparsity(self, sparsity: Optional[float]) -> None:
+        # The forward reads the number to prune from the non-persistent int64 buffer `_topk_rank` (filled on
+        # the device, no sync) and the flag `_has_target`, never the float: under torch.compile a changing
+        # sparsity is data, not a recompile.
+        _check_target_sparsity(sparsity, self.__dict__.get("granularity", "element"))
+        sparsity = None if sparsity is None else V.check_sparsity(sparsity, "target_sparsity")
+        self.__dict__["_target_sparsity"] = sparsity
+        self._has_target = sparsity is not None
+        if sparsity is not None:
+            n = self.weight.numel()
+            if "_topk_rank" not in self._buffers:
+                self.register_buffer("_topk_rank", torch.zeros((), dtype=torch.int64, device=self.weight.device),
+                                     persistent=False)
+            self._topk_rank.fill_(min(int(round(sparsity * n)), n - 1))
 
     def set_granularity(self, granularity) -> None:
         """"element", "2:4", ("block", b) or "block:b": the shape of the groups the top-k keeps or prunes."""
@@ -135,8 +217,8 @@ class SparseLinear(nn.Linear):
 
     # ------------------------------------------------------------------ compute
     def current_threshold(self) -> Tensor:
-        if self.target_sparsity is not None:
-            return topk_threshold(self.scores, self.target_sparsity, backend=self.backend)
+        if self._has_target:
+            return topk_threshold_at_rank(self.scores, self._topk_rank, backend=self.backend)
         return self.threshold
 
     def _structured(self) -> bool:
@@ -156,10 +238,13 @@ class SparseLinear(nn.Linear):
         if self.mode == "mask":
             return masked_linear(x, self.weight, self.bias, self.mask, backend=self.backend)
         if self._structured():
+            V.assert_no_nan(f"the scores of SparseLinear({self.in_features}, {self.out_features})", self.scores.detach())
             # Value m (0/1) with the gradient of the scores: the fused kernel at threshold 0.5 is the STE.
             m = self._group_mask().to(self.scores.dtype)
             surrogate = self.scores + (m - self.scores).detach()
             return score_masked_linear(x, self.weight, self.bias, surrogate, 0.5, backend=self.backend)
+        if not self._has_target:  # (with a target, topk_threshold refuses NaN scores itself)
+            V.assert_no_nan(f"the scores of SparseLinear({self.in_features}, {self.out_features})", self.scores.detach())
         return score_masked_linear(x, self.weight, self.bias, self.scores, self.current_threshold(),
                                    backend=self.backend)
 

@@ -13,30 +13,47 @@ The mask tensors take part in autograd, so ``loss.backward()`` fills ``mask.grad
 importance scores). Masks may be real-valued (Kwon et al.'s tuned masks); ``remove_pruned`` folds their
 values into the output projections.
 
-Works on any model whose base model has ``encoder.layer[i].{attention.self.{query,key,value},
-attention.output.dense, intermediate.dense, output.dense}`` (BERT, RoBERTa, ...).
+Module names come from the family table ``sparsebert.nn.families`` (BERT, RoBERTa, DistilBERT; a model of
+another type with BERT's layout, ``encoder.layer[i].attention.self.query`` ..., is treated as BERT). The
+hooks above are on the family's attention-output and FFN-out projections (DistilBERT: ``attention.out_lin``
+and ``ffn.lin2``).
 """
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["encoder_layers", "structure_of", "StructuredMasks", "apply_masks", "remove_pruned",
+from .families import FAMILIES, SUPPORTED_FAMILIES, EncoderFamily
+
+__all__ = ["encoder_layers", "encoder_family", "dense_widths", "structure_of", "StructuredMasks", "apply_masks", "remove_pruned",
            "shrink_to_structure", "save_pruned", "load_pruned", "full_masks"]
 
 
-def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer layers of a BERT-family model (task head or bare)."""
+def encoder_family(model: nn.Module) -> EncoderFamily:
+    """The layout of ``model`` (by ``config.model_type``; an unknown type with BERT's layout counts as BERT).
+    TypeError when it is none of them."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt in FAMILIES:
+        return FAMILIES[mt]
     base = getattr(model, "base_model", model)
-    enc = getattr(base, "encoder", None)
-    if enc is None or not hasattr(enc, "layer"):
-        raise TypeError(f"model must be a BERT-family encoder (base_model.encoder.layer), got {type(model).__name__}")
-    return enc.layer
+    if hasattr(getattr(base, "encoder", None), "layer"):
+        return FAMILIES["bert"]
+    raise TypeError(f"model must be a {', '.join(SUPPORTED_FAMILIES)} encoder (base_model.encoder.layer or "
+                    f"base_model.transformer.layer), got {type(model).__name__} (model_type {mt!r})")
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer layers of a BERT, RoBERTa or DistilBERT model (task head or bare)."""
+    fam = encoder_family(model)
+    base = getattr(model, "base_model", model)
+    try:
+        return base.get_submodule(fam.layers)
+    except AttributeError:
+        raise TypeError(f"model must be a {fam.model_type} encoder with base_model.{fam.layers}, got "
+                        f"{type(model).__name__}") from None
 
 
 def _head_size(model) -> int:
@@ -44,13 +61,20 @@ def _head_size(model) -> int:
     return c.hidden_size // c.num_attention_heads
 
 
+def dense_widths(model) -> tuple[int, int]:
+    """``(heads, FFN neurons)`` per layer of the unpruned model, from its config."""
+    fam = encoder_family(model)
+    return int(getattr(model.config, fam.heads)), int(getattr(model.config, fam.intermediate))
+
+
 def structure_of(model) -> tuple[list[int], list[int]]:
     """Current (heads, neurons) per layer, read from the modules (so valid after physical removal)."""
     d_h = _head_size(model)
+    fam = encoder_family(model)
     heads, neurons = [], []
     for layer in encoder_layers(model):
-        heads.append(layer.attention.output.dense.in_features // d_h)
-        neurons.append(layer.output.dense.in_features)
+        heads.append(layer.get_submodule(fam.attn_out).in_features // d_h)
+        neurons.append(layer.get_submodule(fam.ffn_out).in_features)
     return heads, neurons
 
 
@@ -93,9 +117,10 @@ class StructuredMasks:
             if nm is not None and nm.numel() != n:
                 raise ValueError(f"neuron_mask[{l}] must have {n} entries, got {nm.numel()}")
         self._handles = []
+        fam = encoder_family(model)
         for l, layer in enumerate(layers):
-            self._handles.append(layer.attention.output.dense.register_forward_pre_hook(self._head_hook(l)))
-            self._handles.append(layer.output.dense.register_forward_pre_hook(self._neuron_hook(l)))
+            self._handles.append(layer.get_submodule(fam.attn_out).register_forward_pre_hook(self._head_hook(l)))
+            self._handles.append(layer.get_submodule(fam.ffn_out).register_forward_pre_hook(self._neuron_hook(l)))
 
     def _head_hook(self, l):
         def hook(module, args):
@@ -148,6 +173,21 @@ class NoIntermediate(nn.Module):
         return hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
 
 
+class NoHeadsAttention(nn.Module):
+    """Stand-in for an attention module that holds its own output projection (DistilBERT's) once every
+    head was removed: returns ``(out_proj(empty context), None)``, i.e. the projection's bias. The
+    projection keeps its name, so the state dict keys stay those of the family."""
+
+    def __init__(self, out_name: str, out_proj: nn.Linear):
+        super().__init__()
+        self._out_name = out_name
+        setattr(self, out_name, out_proj)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = getattr(self, self._out_name)
+        return out(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
+
+
 def _linear_like(src: nn.Linear, weight, bias) -> nn.Linear:
     with warnings.catch_warnings():  # zero-width layers: "Initializing zero-element tensors is a no-op"
         warnings.simplefilter("ignore", UserWarning)
@@ -171,10 +211,13 @@ def remove_pruned(model, head_mask=None, neuron_mask=None):
     written to ``config.sparsebert_heads_per_layer`` / ``sparsebert_neurons_per_layer``.
     """
     layers = encoder_layers(model)
+    fam = encoder_family(model)
     d_h = _head_size(model)
     heads_now, neurons_now = structure_of(model)
     hm = _as_list(head_mask, len(layers), "head_mask")
     nm = _as_list(neuron_mask, len(layers), "neuron_mask")
+    out_in_core = fam.attn_out.startswith(fam.attn_core + ".")  # DistilBERT: out_lin inside `attention`
+    ffn_out_in_entry = fam.ffn_out.startswith(fam.ffn_entry + ".")  # DistilBERT: lin1 and lin2 inside `ffn`
     for l, layer in enumerate(layers):
         if hm[l] is not None:
             m = hm[l].detach().float().flatten()
@@ -182,30 +225,33 @@ def remove_pruned(model, head_mask=None, neuron_mask=None):
                 raise ValueError(f"head_mask[{l}] must have {heads_now[l]} entries, got {m.numel()}")
             keep = (m != 0).nonzero().flatten()
             cols = (keep[:, None] * d_h + torch.arange(d_h, device=keep.device)).flatten()
-            att, out = layer.attention.self, layer.attention.output.dense
+            out = layer.get_submodule(fam.attn_out)
             scale = m[keep].repeat_interleave(d_h).to(out.weight)
-            out_w = out.weight[:, cols] * scale
-            layer.attention.output.dense = _linear_like(out, out_w, out.bias)
+            new_out = _linear_like(out, out.weight[:, cols] * scale, out.bias)
+            fam.set(layer, fam.attn_out, new_out)
             if keep.numel() == 0:
-                layer.attention.self = NoAttention()
+                fam.set(layer, fam.attn_core, NoHeadsAttention(fam.attn_out[len(fam.attn_core) + 1:], new_out)
+                        if out_in_core else NoAttention())
             else:
-                for name in ("query", "key", "value"):
-                    lin = getattr(att, name)
-                    setattr(att, name, _linear_like(lin, lin.weight[cols], None if lin.bias is None else lin.bias[cols]))
-                att.num_attention_heads = int(keep.numel())
-                att.all_head_size = int(keep.numel()) * d_h
+                for path in (fam.query, fam.key, fam.value):
+                    lin = layer.get_submodule(path)
+                    fam.set(layer, path, _linear_like(lin, lin.weight[cols], None if lin.bias is None else lin.bias[cols]))
+                core = layer.get_submodule(fam.attn_core)
+                setattr(core, fam.heads_attr, int(keep.numel()))
+                if hasattr(core, "all_head_size"):
+                    core.all_head_size = int(keep.numel()) * d_h
             heads_now[l] = int(keep.numel())
         if nm[l] is not None:
             m = nm[l].detach().float().flatten()
             if m.numel() != neurons_now[l]:
                 raise ValueError(f"neuron_mask[{l}] must have {neurons_now[l]} entries, got {m.numel()}")
             keep = (m != 0).nonzero().flatten()
-            fin, fout = layer.intermediate.dense, layer.output.dense
-            layer.output.dense = _linear_like(fout, fout.weight[:, keep] * m[keep].to(fout.weight), fout.bias)
-            if keep.numel() == 0:
-                layer.intermediate = NoIntermediate()
-            else:
-                layer.intermediate.dense = _linear_like(fin, fin.weight[keep], None if fin.bias is None else fin.bias[keep])
+            fin, fout = layer.get_submodule(fam.ffn_in), layer.get_submodule(fam.ffn_out)
+            fam.set(layer, fam.ffn_out, _linear_like(fout, fout.weight[:, keep] * m[keep].to(fout.weight), fout.bias))
+            if keep.numel() == 0 and not ffn_out_in_entry:
+                fam.set(layer, fam.ffn_entry, NoIntermediate())
+            else:  # (a zero-width FFN-in inside DistilBERT's `ffn` gives empty activations by itself)
+                fam.set(layer, fam.ffn_in, _linear_like(fin, fin.weight[keep], None if fin.bias is None else fin.bias[keep]))
             neurons_now[l] = int(keep.numel())
     model.config.sparsebert_heads_per_layer = list(heads_now)
     model.config.sparsebert_neurons_per_layer = list(neurons_now)
@@ -216,47 +262,26 @@ def shrink_to_structure(model, heads_per_layer: Sequence[int], neurons_per_layer
     """Resize a freshly built model to per-layer widths (keeping the first units) so a pruned state dict
     can be loaded into it."""
     layers = encoder_layers(model)
-    hm = [(torch.arange(model.config.num_attention_heads) < h).float() for h in heads_per_layer]
-    nm = [(torch.arange(model.config.intermediate_size) < n).float() for n in neurons_per_layer]
+    dense_heads, dense_neurons = dense_widths(model)
+    hm = [(torch.arange(dense_heads) < h).float() for h in heads_per_layer]
+    nm = [(torch.arange(dense_neurons) < n).float() for n in neurons_per_layer]
     if len(hm) != len(layers) or len(nm) != len(layers):
         raise ValueError("heads_per_layer/neurons_per_layer must have one entry per layer")
     return remove_pruned(model, hm, nm)
 
 
 def save_pruned(model, path: str) -> None:
-    """``model.save_pretrained(path)``; the config carries the per-layer widths."""
-    if not hasattr(model.config, "sparsebert_heads_per_layer"):
-        h, n = structure_of(model)
-        model.config.sparsebert_heads_per_layer, model.config.sparsebert_neurons_per_layer = h, n
-    model.save_pretrained(path)
+    """Save a structurally pruned model (config with per-layer widths + safetensors); same as
+    ``sparsebert.save_pretrained``, which also handles sparse layers inside it."""
+    from .persistence import save_pretrained
+    save_pretrained(model, path)
 
 
 def load_pruned(path: str, model_class=None, dtype=None):
-    """Load a model saved by ``save_pruned``: build it from its config, shrink every layer to the saved
-    widths, then load the weights strictly."""
-    import transformers
-    from safetensors.torch import load_file
-
-    config = transformers.AutoConfig.from_pretrained(path)
-    if model_class is None:
-        archs = getattr(config, "architectures", None) or ["AutoModel"]
-        model_class = getattr(transformers, archs[0])
-    # Auto* classes are built with from_config; concrete model classes with their constructor
-    model = model_class.from_config(config) if model_class.__name__.startswith("Auto") else model_class(config)
-    heads = getattr(config, "sparsebert_heads_per_layer", None)
-    neurons = getattr(config, "sparsebert_neurons_per_layer", None)
-    if heads is not None and neurons is not None:
-        shrink_to_structure(model, heads, neurons)
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {path}")
-    state = {}
-    for f in files:
-        state.update(load_file(os.path.join(path, f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
-    if missing or unexpected:
-        raise RuntimeError(f"pruned checkpoint {path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    """Load a model saved by ``save_pruned`` (or by ``save_pretrained``): built from its config, every
+    layer shrunk to the saved widths, the weights loaded strictly (``sparsebert.from_pretrained``)."""
+    from .persistence import from_pretrained
+    model = from_pretrained(path, model_class=model_class)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
