@@ -10,8 +10,10 @@ user's own file: ``.tsv``/``.csv`` with a header, or ``.jsonl``, with a text col
 scores); a ``.txt`` file holds one input per line (a tab separates a sentence pair), unlabelled. Labels are
 passed to the methods (Kwon et al. requires them). ``--max-length`` truncates the inputs; ``--seq-len`` is
 the sequence length of the FLOPs model (default ``average``: the sample's mean real length, as the
-authors; ``max``: --max-length; or a number). The pruned model is saved atomically with ``save_pruned``
-(reload with ``sparsebert.nn.structured.load_pruned``); ``DIR/prune_report.json`` holds the report.
+authors; ``max``: --max-length; or a number). The pruned model is served as ``sparsebert.nn.inference.
+for_inference`` makes it (physically smaller layers, SDPA attention; ``--round-to 8|64`` zero-pads the widths,
+exactly) and saved atomically with ``save_pruned`` (reload with ``sparsebert.nn.structured.load_pruned``);
+``DIR/prune_report.json`` holds the report.
 """
 from __future__ import annotations
 
@@ -54,6 +56,9 @@ def add_parser(subparsers):
     p.add_argument("--pseudo-labels", action="store_true",
                    help="kwon on unlabelled data: use the model's own predictions as labels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--round-to", type=int, default=None,
+                   help="zero-pad every layer's attention/FFN width up to a multiple of this (e.g. 8 or 64) in the "
+                        "saved model; exact (padded units add zeros), faster where the GEMMs prefer aligned widths")
     return p
 
 
@@ -83,8 +88,16 @@ def _label_value(raw, where: str):
 
 
 def _rows_from_file(path: Path) -> list[dict]:
+    from ..data.tasks import read_text
+
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    if suffix not in _FILE_SUFFIXES:
+        raise UsageError(f"--data: {path}: unknown file type {suffix or '(no suffix)'!r}; expected a task name or a "
+                         f"{'/'.join(_FILE_SUFFIXES)} file")
+    try:
+        text = read_text(path, "a data file")  # UTF-8; a leading BOM is dropped
+    except ValueError as e:
+        raise UsageError(f"--data: {e}") from None
     if suffix == ".jsonl":
         rows = []
         for i, line in enumerate(text.splitlines(), 1):
@@ -133,6 +146,8 @@ def check_args(args) -> None:
         v = getattr(args, name)
         if v <= 0:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive int, got {v}")
+    if getattr(args, "round_to", None) is not None and args.round_to <= 0:
+        raise UsageError(f"--round-to: expected a positive int (e.g. 8 or 64), got {args.round_to}")
     if (args.flops_keep is None) == (args.latency_keep is None):
         raise UsageError("--flops-keep / --latency-keep: give exactly one budget")
     if args.latency_keep is not None:
@@ -164,9 +179,11 @@ def check_args(args) -> None:
 
 
 def check_finite_weights(model) -> None:
-    for name, p in model.named_parameters():
-        if not bool(p.isfinite().all()):
-            raise UsageError(f"--model: parameter {name} holds NaN or inf values")
+    from ..pruning.kprune import check_finite_weights as check
+    try:
+        check(model)
+    except ValueError as e:
+        raise UsageError(f"--model: {str(e).removeprefix('model: ')}") from None
 
 
 def save_atomically(write, out: Path) -> None:
@@ -216,7 +233,8 @@ def run(args) -> int:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..nn.structured import save_pruned
+    from ..nn.inference import for_inference
+    from ..nn.structured import save_pruned, structure_of
     from ..pruning.structured_api import format_report, prune_structured
 
     say = logging.getLogger(__name__).info  # progress lines: stderr, through logging
@@ -265,6 +283,11 @@ def run(args) -> int:
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # the inference path: smaller layers + SDPA, widths zero-padded to --round-to when given (exact)
+    round_to = getattr(args, "round_to", None)
+    for_inference(pruned, round_to=round_to)
+    rep["round_to"] = round_to
+    rep["served_heads_per_layer"], rep["served_neurons_per_layer"] = structure_of(pruned)
     rep["predicted_speedup"] = rep["flops_dense"] / rep["flops_pruned"]
     rep["measured_speedup"] = _measured_speedup(model, pruned, batches[:4])
     rep["max_length"] = args.max_length

@@ -41,7 +41,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 __all__ = [
     "Example", "TaskSpec", "TASKS", "get_task", "DataFormatError", "TaskSplits",
-    "default_data_dir", "load_mnli", "load_hans", "load_qqp", "load_paws", "load_mrpc", "load_sst2",
+    "default_data_dir", "read_text", "load_mnli", "load_hans", "load_qqp", "load_paws", "load_mrpc", "load_sst2",
     "load_fever", "load_fever_symmetric", "split_examples", "load_task", "mnli_to_hans_probs",
     "mnli_to_hans_preds", "HANS_RULES", "word_overlap", "overlap_biased_split",
 ]
@@ -162,12 +162,23 @@ def _check_file(path, what: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ raw readers
+def read_text(path, what: str, *, encoding: str = "utf-8-sig") -> str:
+    """The text of a data file; FileNotFoundError or DataFormatError naming it (a file that is not text in
+    `encoding`: where the first undecodable byte is). The default drops a leading UTF-8 BOM."""
+    path = _check_file(path, what)
+    raw = path.read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, raw.count(b"\n", 0, e.start) + 1, f"{what} as {encoding.upper().removesuffix('-SIG')} text",
+                              f"byte 0x{raw[e.start]:02x} at offset {e.start} (a binary file?)") from None
+
+
 def _read_tsv(path, what: str, *, encoding: str = "utf-8") -> tuple[list[str], Iterator[tuple[int, dict]]]:
     """Header + rows of a tab-separated file with no quoting (GLUE style). Rows are checked for the
     header's field count. Yields (1-based line number, {column: value})."""
     path = _check_file(path, what)
-    with open(path, encoding=encoding, newline="") as f:
-        lines = f.read().splitlines()
+    lines = read_text(path, what, encoding=encoding).splitlines()
     if not lines or not lines[0].strip():
         raise DataFormatError(path, 1, "a tab-separated header row", "an empty file")
     header = [h.strip() for h in lines[0].split("\t")]
@@ -290,31 +301,31 @@ def load_fever(path, *, task: str = "fever") -> list[Example]:
     NOT ENOUGH INFO). ``text_a`` = evidence, ``text_b`` = claim."""
     path = _check_file(path, "FEVER jsonl")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, line_no, "one JSON object per line", f"invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(path, line_no, "a JSON object", type(obj).__name__)
-            evidence_key = next((k for k in ("evidence", "evidence_sentence", "sentence1") if k in obj), None)
-            label_key = next((k for k in ("gold_label", "label") if k in obj), None)
-            if "claim" not in obj or evidence_key is None or label_key is None:
-                raise DataFormatError(path, line_no, "keys 'claim', 'evidence' (or 'evidence_sentence'/"
-                                      "'sentence1') and 'gold_label' (or 'label')", f"keys {sorted(obj)}")
-            evidence = obj[evidence_key]
-            if isinstance(evidence, list):  # a list of sentences
-                evidence = " ".join(str(e) for e in evidence)
-            if not isinstance(evidence, str) or not isinstance(obj["claim"], str):
-                raise DataFormatError(path, line_no, "string 'claim' and evidence fields")
-            meta = {"source": f"{task}:{path.name}", "line": line_no}
-            if "id" in obj:
-                meta["id"] = str(obj["id"])
-            out.append(Example(evidence.strip(), obj["claim"].strip(), _fever_label(obj[label_key], path, line_no),
-                               meta))
+    text = read_text(path, "FEVER jsonl").replace("\r\n", "\n").replace("\r", "\n")  # universal newlines
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, line_no, "one JSON object per line", f"invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(path, line_no, "a JSON object", type(obj).__name__)
+        evidence_key = next((k for k in ("evidence", "evidence_sentence", "sentence1") if k in obj), None)
+        label_key = next((k for k in ("gold_label", "label") if k in obj), None)
+        if "claim" not in obj or evidence_key is None or label_key is None:
+            raise DataFormatError(path, line_no, "keys 'claim', 'evidence' (or 'evidence_sentence'/"
+                                  "'sentence1') and 'gold_label' (or 'label')", f"keys {sorted(obj)}")
+        evidence = obj[evidence_key]
+        if isinstance(evidence, list):  # a list of sentences
+            evidence = " ".join(str(e) for e in evidence)
+        if not isinstance(evidence, str) or not isinstance(obj["claim"], str):
+            raise DataFormatError(path, line_no, "string 'claim' and evidence fields")
+        meta = {"source": f"{task}:{path.name}", "line": line_no}
+        if "id" in obj:
+            meta["id"] = str(obj["id"])
+        out.append(Example(evidence.strip(), obj["claim"].strip(), _fever_label(obj[label_key], path, line_no),
+                           meta))
     return out
 
 

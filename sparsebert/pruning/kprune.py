@@ -58,7 +58,7 @@ from ..flops import encoder_flops, prunable_budget
 from ..nn.families import SUPPORTED_FAMILIES, family_of
 from ..nn.structured import apply_masks, encoder_family, encoder_layers, structure_of
 
-__all__ = ["KpruneConfig", "kprune", "prepare_batches", "start_pruning", "model_inputs", "SublayerCapture", "log_progress",
+__all__ = ["KpruneConfig", "kprune", "prepare_batches", "start_pruning", "check_finite_weights", "model_inputs", "SublayerCapture", "log_progress",
            "rebatch", "resolve_seq_len", "check_model_family", "SUPPORTED_FAMILIES", "sample_seq_len", "head_kind", "teacher_targets", "predictive_loss"]
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -194,6 +194,15 @@ def check_model_family(model, method: str = "structured pruning") -> None:
     family_of(model, method)
 
 
+@torch.no_grad()
+def check_finite_weights(model) -> None:
+    """Raise ValueError naming the first parameter that holds NaN or inf (the methods' least squares and
+    Fisher sums would otherwise fail deep inside torch or return NaN masks)."""
+    for name, p in model.named_parameters():
+        if not bool(p.isfinite().all()):
+            raise ValueError(f"model: parameter {name} holds NaN or inf values; structured pruning needs finite weights")
+
+
 def start_pruning(method: str, model, batches, flops_keep: float, seq_len, num_tokens: int,
                   batch_size: int | None = None):
     """The common start of every structured-pruning method: check that the model is unpruned, collect
@@ -202,6 +211,7 @@ def start_pruning(method: str, model, batches, flops_keep: float, seq_len, num_t
     ``seq_len`` (see ``resolve_seq_len``). Returns (device, t_start, sample, seq_len, flops, budget, heads,
     neurons, seq_len_source)."""
     check_model_family(model, method)
+    check_finite_weights(model)
     heads, neurons = structure_of(model)
     if len(set(heads)) != 1 or len(set(neurons)) != 1:
         raise ValueError(f"{method} expects an unpruned model (the same number of heads/neurons in every layer)")

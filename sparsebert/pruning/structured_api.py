@@ -13,7 +13,7 @@ from ..flops import check_flops_keep, encoder_flops, masked_flops
 from ..latency import measure_model_ms
 from ..nn.structured import remove_pruned
 from .kcm import kcm_prune
-from .kprune import check_model_family, kprune, prepare_batches, rebatch, resolve_seq_len
+from .kprune import check_finite_weights, check_model_family, kprune, prepare_batches, rebatch, resolve_seq_len
 from .kwon import kwon_prune
 
 __all__ = ["prune_structured", "STRUCTURED_METHODS"]
@@ -47,6 +47,7 @@ def prune_structured(model, batches, flops_keep: float | None = None, method: st
     if (flops_keep is None) == (latency_keep is None):
         raise ValueError("prune_structured needs exactly one budget: flops_keep or latency_keep")
     check_model_family(model, f"prune_structured(method={method!r})")
+    check_finite_weights(model)
     dev = next(model.parameters()).device
     sample = prepare_batches(batches, num_tokens, dev)
     # on the sequences the methods use (cut at num_tokens), so the length does not depend on the batching
