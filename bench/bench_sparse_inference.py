@@ -1,6 +1,6 @@
 """Sparse inference benchmark: compressed formats vs dense cuBLAS, in one run.
 
-Sweep (kernel level, launchers called directly so Python validation is not timed):
+Sweep (module level: the compressed modules' forward, what a user gets; --launcher times the kernels alone):
     density  1.0 0.5 0.3 0.1  x  tokens 1 16 64 512 4096  x  BERT-base linears (K -> N) 768->768,
     768->3072, 3072->768  x  formats:
       dense      F.linear on a full weight (cuBLAS), the baseline of every speedup;
@@ -11,9 +11,11 @@ Sweep (kernel level, launchers called directly so Python validation is not timed
 End to end: a random-init BERT-base encoder (12 layers, bf16) pruned to each format's granularity,
 compressed, and timed at (batch, seq) = (1,1) (1,16) (1,64) (4,128) (32,128), eager and CUDA-graph replay.
 
-Times are medians of triton.testing.do_bench (L2 flushed between runs). Each row carries the bytes of
-the stored weight, its ratio to dense, the max error against the dense product of the same weight, and
-the environment (GPU, torch, triton, CUDA) via bench/_results.py. Writes bench/results/<gpu>-<date>.{csv,
+Times are medians of triton.testing.do_bench (L2 flushed between runs); rows at <= 64 tokens are also
+timed as CUDA-graph replays (do_bench_cudagraph), beside the eager numbers. Each row carries the bytes of
+the stored weight, its ratio to dense, the max error against the dense product of the same weight, the
+H200 roofline time of its bytes and FLOPs, and the environment (git SHA, GPU, driver, torch, triton,
+CUDA, cuBLAS reduced precision) via bench/_results.py. Writes bench/results/<gpu>-<date>.{csv,
 json} and <gpu>-<date>-sparse-inference.png (speedup vs density, one panel per token count), prints the
 issue's targets with PASS/MISS.
 
@@ -37,7 +39,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import environment, save_results  # noqa: E402
+from _compile_count import counting_compiles  # noqa: E402
+from _results import environment, roofline, save_results, stream_row  # noqa: E402
+from _timing import GRAPH_MAX_TOKENS, time_graph_us  # noqa: E402
+from targets import check, table  # noqa: E402
 
 from sparsebert.nn.compress import (BitmaskLinear, BSRLinear, SemiStructuredLinear, compress,  # noqa: E402
                                     footprint_report)
@@ -78,9 +83,35 @@ def two_four(n, k, dtype, device):
     return (w * granular_topk_mask(w.abs(), 0.5, "2:4")).to(dtype)
 
 
-def kernel_fn(fmt, module, x, cuda):
-    """The call to time: the launcher itself on GPU (no validation), the op on CPU."""
-    if not cuda:
+def linear_roofline(fmt, tokens, k, n, density, weight_bytes, elem):
+    """H200 roofline of one sparse linear: activations, output, bias and the stored weight once; FLOPs
+    of what the kernel multiplies (bitmask: every tile, dense; BSR: the kept blocks; 2:4: half)."""
+    nbytes = (tokens * k + tokens * n + n) * elem + weight_bytes
+    dense_flops = 2 * tokens * k * n
+    frac = density if fmt.startswith("bsr") else 0.5 if fmt.startswith("2:4") else 1.0
+    return roofline(nbytes, dense_flops * frac)
+
+
+class SpmmWeight:
+    """A weight in the tc-bitmask format timed through sparsebert.ops.bitmask_spmm (the CUDA kernel on a GPU
+    with fp16/bf16, else the Triton fallback): the bench's "bitmask-spmm" rows (issue 10 item 3)."""
+
+    def __init__(self, w, bias):
+        self.data, self.tile_offsets = rf.tc_bitmask_encode(w)
+        self.bias, self.out_features, self.in_features = bias, w.shape[0], w.shape[1]
+
+    def weight_nbytes(self):
+        return rf.tc_bitmask_nbytes(self.data, self.tile_offsets)
+
+    def __call__(self, x):
+        from sparsebert.ops import bitmask_spmm
+        return bitmask_spmm(x, self.data, self.tile_offsets, self.bias, self.out_features, self.in_features)
+
+
+def kernel_fn(fmt, module, x, cuda, launcher=False):
+    """The call to time: the module (what a user gets), or with `launcher` on a GPU the kernel launcher
+    itself (no validation)."""
+    if not (cuda and launcher):
         return lambda: module(x)
     if fmt == "bitmask":
         from sparsebert.kernels.bitmask_linear import bitmask_linear_fwd
@@ -102,15 +133,26 @@ def sweep(args, device, dtype, cuda):
         dense_bytes = rf.dense_nbytes(n, k, dtype)
         for tokens in args.tokens:
             x = torch.randn(tokens, k, device=device, dtype=dtype)
-            t_dense = timer(lambda: F.linear(x, dense_w, bias), cuda)
-            rows.append(dict(kind="linear", shape=f"{k}x{n}", K=k, N=n, tokens=tokens, density=1.0,
-                             format="dense", time_us=t_dense, dense_time_us=t_dense, speedup=1.0,
-                             bytes=dense_bytes, dense_bytes=dense_bytes, bytes_ratio=1.0, max_abs_err=0.0))
+            elem = torch.finfo(dtype).bits // 8
+            dense_fn = lambda: F.linear(x, dense_w, bias)  # noqa: E731
+            t_dense = timer(dense_fn, cuda)
+            graphs = cuda and tokens <= GRAPH_MAX_TOKENS and not args.no_graphs
+            g_dense = time_graph_us(dense_fn, cuda) if graphs else float("nan")
+            row = dict(kind="linear", shape=f"{k}x{n}", K=k, N=n, tokens=tokens, density=1.0,
+                       format="dense", time_us=t_dense, dense_time_us=t_dense, speedup=1.0,
+                       graph_time_us=g_dense, graph_dense_time_us=g_dense, graph_speedup=1.0 if graphs else float("nan"),
+                       bytes=dense_bytes, dense_bytes=dense_bytes, bytes_ratio=1.0, max_abs_err=0.0,
+                       **linear_roofline("dense", tokens, k, n, 1.0, dense_bytes, elem))
+            rows.append(row)
+            stream_row("sparse_inference", row)
             cases = []
             for density in args.densities:
                 if "bitmask" in args.formats:
                     w = unstructured(n, k, density, dtype, device)
                     cases.append(("bitmask", density, w, BitmaskLinear(w, bias, tile=tuple(args.tile))))
+                if "bitmask-spmm" in args.formats:
+                    w = unstructured(n, k, density, dtype, device)
+                    cases.append(("bitmask-spmm", density, w, SpmmWeight(w, bias)))
                 for block in (16, 32, 64):
                     if f"bsr{block}" in args.formats and n % block == 0 and k % block == 0:
                         w = block_sparse(n, k, block, density, dtype, device)
@@ -122,23 +164,33 @@ def sweep(args, device, dtype, cuda):
                     cases.append(("2:4", 0.5, w, SemiStructuredLinear(w, bias, policy="auto")))
                     cases.append(("2:4-sparse", 0.5, w, SemiStructuredLinear(w, bias, policy="sparse")))
             for fmt, density, w, module in cases:
-                fn = kernel_fn(fmt, module, x, cuda)
+                fn = kernel_fn(fmt, module, x, cuda, args.launcher)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     y = fn()
                     t = timer(fn, cuda)
+                    g, graph_error = float("nan"), ""
+                    if graphs:
+                        try:
+                            g = time_graph_us(fn, cuda)
+                        except Exception as exc:  # report, keep going: the eager number still stands
+                            graph_error = f"{type(exc).__name__}: {exc}"[:200]
                 err = (y.float() - F.linear(x.float(), w.float(), bias.float())).abs().max().item()
                 row = dict(kind="linear", shape=f"{k}x{n}", K=k, N=n, tokens=tokens, density=density, format=fmt,
-                           time_us=t, dense_time_us=t_dense, speedup=t_dense / t, bytes=module.weight_nbytes(),
-                           dense_bytes=dense_bytes, bytes_ratio=module.weight_nbytes() / dense_bytes,
-                           max_abs_err=err)
+                           time_us=t, dense_time_us=t_dense, speedup=t_dense / t, graph_time_us=g,
+                           graph_dense_time_us=g_dense, graph_speedup=g_dense / g, graph_error=graph_error,
+                           bytes=module.weight_nbytes(), dense_bytes=dense_bytes,
+                           bytes_ratio=module.weight_nbytes() / dense_bytes, max_abs_err=err,
+                           **linear_roofline(fmt, tokens, k, n, density, module.weight_nbytes(), elem))
                 if isinstance(module, SemiStructuredLinear):
                     row["plan"] = json.dumps(module.plan)
                     row["fallback_reason"] = module.fallback_reason or ""
                     row["sparse_impl"] = type(module._sparse).__name__ if module._sparse is not None else ""
                 rows.append(row)
+                stream_row("sparse_inference", row)
                 print(f"{k:>5}x{n:<5} t={tokens:<5} d={density:<4} {fmt:<11} {t:9.2f} us  dense {t_dense:9.2f} us"
-                      f"  x{t_dense / t:5.2f}  bytes x{row['bytes_ratio']:.3f}  err {err:.2e}", flush=True)
+                      f"  x{t_dense / t:5.2f}  graph x{row['graph_speedup']:5.2f}  roofline {row['roofline_us']:8.2f} us"
+                      f"  bytes x{row['bytes_ratio']:.3f}  err {err:.2e}", flush=True)
     return rows
 
 
@@ -197,6 +249,7 @@ def end_to_end(args, device, dtype, cuda):
                              graph_dense_time_us=dg, graph_speedup=dg / t_graph if t_graph == t_graph else float("nan"),
                              bytes=report["total_bytes"], dense_bytes=report["dense_bytes"],
                              bytes_ratio=report["ratio"], graph_error=graph_error))
+            stream_row("sparse_inference", rows[-1])
             print(f"encoder {fmt:<8} d={density:<4} {batch}x{seq:<4} eager {t_eager:10.1f} us (x{de / t_eager:5.2f})"
                   f"  graph {t_graph:10.1f} us  bytes x{report['ratio']:.3f} {graph_error}", flush=True)
         del model
@@ -215,6 +268,8 @@ def check_targets(rows):
     for name, fmt, dens, tok_ok, need in [
         ("bitmask 10% density, <=64 tokens: >= 2x", "bitmask", 0.1, lambda t: t <= 64, 2.0),
         ("bitmask 30% density, <=64 tokens: >= 1.4x", "bitmask", 0.3, lambda t: t <= 64, 1.4),
+        ("bitmask-spmm 10% density, <=64 tokens: >= 2x", "bitmask-spmm", 0.1, lambda t: t <= 64, 2.0),
+        ("bitmask-spmm 30% density, <=64 tokens: >= 1.4x", "bitmask-spmm", 0.3, lambda t: t <= 64, 1.4),
         ("bsr64 10% density, 4096 tokens: >= 3x", "bsr64", 0.1, lambda t: t >= 4096, 3.0),
         ("2:4 (auto), >= 4096 tokens: >= 1.1x", "2:4", 0.5, lambda t: t >= 4096, 1.1),
         ("2:4 (auto) never slower than dense (5% noise)", "2:4", 0.5, lambda t: True, 0.95),
@@ -263,12 +318,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.1])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 512, 4096])
-    p.add_argument("--formats", nargs="+", default=["bitmask", "bsr16", "bsr32", "bsr64", "2:4"])
+    p.add_argument("--formats", nargs="+", default=["bitmask", "bitmask-spmm", "bsr16", "bsr32", "bsr64", "2:4"])
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--tile", type=int, nargs=2, default=[32, 64], help="bitmask (TILE_N, TILE_K)")
     p.add_argument("--e2e-block", type=int, default=64, help="BSR block size of the end-to-end encoder")
     p.add_argument("--no-e2e", action="store_true")
-    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph end-to-end timings")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings (<= 64 tokens, end to end)")
+    p.add_argument("--launcher", action="store_true",
+                   help="time the bitmask/BSR kernel launchers instead of the modules (no Python validation)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU; results go to a temp dir")
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
@@ -304,8 +361,12 @@ def main(argv=None):
     print("\ntargets (issue 5):")
     for name, ok, detail in check_targets(rows):
         print(f"  [{'PASS' if ok else 'MISS'}] {name}: {detail}")
+    verdicts = [v for v in check({"bench": "sparse_inference", **r} for r in rows) if v["status"] != "NOT RUN"]
+    print("\ntargets (issue 9, bench/targets.py):\n" + table(verdicts))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with counting_compiles():
+        status = main()
+    sys.exit(status)

@@ -6,6 +6,7 @@ pytest-benchmark entries. The bench/ folder ships with the source tree, not with
 """
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ def run(args) -> int:
     suites = sorted(GPU_SUITES) if args.suite == "all" else [args.suite]
     if args.cpu or not torch.cuda.is_available():
         if not args.cpu:
-            print("no CUDA GPU visible: running the CPU pytest-benchmark entries", file=sys.stderr)
+            logging.getLogger(__name__).info("no CUDA GPU visible: running the CPU pytest-benchmark entries")
         files = sorted(str(p) for p in root.glob("test_bench_*.py"))
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-enable",
                "--benchmark-columns=min,median,mean,rounds", *files, *args.extra]
@@ -48,6 +49,6 @@ def run(args) -> int:
     status = 0
     for name in suites:
         script = root / GPU_SUITES[name]
-        print(f"== {name}: {script.name}", flush=True)
+        logging.getLogger(__name__).info(f"== {name}: {script.name}")
         status |= subprocess.call([sys.executable, str(script), *args.extra], cwd=root.parent)
     return status

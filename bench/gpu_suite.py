@@ -1,0 +1,444 @@
+"""The GPU suite: build, GPU correctness tests, benchmarks, in one self-timed run (`bash scripts/gpu_suite.sh`).
+
+Stages, each with its own time budget inside the total (default 540 s: the device's 560 s limit less a
+20 s margin), each run under `timeout`, a failed or timed-out stage never stopping the next ones:
+
+    build   TORCH_CUDA_ARCH_LIST=9.0a, all cores: `setup.py build_ext --inplace` (fallback: pip install -e)
+    tests   SPARSEBERT_TEST_GPU=1 SPARSEBERT_AUTOTUNE=quick pytest -m cuda (JUnit XML -> pass/fail counts)
+    bench   the benchmark scripts in priority order, each given a slice of what is left; a script that
+            would not fit its minimum is skipped and listed as such
+
+Everything measured lands as it goes (after every stage and benchmark; benchmark rows are streamed
+row by row, so a killed script keeps its finished rows) in the output folder (--out, else $OUT, else
+bench/results/suite-<stamp>) as at most 8 files of at most 16 MiB: <stem>.json (all results, stage
+times, test counts, Triton compilation counts, targets), <stem>.csv (rows), <stem>.log, <stem>.junit.xml,
+<stem>-speedup-vs-density.png, <stem>-speedup-vs-tokens.png, with stem = <gpu>-<date>-<sha>; the same
+files are copied to bench/results/. The last lines printed are the targets table (bench/targets.py).
+
+Triton compilations: TRITON_CACHE_DIR is .triton-cache/ in the repo (git-ignored); each stage reports
+the compiled kernels its run added to the cache (GPU) and the kernel specialisations it launched with
+the compilations they mean in quick/full autotuning (counted under the interpreter on a CPU). Stage
+time estimates from those counts: see bench/README.md.
+
+--dry-run (on a CPU): the same pipeline with the interpreter (TRITON_INTERPRET=1), tiny shapes
+(--smoke) and an import check instead of the build, so the script, its time accounting, its table and
+its files are exercised before any GPU run; tests/test_gpu_suite_dryrun.py runs it in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _results import RESULTS_DIR, environment, slug  # noqa: E402
+from targets import check, table  # noqa: E402
+
+MAX_FILES, MAX_FILE_BYTES = 8, 16 * 1024 * 1024
+START = float(os.environ.get("SPARSEBERT_SUITE_START") or time.time())
+
+# Benchmarks in priority order: (name, minimum seconds worth starting with, share of the bench budget,
+# SPARSEBERT_AUTOTUNE, GPU arguments, dry-run arguments). Quick autotuning keeps the compilations inside
+# the nine minutes; --bench-autotune full tunes every config (a longer, dedicated run).
+BENCHMARKS = [
+    ("masked_linear", 60, 0.35, "quick", ["bench/bench_masked_linear_gpu.py"],
+     ["bench/bench_masked_linear_gpu.py", "--smoke"]),
+    ("sparse_inference", 60, 0.40, "quick", ["bench/bench_sparse_inference.py", "--no-e2e"],
+     ["bench/bench_sparse_inference.py", "--smoke", "--no-e2e"]),
+    ("structured_speed", 25, 0.25, "quick",
+     ["bench/bench_structured_speed.py", "--shape", "bert-base", "--flops-keep", "0.4", "--batches", "1", "32",
+      "--seq", "128", "--attn", "sdpa"],
+     ["bench/bench_structured_speed.py", "--smoke"]),
+]
+
+DRY_RUN_TESTS = ["tests/test_triton_kernels.py", "-k", "against_ops_reference or topk_threshold_single"]
+
+
+def elapsed() -> float:
+    return time.time() - START
+
+
+class Suite:
+    def __init__(self, args):
+        self.args = args
+        self.dry = args.dry_run
+        self.work = Path(tempfile.mkdtemp(prefix="sparsebert-gpu-suite-"))
+        self.env = environment()
+        date = _dt.date.today().isoformat()
+        self.stem = f"{slug(self.env['gpu'])}-{date}-{slug(self.env['git_sha'])}"
+        out = args.out or os.environ.get("OUT") or str(RESULTS_DIR / f"suite-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.out / f"{self.stem}.log"
+        self.log_path.write_text("")
+        self.rows_path = self.work / "rows.jsonl"
+        self.count_path = self.work / "compile_counts.jsonl"
+        self.junit = self.out / f"{self.stem}.junit.xml"
+        self.cache = Path(os.environ.get("TRITON_CACHE_DIR") or ROOT / ".triton-cache")
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.stages: List[Dict] = []
+        self.tests: Dict = {}
+
+    # ---------------------------------------------------------------------------------------------
+    def log(self, text: str, echo: bool = True) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+        if echo:
+            print(text, flush=True)
+
+    def remaining(self) -> float:
+        return self.args.total - elapsed()
+
+    def cache_entries(self) -> int:
+        return sum(1 for p in self.cache.rglob("*") if p.suffix in (".cubin", ".hsaco"))
+
+    def child_env(self, autotune: str) -> Dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(HERE), env.get("PYTHONPATH", "")) if p)
+        env["TRITON_CACHE_DIR"] = str(self.cache)
+        env["SPARSEBERT_AUTOTUNE"] = autotune
+        env["SPARSEBERT_BENCH_STREAM"] = str(self.rows_path)
+        env["SPARSEBERT_COMPILE_COUNT"] = str(self.count_path)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("OMP_NUM_THREADS", "1" if self.dry else env.get("OMP_NUM_THREADS", "8"))
+        if self.dry:
+            env["TRITON_INTERPRET"] = "1"
+            env.pop("SPARSEBERT_TEST_GPU", None)
+        else:
+            env.pop("TRITON_INTERPRET", None)
+            env["SPARSEBERT_TEST_GPU"] = "1"
+        return env
+
+    def run(self, cmd: List[str], budget: float, env: Dict[str, str]) -> Dict:
+        """Runs cmd under `timeout` for at most `budget` s, its output into the log; returns what happened."""
+        budget = max(1, int(min(budget, self.remaining())))
+        self.log(f"$ {' '.join(cmd)}   (limit {budget} s)")
+        t0 = time.time()
+        with open(self.log_path, "a") as f:
+            proc = subprocess.run(["timeout", "-k", "5", str(budget), *cmd], cwd=ROOT, env=env, stdout=f,
+                                  stderr=subprocess.STDOUT)
+        rc, took = proc.returncode, time.time() - t0
+        status = "ok" if rc == 0 else "timed out" if rc in (124, 137) else f"failed (rc {rc})"
+        self.log(f"  -> {status} in {took:.1f} s")
+        return {"cmd": " ".join(cmd), "rc": rc, "status": status, "seconds": round(took, 2), "limit_s": budget}
+
+    def stage(self, name: str, budget: float, steps) -> Dict:
+        """Runs `steps(budget_left) -> list of command results` as one stage; records times and counts."""
+        info = {"stage": name, "budget_s": round(budget, 1), "started_at_s": round(elapsed(), 1)}
+        left = self.remaining()
+        if left < self.args.min_stage:
+            info.update(status="skipped", reason=f"only {left:.0f} s left of the total {self.args.total:.0f} s")
+            self.log(f"== {name}: SKIPPED ({info['reason']})")
+            self.stages.append(info)
+            self.write()
+            return info
+        budget = min(budget, left)
+        self.log(f"== {name} (budget {budget:.0f} s, {left:.0f} s left)")
+        cache0 = self.cache_entries()
+        counts0 = self._count_lines()
+        t0 = time.time()
+        info["steps"] = steps(budget)
+        info["seconds"] = round(time.time() - t0, 2)
+        info["status"] = "ok" if all(s["status"] in ("ok", "skipped") for s in info["steps"]) else "failed"
+        info["triton_cache_new_kernels"] = self.cache_entries() - cache0
+        counts = self._count_lines()[len(counts0):]
+        info["specialisations"] = sum(c["specialisations"] for c in counts)
+        info["gpu_compiles_quick"] = sum(c["gpu_compiles_quick"] for c in counts)
+        info["gpu_compiles_full"] = sum(c["gpu_compiles_full"] for c in counts)
+        per_kernel: Dict[str, int] = {}
+        for c in counts:
+            for kernel, k in c["per_kernel"].items():
+                per_kernel[kernel] = per_kernel.get(kernel, 0) + k
+        info["specialisations_per_kernel"] = per_kernel
+        self.log(f"== {name}: {info['status']} in {info['seconds']:.1f} s; Triton: "
+                 f"{info['specialisations']} kernel specialisations launched -> "
+                 f"{info['gpu_compiles_quick']} GPU compilations (quick autotune), {info['gpu_compiles_full']} (full); "
+                 f"{info['triton_cache_new_kernels']} new kernels in the cache")
+        self.stages.append(info)
+        self.write()
+        return info
+
+    def _count_lines(self) -> List[Dict]:
+        if not self.count_path.exists():
+            return []
+        out = []
+        for line in self.count_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    def build_steps(self, budget: float) -> List[Dict]:
+        env = self.child_env("quick")
+        steps = []
+        if self.dry:
+            steps.append(self.run([sys.executable, "-c", "import sparsebert._C, sparsebert.kernels"], budget, env))
+            steps[-1]["note"] = "dry run: imports the extension scripts/setup.sh built instead of rebuilding it"
+            return steps
+        env["TORCH_CUDA_ARCH_LIST"] = self.args.arch
+        env["MAX_JOBS"] = str(os.cpu_count() or 1)
+        t0 = time.time()
+        steps.append(self.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], budget, env))
+        if steps[-1]["rc"] != 0 and budget - (time.time() - t0) > 30:
+            steps.append(self.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                                   "-e", "."], budget - (time.time() - t0), env))
+        left = budget - (time.time() - t0)
+        if left > 2:
+            steps.append(self.run([sys.executable, "-c", "import sparsebert._C; print('sparsebert._C', "
+                                   "sparsebert._C.__file__)"], left, env))
+        return steps
+
+    def test_steps(self, budget: float) -> List[Dict]:
+        env = self.child_env("quick")
+        # dry run: no GPU, so the cuda tests would all skip; a small interpreter subset runs instead
+        select = (self.args.test_args or DRY_RUN_TESTS) if self.dry else ["-m", "cuda", *self.args.test_args]
+        if not self.dry and self.args.test_workers > 1 and _has_module("xdist"):
+            # Triton compiles in the launching process: workers compile in parallel, one per core
+            select = ["-n", str(self.args.test_workers), *select]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "_compile_count",
+               f"--junitxml={self.junit}", "-o", "junit_family=xunit2", *select]
+        step = self.run(cmd, budget, env)
+        if step["rc"] == 5:  # pytest: no tests collected
+            step["status"] = "ok"
+        self.tests = parse_junit(self.junit)
+        self.log(f"  tests: {self.tests}")
+        return [step]
+
+    def bench_steps(self, budget: float) -> List[Dict]:
+        steps = []
+        t0 = time.time()
+        selected = [b for b in BENCHMARKS if not self.args.bench or b[0] in self.args.bench]
+        share_left = sum(b[2] for b in selected)
+        for name, minimum, share, autotune, gpu_args, dry_args in selected:
+            left = budget - (time.time() - t0)
+            slice_s = left * share / share_left if share_left else left
+            share_left -= share
+            if self.dry:
+                minimum = 1
+            if left < minimum:
+                self.log(f"  {name}: SKIPPED (needs {minimum} s, {left:.0f} s left)")
+                steps.append({"cmd": name, "status": "skipped", "reason": f"needs {minimum} s, {left:.0f} s left"})
+                continue
+            slice_s = max(slice_s, minimum)
+            argv = dry_args if self.dry else gpu_args
+            step = self.run([sys.executable, *argv, "--results-dir", str(self.work / "raw")],
+                            slice_s, self.child_env(self.args.bench_autotune or autotune))
+            step["benchmark"] = name
+            steps.append(step)
+            self.write()  # rows streamed so far land now, also when the script was killed
+        return steps
+
+    # ---------------------------------------------------------------------------------------------
+    def rows(self) -> List[Dict]:
+        rows = []
+        if self.rows_path.exists():
+            for line in self.rows_path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # the last line of a killed script
+                    pass
+        return rows
+
+    def write(self, final: bool = False) -> None:
+        """(Re)writes the result files atomically from everything measured so far."""
+        rows = self.rows()
+        verdicts = check(rows)
+        doc = {"suite": "gpu_suite", "dry_run": self.dry, "environment": self.env, "total_budget_s": self.args.total,
+               "elapsed_s": round(elapsed(), 1), "finished": final, "stages": self.stages, "tests": self.tests,
+               "targets": verdicts, "rows": rows}
+        _atomic_write(self.out / f"{self.stem}.json", json.dumps(doc, indent=1, default=str) + "\n")
+        fields: List[str] = []
+        for r in rows:
+            fields.extend(k for k in r if k not in fields)
+        tmp = self.out / f".{self.stem}.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields or ["bench"], restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.out / f"{self.stem}.csv")
+        if final:
+            try:
+                plot_speedups(rows, self.out / f"{self.stem}-speedup-vs-density.png",
+                              self.out / f"{self.stem}-speedup-vs-tokens.png", self.env)
+            except Exception as exc:  # plots are a convenience: never lose the results over one
+                self.log(f"plots failed: {type(exc).__name__}: {exc}")
+        self.enforce_limits()
+
+    def enforce_limits(self) -> None:
+        files = [p for p in self.out.iterdir() if p.is_file() and not p.name.startswith(".")]
+        for p in files:
+            if p.stat().st_size > MAX_FILE_BYTES and p.suffix == ".log":  # keep the log's end
+                data = p.read_bytes()[-(MAX_FILE_BYTES - 1024):]
+                _atomic_write(p, "[log truncated to its last 16 MiB]\n" + data.decode("utf-8", "replace"))
+        if len(files) > MAX_FILES:
+            raise RuntimeError(f"{self.out} holds {len(files)} files, more than {MAX_FILES}")
+
+    def copy_to_results(self) -> None:
+        dest = Path(self.args.results_copy)
+        if self.out.resolve() == dest.resolve():
+            return
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in self.out.iterdir():
+            if p.is_file() and p.name.startswith(self.stem):
+                shutil.copy2(p, dest / p.name)
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def parse_junit(path: Path) -> Dict:
+    """Pass / fail / error / skip counts from a JUnit XML file (pytest --junitxml)."""
+    import xml.etree.ElementTree as ET
+
+    if not path.exists():
+        return {"found": False}
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        return {"found": True, "error": f"unreadable JUnit XML: {exc}"}
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    total["passed"] = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
+    failed = [f"{c.get('classname')}::{c.get('name')}" for s in suites for c in s.iter("testcase")
+              if c.find("failure") is not None or c.find("error") is not None]
+    return {"found": True, **total, "failed_tests": failed[:50]}
+
+
+def plot_speedups(rows: List[Dict], density_png: Path, tokens_png: Path, env: Dict) -> None:
+    """Two plots: speedup over dense vs density (sparse formats, geomean over shapes, per token count)
+    and speedup vs tokens (every format and the fused score-masked linear)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def geomean(xs):
+        return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+    lin = [r for r in rows if r.get("bench") == "sparse_inference" and r.get("kind") == "linear"
+           and r.get("format") != "dense" and float(r.get("speedup") or 0) > 0]
+    title = f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | {env['git_sha']}"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for fmt in sorted({r["format"] for r in lin}):
+        for tok in sorted({r["tokens"] for r in lin}):
+            pts: Dict[float, list] = {}
+            for r in lin:
+                if r["format"] == fmt and r["tokens"] == tok:
+                    pts.setdefault(float(r["density"]), []).append(float(r["speedup"]))
+            if pts:
+                xs = sorted(pts)
+                ax.plot(xs, [geomean(pts[d]) for d in xs], marker="o", label=f"{fmt} t={tok}")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("density")
+    ax.set_ylabel("speedup over dense (geomean of shapes)")
+    ax.set_title(title, fontsize=7)
+    if lin:
+        ax.legend(fontsize=5, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no sparse-inference rows", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(density_png, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: Dict[str, Dict[int, list]] = {}
+    for r in lin:
+        series.setdefault(f"{r['format']} d={r['density']}", {}).setdefault(int(r["tokens"]), []).append(
+            float(r["speedup"]))
+    for r in rows:
+        if r.get("bench") == "masked_linear" and r.get("version") == "fused" and float(r.get("time_vs_dense") or 0) > 0:
+            series.setdefault(f"score-masked {r['mode']} vs dense", {}).setdefault(int(r["tokens"]), []).append(
+                1.0 / float(r["time_vs_dense"]))
+    for label, pts in sorted(series.items()):
+        xs = sorted(pts)
+        ax.plot(xs, [geomean(pts[t]) for t in xs], marker="o", label=label)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("speedup over dense (geomean of shapes)")
+    ax.set_title(title, fontsize=7)
+    if series:
+        ax.legend(fontsize=5, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no rows", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(tokens_png, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="output folder (default: $OUT, else bench/results/suite-<stamp>)")
+    p.add_argument("--dry-run", action="store_true", help="CPU run of the whole pipeline: interpreter, tiny shapes")
+    p.add_argument("--total", type=float, default=540.0, help="seconds for everything (the 560 s limit less 20)")
+    p.add_argument("--build-budget", type=float, default=150.0)
+    p.add_argument("--test-budget", type=float, default=150.0)
+    p.add_argument("--test-workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="pytest-xdist workers of the test stage (GPU runs; 1 = no xdist)")
+    p.add_argument("--min-stage", type=float, default=5.0, help="a stage with less time left is skipped")
+    p.add_argument("--results-copy", default=str(RESULTS_DIR), help="also copy the files here (default: bench/results)")
+    p.add_argument("--arch", default="9.0a", help="TORCH_CUDA_ARCH_LIST of the build")
+    p.add_argument("--stages", nargs="+", choices=["build", "tests", "bench"], default=["build", "tests", "bench"])
+    p.add_argument("--bench", nargs="+", choices=[b[0] for b in BENCHMARKS], help="only these benchmarks")
+    p.add_argument("--bench-autotune", choices=["quick", "full"], help="override every benchmark's autotuning")
+    p.add_argument("--test-args", nargs=argparse.REMAINDER, default=[],
+                   help="arguments for pytest (default: the whole tests/ folder); must come last")
+    args = p.parse_args(argv)
+    if args.total <= 0:
+        p.error("--total must be positive")
+    if not args.dry_run:
+        import torch
+        if not torch.cuda.is_available():
+            p.error("no CUDA GPU visible to torch: run with --dry-run on a CPU")
+
+    suite = Suite(args)
+    suite.log(f"# gpu suite{' (DRY RUN)' if suite.dry else ''}: {suite.env['gpu']} | driver {suite.env['driver']} | "
+              f"torch {suite.env['torch']} | triton {suite.env['triton']} | CUDA {suite.env['cuda']} | "
+              f"sha {suite.env['git_sha']} | total budget {args.total:.0f} s, {elapsed():.1f} s used before start")
+    suite.write()
+    try:
+        if "build" in args.stages:
+            suite.stage("build", args.build_budget, suite.build_steps)
+        if "tests" in args.stages:
+            suite.stage("tests", args.test_budget, suite.test_steps)
+        if "bench" in args.stages:
+            suite.stage("bench", suite.remaining(), suite.bench_steps)
+    finally:
+        suite.write(final=True)
+        suite.copy_to_results()
+        shutil.rmtree(suite.work, ignore_errors=True)
+    verdicts = check(suite.rows())
+    files = sorted(p.name for p in suite.out.iterdir() if p.is_file() and not p.name.startswith("."))
+    summary = [f"stage times: " + ", ".join(f"{s['stage']} {s.get('seconds', 0):.0f} s ({s['status']})"
+                                           for s in suite.stages) + f"; total {elapsed():.0f} s of {args.total:.0f} s",
+               f"tests: {suite.tests.get('passed', '-')} passed, {suite.tests.get('failures', '-')} failed, "
+               f"{suite.tests.get('errors', '-')} errors, {suite.tests.get('skipped', '-')} skipped",
+               f"files ({len(files)}) in {suite.out}: {', '.join(files)}", "", table(verdicts)]
+    suite.log("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Every Triton kernel in sparsebert.kernels on odd (tail) shapes and each dtype, on the `device` of the
+parameter: "cpu" runs the kernels under the Triton interpreter (so a GPU run is never their first run),
+"cuda" (marked `cuda`; run with SPARSEBERT_TEST_GPU=1 pytest -m cuda) runs them compiled, with more and
+larger shapes. Also every autotune config of every kernel, forced once on a tail shape.
+
+References and tolerances are those of the CPU kernel tests, imported from them: test_triton_kernels
+(fp64 exact products, error bound from the accumulation), test_sparse_format_kernels (bitmask / BSR) and
+test_pruned_kernels (pruned FFN / attention).
+"""
+import contextlib
+
+import pytest
+import torch
+
+from sparsebert.kernels import _autotune, _gemm
+from sparsebert.kernels import bitmask_linear as bitmask_mod
+from sparsebert.kernels import bsr_linear as bsr_mod
+from sparsebert.kernels import pruned_attention as attention_mod
+from sparsebert.kernels import pruned_ffn as ffn_mod
+from sparsebert.kernels.masked_linear import masked_linear_bwd_input, masked_linear_bwd_weight, masked_linear_fwd
+from sparsebert.kernels.score_masked_linear import (
+    score_masked_linear_bwd_input,
+    score_masked_linear_bwd_weight_scores,
+    score_masked_linear_fwd,
+)
+from sparsebert.kernels.topk_threshold import topk_threshold
+from sparsebert.ops import reference as R
+from sparsebert.ops import reference_formats as rf
+
+from _helpers import device_cases, skip_unless_triton_runs_on
+from test_pruned_kernels import TOL as PRUNED_TOL
+from test_sparse_format_kernels import TOL as FORMAT_TOL
+from test_sparse_format_kernels import block_weight, check, sparse_weight
+from test_triton_kernels import assert_close_to_exact, exact_fwd, kth_smallest, matmul_exact, pack_bits
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# the pruned-kernel CPU tests cover fp32 and bf16; fp16 takes the format kernels' fp16 tolerance (the same
+# arithmetic: 16-bit operands, fp32 accumulation, one rounding of the output)
+PRUNED_TOLS = {**PRUNED_TOL, torch.float16: FORMAT_TOL[torch.float16]}
+
+
+def _ids(v):
+    return str(v).replace("torch.", "")
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_device(request):
+    device = request.node.callspec.params.get("device") if hasattr(request.node, "callspec") else None
+    if device is not None:
+        skip_unless_triton_runs_on(device)
+
+
+def linear_inputs(m, k, n, dtype, device, bias=True):
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    w = torch.randn(n, k, device=device, dtype=dtype)
+    b = torch.randn(n, device=device, dtype=dtype) if bias else None
+    dy = torch.randn(m, n, device=device, dtype=dtype)
+    return x, w, b, dy
+
+
+# ------------------------------------------------------------------------------------------ GEMM kernels
+# (M, K, N): tails in every dimension (K = 70: a packed mask's last word has padding bits)
+CPU_SHAPES = [(37, 70, 53)]
+GPU_SHAPES = [(1, 33, 17), (300, 257, 129), (1000, 769, 3071), (8193, 200, 130)]  # the last: split-M weight grad
+
+
+@pytest.mark.parametrize("device,m,k,n,dtype", device_cases(
+    [(*s, d) for s in CPU_SHAPES for d in DTYPES], [(*s, d) for s in GPU_SHAPES for d in DTYPES]), ids=_ids)
+def test_masked_linear_kernels(device, m, k, n, dtype):
+    x, w, b, dy = linear_inputs(m, k, n, dtype, device)
+    keep = torch.rand(n, k, device=device) < 0.4
+    y_exact, y_abs = exact_fwd(x, w, keep, b)
+    dx_exact, dx_abs = matmul_exact(dy, w.double() * keep)
+    g, g_abs = matmul_exact(dy.t(), x)
+    for mask, packed in ((keep.to(torch.uint8), False), (pack_bits(keep), True)):
+        assert_close_to_exact(masked_linear_fwd(x, w, b, mask, packed), y_exact, y_abs, k, dtype)
+        assert_close_to_exact(masked_linear_bwd_input(dy, w, mask, packed), dx_exact, dx_abs, n, dtype)
+        dw = masked_linear_bwd_weight(dy, x, mask, packed)
+        assert_close_to_exact(dw, g * keep, g_abs, m, dtype)
+        assert (dw[~keep] == 0).all()
+
+
+# (x / weight dtype, scores dtype)
+SCORE_DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                (torch.bfloat16, torch.float32)]
+
+
+@pytest.mark.parametrize("device,m,k,n,dtype,scores_dtype", device_cases(
+    [(*s, *d) for s in CPU_SHAPES for d in SCORE_DTYPES],
+    [(*s, *d) for s in GPU_SHAPES for d in SCORE_DTYPES + [(torch.float32, torch.bfloat16)]]), ids=_ids)
+def test_score_masked_linear_kernels(device, m, k, n, dtype, scores_dtype):
+    x, w, b, dy = linear_inputs(m, k, n, dtype, device)
+    scores = torch.randn(n, k, device=device, dtype=scores_dtype)
+    tau = scores.flatten()[7].float()  # 0-dim device tensor holding a score: ties at tau are kept
+    keep = scores >= tau.to(scores_dtype)
+    assert 0 < int(keep.sum()) < keep.numel()
+    threshold = float(tau.cpu())
+    assert_close_to_exact(score_masked_linear_fwd(x, w, b, scores, tau), *exact_fwd(x, w, keep, b), k, dtype)
+    assert_close_to_exact(score_masked_linear_fwd(x, w, None, scores, threshold), *exact_fwd(x, w, keep, None), k,
+                          dtype)
+    assert_close_to_exact(score_masked_linear_bwd_input(dy, w, scores, tau), *matmul_exact(dy, w.double() * keep), n,
+                          dtype)
+    g, g_abs = matmul_exact(dy.t(), x)
+    dscores, dweight = score_masked_linear_bwd_weight_scores(dy, x, w, scores, tau, True)
+    assert_close_to_exact(dscores, g * w.double(), g_abs * w.double().abs(), m, scores_dtype)
+    assert_close_to_exact(dweight, g * keep, g_abs, m, dtype)
+    dscores_only, none = score_masked_linear_bwd_weight_scores(dy, x, w, scores, threshold, False)
+    assert none is None and torch.equal(dscores_only, dscores)
+
+
+@pytest.mark.parametrize("device,sizes", device_cases(
+    [(((37, 70), (1001,), (5, 7)),)], [(((1000, 769), (3_000_001,), (129, 257)),)]), ids=_ids)
+def test_topk_threshold_kernel(device, sizes):
+    tensors = [torch.randn(s, device=device).to(d) for s, d in zip(sizes, DTYPES)]  # fp32, fp16, bf16 mixed
+    n = sum(t.numel() for t in tensors)
+    for k_prune in (0, 1, 777, n // 2, n - 1):
+        tau = topk_threshold(tensors, k_prune)
+        assert tau.device.type == device and tau.dtype == torch.float32 and tau.dim() == 0
+        assert tau.item() == kth_smallest(tensors, k_prune), k_prune
+    for t in tensors:  # one tensor of each dtype alone
+        assert topk_threshold(t, t.numel() // 3).item() == kth_smallest([t], t.numel() // 3)
+
+
+# ------------------------------------------------------------------------------------------ sparse formats
+@pytest.mark.parametrize("device,m,n,k,tile,dtype", device_cases(
+    [(37, 53, 70, (16, 32), d) for d in DTYPES],
+    [(m, 768 + 5, 3072 + 31, (32, 64), d) for m in (1, 63, 300) for d in DTYPES]), ids=_ids)
+def test_bitmask_linear_kernel(device, m, n, k, tile, dtype):
+    w = sparse_weight(n, k, 0.3, dtype, device)
+    w[: n // 2, : min(k, 32)] = 0  # empty stretches of rows, partial tiles
+    x, b = torch.randn(m, k, device=device).to(dtype), torch.randn(n, device=device).to(dtype)
+    fmt = rf.bitmask_encode(w, *tile)
+    for split_k in (1, 3):
+        check(bitmask_mod.bitmask_linear_fwd(x, *fmt, b, k, *tile, split_k=split_k), x, w, b)
+    check(bitmask_mod.bitmask_linear_fwd(x, *fmt, None, k, *tile), x, w, None)  # split-K chosen from the shape
+
+
+@pytest.mark.parametrize("device,m,n,k,block,dtype", device_cases(
+    [(37, 64, 96, 16, d) for d in DTYPES] + [(37, 64, 128, 64, torch.bfloat16)],
+    [(m, 768, 3072, blk, d) for m in (1, 300) for blk in rf.BSR_BLOCK_SIZES for d in DTYPES]), ids=_ids)
+def test_bsr_linear_kernel(device, m, n, k, block, dtype):
+    w = block_weight(n, k, block, 0.5, dtype, device)
+    w[:block] = 0  # one empty block row
+    x, b = torch.randn(m, k, device=device).to(dtype), torch.randn(n, device=device).to(dtype)
+    fmt = rf.bsr_encode(w, block)
+    check(bsr_mod.bsr_linear_fwd(x, *fmt, b, k), x, w, b)
+    check(bsr_mod.bsr_linear_fwd(x, *fmt, None, k), x, w, None)
+
+
+# ------------------------------------------------------------------------------------------ pruned kernels
+def ffn_inputs(m, d, inter, n_keep, dtype, device):
+    x = torch.randn(m, d, device=device).to(dtype)
+    w_in, b_in = (torch.randn(inter, d, device=device) / d ** 0.5).to(dtype), torch.randn(inter, device=device).to(dtype)
+    w_out, b_out = (torch.randn(d, inter, device=device) / inter ** 0.5).to(dtype), torch.randn(d, device=device).to(dtype)
+    keep = torch.randperm(inter, device=device)[:n_keep].sort().values
+    return x, w_in, b_in, w_out, b_out, keep
+
+
+@pytest.mark.parametrize("device,m,d,inter,n_keep,dtype", device_cases(
+    [(37, 70, 53, 29, d) for d in DTYPES], [(m, 768, 3072, 1001, d) for m in (1, 300) for d in DTYPES]), ids=_ids)
+def test_pruned_ffn_kernel(device, m, d, inter, n_keep, dtype):
+    x, w_in, b_in, w_out, b_out, keep = ffn_inputs(m, d, inter, n_keep, dtype, device)
+    got = ffn_mod.pruned_ffn(x, w_in, b_in, w_out, b_out, keep)
+    want = R.pruned_ffn(*(t.float() for t in (x, w_in, b_in, w_out, b_out)), keep)  # fp32 from the same values
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, **PRUNED_TOLS[dtype])
+    # one-sided gathers, no bias: rows only (FFN-in) and columns only (FFN-out)
+    h = ffn_mod.gathered_linear(x, w_in, None, rows=keep, gelu=True)
+    torch.testing.assert_close(h.float(), torch.nn.functional.gelu(x.float() @ w_in.float()[keep].t()),
+                               **PRUNED_TOLS[dtype])
+
+
+def attention_inputs(batch, length, d, head_size, dtype, device):
+    x = torch.randn(batch, length, d, device=device).to(dtype)
+    ws = []
+    for _ in range(4):
+        ws += [(torch.randn(d, d, device=device) / d ** 0.5).to(dtype), torch.randn(d, device=device).to(dtype) * 0.1]
+    key_mask = torch.ones(batch, length, dtype=torch.int32, device=device)
+    key_mask[0, length // 2:] = 0  # padding in some rows; every row keeps at least one key
+    key_mask[-1, 1:] = 0
+    return x, ws, key_mask
+
+
+@pytest.mark.parametrize("device,batch,length,d,head_size,heads,dtype", device_cases(
+    [(3, 19, 40, 8, [0, 2, 3], d) for d in DTYPES],
+    [(b, L, 768, 64, hs, d) for b, L in ((2, 129), (5, 384)) for hs in ([0, 3, 4, 7, 11], list(range(12)))
+     for d in DTYPES]), ids=_ids)
+def test_pruned_attention_kernel(device, batch, length, d, head_size, heads, dtype):
+    x, ws, key_mask = attention_inputs(batch, length, d, head_size, dtype, device)
+    heads = torch.tensor(heads, device=device)
+    got = attention_mod.pruned_attention(x, *ws, heads, head_size, key_mask)
+    want = R.pruned_attention(x.float(), *(w.float() for w in ws), heads, head_size, key_mask)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, **PRUNED_TOLS[dtype])
+
+
+# ------------------------------------------------------------------------------------------ autotune configs
+def full_gpu_configs(config_fn):
+    """A kernel's full GPU config list (as `@triton.autotune` gets it on a GPU with SPARSEBERT_AUTOTUNE=full),
+    also under the interpreter and in quick mode."""
+    saved = _autotune.INTERPRET, _autotune.MODE
+    _autotune.INTERPRET, _autotune.MODE = False, "full"
+    try:
+        return config_fn()
+    finally:
+        _autotune.INTERPRET, _autotune.MODE = saved
+
+
+@contextlib.contextmanager
+def forced(autotuner, config):
+    """Run `autotuner` with `config` only: with one config the autotuner neither prunes nor times, it calls
+    its raw @triton.jit function (`autotuner.fn`) with that config's kwargs, num_warps and num_stages."""
+    saved = autotuner.configs
+    autotuner.configs = [config]
+    try:
+        yield
+    finally:
+        autotuner.configs = saved
+
+
+# (M, K, N) tail shapes. GPU: a tail for every tile of every list (257 = 256 + 1 tokens, 129 = 128 + 1 and
+# 200 = 3 * 64 + 8 features). CPU: small, so the interpreter stays fast; one partial tile for the big tiles.
+TAIL = {"cuda": (257, 200, 129), "cpu": (37, 70, 53)}
+
+
+def _gemm_fwd(dtype, device):
+    M_TAIL, K_TAIL, N_TAIL = TAIL[device]
+    x, w, b, _ = linear_inputs(M_TAIL, K_TAIL, N_TAIL, dtype, device)
+    keep = torch.rand(N_TAIL, K_TAIL, device=device) < 0.4
+    scores = torch.randn(N_TAIL, K_TAIL, device=device, dtype=dtype)
+    tau = scores.flatten()[5].float()
+    keep_s = scores >= tau.to(dtype)
+
+    def run():
+        assert_close_to_exact(masked_linear_fwd(x, w, b, pack_bits(keep), True), *exact_fwd(x, w, keep, b), K_TAIL, dtype)
+        assert_close_to_exact(score_masked_linear_fwd(x, w, None, scores, tau), *exact_fwd(x, w, keep_s, None), K_TAIL,
+                              dtype)
+    return run
+
+
+def _gemm_bwd_input(dtype, device):
+    M_TAIL, K_TAIL, N_TAIL = TAIL[device]
+    _, w, _, dy = linear_inputs(M_TAIL, K_TAIL, N_TAIL, dtype, device)
+    keep = torch.rand(N_TAIL, K_TAIL, device=device) < 0.4
+    scores = torch.randn(N_TAIL, K_TAIL, device=device, dtype=dtype)
+    keep_s = scores >= 0.25
+
+    def run():
+        assert_close_to_exact(masked_linear_bwd_input(dy, w, keep.to(torch.uint8), False),
+                              *matmul_exact(dy, w.double() * keep), N_TAIL, dtype)
+        assert_close_to_exact(score_masked_linear_bwd_input(dy, w, scores, 0.25),
+                              *matmul_exact(dy, w.double() * keep_s), N_TAIL, dtype)
+    return run
+
+
+def _gemm_bwd_weight(dtype, device):
+    M_TAIL, K_TAIL, N_TAIL = TAIL[device]
+    x, w, _, dy = linear_inputs(M_TAIL, K_TAIL, N_TAIL, dtype, device)
+    keep = torch.rand(N_TAIL, K_TAIL, device=device) < 0.4
+    scores = torch.randn(N_TAIL, K_TAIL, device=device, dtype=dtype)
+    keep_s = scores >= 0.25
+    g, g_abs = matmul_exact(dy.t(), x)
+
+    def run():
+        assert_close_to_exact(masked_linear_bwd_weight(dy, x, pack_bits(keep), True), g * keep, g_abs, M_TAIL, dtype)
+        dscores, dweight = score_masked_linear_bwd_weight_scores(dy, x, w, scores, 0.25, True)
+        assert_close_to_exact(dscores, g * w.double(), g_abs * w.double().abs(), M_TAIL, dtype)
+        assert_close_to_exact(dweight, g * keep_s, g_abs, M_TAIL, dtype)
+    return run
+
+
+def _bitmask(dtype, device):
+    M_TAIL, K_TAIL, N_TAIL = TAIL[device]
+    w = sparse_weight(N_TAIL, K_TAIL, 0.3, dtype, device)
+    x, b = torch.randn(M_TAIL, K_TAIL, device=device).to(dtype), torch.randn(N_TAIL, device=device).to(dtype)
+    fmt = rf.bitmask_encode(w, 32, 64)
+
+    def run():
+        for split_k in (1, 2):
+            check(bitmask_mod.bitmask_linear_fwd(x, *fmt, b, K_TAIL, 32, 64, split_k=split_k), x, w, b)
+    return run
+
+
+def _bsr(dtype, device):
+    m, k = TAIL[device][0], (192 if device == "cuda" else 128)
+    w = block_weight(128, k, 64, 0.6, dtype, device)  # 64 x 64 blocks: the largest block of every config
+    x, b = torch.randn(m, k, device=device).to(dtype), torch.randn(128, device=device).to(dtype)
+    fmt = rf.bsr_encode(w, 64)
+
+    def run():
+        check(bsr_mod.bsr_linear_fwd(x, *fmt, b, k), x, w, b)
+    return run
+
+
+def _ffn(dtype, device):
+    M_TAIL, K_TAIL, N_TAIL = TAIL[device]
+    x, w_in, b_in, w_out, b_out, keep = ffn_inputs(M_TAIL, K_TAIL, N_TAIL + 1, N_TAIL // 2, dtype, device)
+    want = R.pruned_ffn(*(t.float() for t in (x, w_in, b_in, w_out, b_out)), keep)
+
+    def run():
+        torch.testing.assert_close(ffn_mod.pruned_ffn(x, w_in, b_in, w_out, b_out, keep).float(), want,
+                                   **PRUNED_TOLS[dtype])
+    return run
+
+
+def _attention(dtype, device):
+    length, d, heads = (129, 96, [0, 2]) if device == "cuda" else (21, 64, [1])
+    x, ws, key_mask = attention_inputs(2, length, d, 32, dtype, device)
+    heads = torch.tensor(heads, device=device)
+    want = R.pruned_attention(x.float(), *(w.float() for w in ws), heads, 32, key_mask)
+
+    def run():
+        got = attention_mod.pruned_attention(x, *ws, heads, 32, key_mask)
+        torch.testing.assert_close(got.float(), want, **PRUNED_TOLS[dtype])
+    return run
+
+
+# name -> (autotuner, its module's config function, problem builder returning a checked call)
+AUTOTUNED = {
+    "gemm_fwd": (_gemm.linear_fwd_kernel, _gemm._configs, _gemm_fwd),
+    "gemm_bwd_input": (_gemm.linear_bwd_input_kernel, _gemm._configs, _gemm_bwd_input),
+    "gemm_bwd_weight": (_gemm.linear_bwd_weight_kernel, _gemm._configs, _gemm_bwd_weight),
+    "bitmask_linear": (bitmask_mod._bitmask_linear_kernel, bitmask_mod._configs, _bitmask),
+    "bsr_linear": (bsr_mod._bsr_linear_kernel, bsr_mod._configs, _bsr),
+    "gathered_linear": (ffn_mod._gathered_linear_kernel, ffn_mod._configs, _ffn),
+    "attention": (attention_mod._attention_kernel, attention_mod._attn_configs, _attention),
+}
+
+
+def test_every_autotuned_kernel_is_listed():
+    """A new @triton.autotune kernel in sparsebert.kernels must join AUTOTUNED (and so the sweep below)."""
+    from triton.runtime.autotuner import Autotuner
+    modules = (_gemm, bitmask_mod, bsr_mod, ffn_mod, attention_mod)
+    found = {id(v) for mod in modules for v in vars(mod).values() if isinstance(v, Autotuner)}
+    assert found == {id(a) for a, _, _ in AUTOTUNED.values()}
+
+
+@pytest.mark.parametrize("device,kernel", device_cases(list(AUTOTUNED)), ids=_ids)
+def test_every_autotune_config_on_a_tail_shape(device, kernel):
+    """Each config of the kernel's full GPU list forced once, in bf16 (the dtype the lists are tuned for;
+    the per-dtype tests above run the configs the autotuner picks). On CPU the interpreter ignores
+    num_warps / num_stages, so each distinct tile shape runs once, on a smaller tail shape."""
+    autotuner, config_fn, problem = AUTOTUNED[kernel]
+    configs = full_gpu_configs(config_fn)
+    assert configs, f"{kernel}: empty GPU config list"
+    if device == "cpu":  # the interpreter ignores num_warps / num_stages: each tile shape once
+        configs = list({tuple(sorted(c.kwargs.items())): c for c in configs}.values())
+    run = problem(torch.bfloat16, device)
+    for config in configs + list(autotuner.configs):  # + what this run's autotuner holds (the interpreter's)
+        with forced(autotuner, config):
+            try:
+                run()
+            except AssertionError as exc:
+                raise AssertionError(f"{kernel} with config {config}: {exc}") from exc
