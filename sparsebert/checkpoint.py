@@ -171,13 +171,19 @@ def serialize_state(obj: Any) -> bytes:
     return save(tensors, metadata={"format": FORMAT, "tree": tree, "sha256": _digest(tree, tensors)})
 
 
-def _is_pickle(head: bytes) -> bool:
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch.save's zip, or a raw pickle
+def _is_pickle(data: bytes) -> bool:
+    """torch.save's zip, or a raw pickle (b"\\x80" + protocol). A safetensors file whose 8-byte header
+    length has low byte 0x80 also starts with b"\\x80": its JSON header (b"{" at byte 8) tells it apart."""
+    if data.startswith(b"PK\x03\x04"):
+        return True
+    if data[:1] != b"\x80":
+        return False
+    return not (len(data) > 8 and data[8:9] == b"{" and 8 + struct.unpack("<Q", data[:8])[0] <= len(data))
 
 
 def deserialize_state(data: bytes, name: str = "checkpoint") -> Any:
     """Inverse of `serialize_state`; `name` (the file) is named in every error."""
-    if _is_pickle(data[:4]):
+    if _is_pickle(data):
         raise CheckpointError(f"{name} is a pickle (torch.save) file; sparsebert never unpickles files, because "
                               "loading a pickle can run arbitrary code. Re-create it with this version.")
     if len(data) < 8:

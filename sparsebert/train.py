@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import atomic_save, load_latest_checkpoint, prune_old_checkpoints, step_checkpoint_path
+from .distributed import (all_reduce_mean, barrier, is_distributed, is_main_process, sampler_of, shard_loader,
+                          unwrap, world_size, wrap_ddp)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "layer_norm.bias")
@@ -132,7 +134,7 @@ def finetune(model: nn.Module, train_loader: Iterable, *, loss_fn: Optional[Call
              step_callback: Optional[Callable[[int, Dict[str, float]], None]] = None,
              before_step: Optional[Callable[[int], None]] = None,
              grad_clip: Optional[float] = 1.0, device=None, desc: str = "train",
-             lr_decay_steps: Optional[int] = None) -> Dict[str, Any]:
+             lr_decay_steps: Optional[int] = None, data_seed: Optional[int] = None) -> Dict[str, Any]:
     """Fine-tune `model` on `train_loader`; returns {"steps", "mean_loss", "last_loss", "losses", "seconds",
     "resumed_from", "total_steps"}.
 
@@ -144,8 +146,22 @@ def finetune(model: nn.Module, train_loader: Iterable, *, loss_fn: Optional[Call
     be a pure function of the step so that resume is exact); `step_callback(step, {"loss", "lr"})` after.
     With `ckpt_dir`, a checkpoint is written atomically every `ckpt_every` steps and at the end; a call
     with a folder holding a checkpoint resumes from it (and returns at once when it is the final one).
+
+    Data parallel (a `torch.distributed` process group initialised, e.g. under torchrun): the model is
+    wrapped in DistributedDataParallel (or taken already wrapped), `train_loader`'s dataset is read through
+    a DistributedSampler seeded with `data_seed` (default 0; `set_epoch` each epoch) with per-rank batch =
+    `train_loader.batch_size` / world size, the recorded loss is the mean over the ranks, and only rank 0
+    writes checkpoints (every rank loads the same one on resume). The data position is re-derived from the
+    global step, so a run resumed with another world size continues at the same example; see
+    `sparsebert.distributed` for what is exact across world sizes. `data_seed` given without a process
+    group: the same sampler as a world of 1 (the reference a multi-process run is compared with).
     """
     _check_args(epochs, lr, weight_decay, warmup_ratio, max_steps, ckpt_every)
+    net, model = model, unwrap(model)  # net runs the forward (DDP under a process group), model holds the state
+    sampler = sampler_of(train_loader)
+    if sampler is None and (is_distributed() or data_seed is not None):
+        train_loader = shard_loader(train_loader, 0 if data_seed is None else data_seed)
+        sampler = train_loader.sampler
     loss_fn = loss_fn or default_loss_fn(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     steps_per_epoch = len(train_loader)
@@ -178,20 +194,26 @@ def finetune(model: nn.Module, train_loader: Iterable, *, loss_fn: Optional[Call
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, losses, resumed_from = state["step"], list(state["losses"]), state["step"]
-        if log_fn:
+        if log_fn and is_main_process():
             log_fn(f"{desc}: resumed from {ckpt} at step {step}/{total}")
+    net = wrap_ddp(net, device)
+    if not is_main_process():
+        log_fn = None
 
     def save(epoch_rng):
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "step": step, "total_steps": total, "losses": losses,
-                     "epoch_rng": epoch_rng, "rng": _rng_state(), "done": step >= total},
-                    step_checkpoint_path(ckpt_dir, step))
-        prune_old_checkpoints(ckpt_dir, keep_last)
+        if is_main_process():
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "step": step, "total_steps": total, "losses": losses,
+                         "epoch_rng": epoch_rng, "rng": _rng_state(), "done": step >= total,
+                         "world_size": world_size()},
+                        step_checkpoint_path(ckpt_dir, step))
+            prune_old_checkpoints(ckpt_dir, keep_last)
+        barrier()
 
     t0 = time.perf_counter()
-    model.train()
+    net.train()
     bar = None
-    if progress and step < total:
+    if progress and step < total and is_main_process():
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=step, desc=desc, dynamic_ncols=True, leave=False)
     try:
@@ -204,6 +226,8 @@ def finetune(model: nn.Module, train_loader: Iterable, *, loss_fn: Optional[Call
                 if state is not None:
                     _set_rng_state(state["rng"])
                 epoch_rng = _rng_state()
+            if sampler is not None:
+                sampler.set_epoch(step // steps_per_epoch)  # the order is a function of (data_seed, epoch)
             it = iter(train_loader)
             for _ in range(epoch_pos):  # ... skip the batches already trained on ...
                 next(it)
@@ -215,9 +239,10 @@ def finetune(model: nn.Module, train_loader: Iterable, *, loss_fn: Optional[Call
                     break
                 if before_step is not None:
                     before_step(step)
-                loss, _ = compute_loss(model, batch, loss_fn, device)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
+                loss, _ = compute_loss(net, batch, loss_fn, device)
+                mean_loss = all_reduce_mean(loss.detach())  # over the ranks: every rank stops together
+                if not torch.isfinite(mean_loss):
+                    raise FloatingPointError(f"{desc}: loss is {mean_loss.item()} at step {step}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if grad_clip:
@@ -225,7 +250,7 @@ def finetune(model: nn.Module, train_loader: Iterable, *, loss_fn: Optional[Call
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                losses.append(float(loss.item()))
+                losses.append(float(mean_loss.item()))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")

@@ -4,6 +4,11 @@ The Trainer's own optimizer trains the scores (they are parameters of the model 
 so the user keeps the Trainer, its optimizer, lr schedule and checkpoints; after each optimizer step
 the callback moves the scheduler to `state.global_step`; at the end of training it binarizes at the
 final sparsity (and, with `freeze_at_end`, turns the scores into fixed masks).
+
+Several processes (`accelerate launch` or `torchrun` with the Trainer): build the MaskScheduler on the
+plain model before the Trainer wraps it in DistributedDataParallel; every rank holds the callback and
+steps its scheduler; DDP averages the scores' gradients, so the scores and the thresholds (per matrix or
+global) stay identical across ranks. `MaskScheduler(..., check_ranks=True)` asserts it at every step.
 """
 from __future__ import annotations
 

@@ -14,6 +14,11 @@ matrices plus the pooler are pruned. The data order restarts with a new shuffle 
 loop continues its epoch). `imp_mode="per_round_finetune"` is this project's earlier rule: every round
 is a full fine-tuning run, round targets from `schedules.imp_sparsities` (`rounds` or `rate`).
 A finished round is saved atomically; an interrupted run resumes at the round (and step) where it stopped.
+
+Data parallel (a process group, e.g. torchrun): each round's training is `finetune`'s DDP loop; before
+pruning, rank 0's weights are broadcast (no drift can make the ranks' magnitude thresholds differ) and
+the new masks are compared across ranks (a fingerprint all-reduced once per round); only rank 0 writes.
+Each round reads the data in a new order: the DistributedSampler's seed is `data_seed` (default 0) + round.
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import atomic_save, load_checkpoint
+from ..checkpoint import load_checkpoint
+from ..distributed import (broadcast_module_state, check_same_across_ranks, is_distributed, masks_checksum,
+                           save_on_main, unwrap)
 from ..nn import SparseLinear, sparsify, sparsity_report
 from ..nn.sparsify import head_linears, prunable_linears
 from ..train import finetune
@@ -115,6 +122,10 @@ def iterative_magnitude_pruning(model: nn.Module, train_loader, *, target_sparsi
     """
     if imp_mode not in IMP_MODES:
         raise ValueError(f"imp_mode must be one of {IMP_MODES}, got {imp_mode!r}")
+    model = unwrap(model)  # a DDP wrapper is dropped (sparsify swaps modules); finetune wraps again
+    data_seed = finetune_kwargs.pop("data_seed", None)
+    if data_seed is None and is_distributed():
+        data_seed = 0
     round_steps: Optional[List[int]] = None
     if imp_mode == "paper":
         if rounds is not None or rate is not None:
@@ -149,19 +160,24 @@ def iterative_magnitude_pruning(model: nn.Module, train_loader, *, target_sparsi
             if log_fn:
                 log_fn(f"imp: round {i + 1}/{len(targets)} already done (sparsity {s:.3f})")
             continue
-        apply_masks(model, magnitude_masks(model, s, scope=scope, granularity=granularity, include_head=include_head))
+        broadcast_module_state(model)  # identical weights on every rank before the magnitude threshold
+        masks = magnitude_masks(model, s, scope=scope, granularity=granularity, include_head=include_head)
+        check_same_across_ranks(masks_checksum(masks.values()), f"the IMP masks of round {i + 1}")
+        apply_masks(model, masks)
         if rewind_state is not None:
             rewind_weights(model, rewind_state)
         if log_fn:
             log_fn(f"imp: round {i + 1}/{len(targets)}: pruned to {sparsity_report(model)['overall']:.4f}, training")
         per_round = dict(max_steps=round_steps[i], lr_decay_steps=decay) if round_steps is not None else {}
+        if data_seed is not None:
+            per_round["data_seed"] = data_seed + i
         train = finetune(model, train_loader, loss_fn=loss_fn, ckpt_dir=round_dir, log_fn=log_fn, progress=progress,
                          desc=f"imp round {i + 1}/{len(targets)}", **per_round, **finetune_kwargs)
         record = {"round": i, "target": s, "sparsity": sparsity_report(model)["overall"],
                   "mean_loss": train["mean_loss"], "last_loss": train["last_loss"], "steps": train["steps"]}
         history.append(record)
         if done is not None:
-            atomic_save({"model": model.state_dict(), "record": record}, done)
+            save_on_main({"model": model.state_dict(), "record": record}, done)
     head = {n: m for n, m in prunable_linears(model, include_head).items() if n in head_linears(model)}
     head_sparsity = (1.0 - sum(int(m.effective_mask().sum()) for m in head.values())
                      / sum(m.weight.numel() for m in head.values())) if head else None

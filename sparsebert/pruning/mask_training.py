@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Optional
 
 from torch import nn
 
+from ..distributed import unwrap
 from ..nn import sparsity_report
 from ..train import finetune
 from .scheduler import PAPER_PHI, PAPER_WARMUP_RATIO, MaskScheduler
@@ -41,7 +42,8 @@ def train_masks(model: nn.Module, train_loader, *, sparsity: float, schedule: st
                 freeze_weights: bool = True, loss_fn: Optional[Callable] = None, epochs: float = 1.0,
                 max_steps: Optional[int] = None, warmup_ratio: float = PAPER_WARMUP_RATIO,
                 freeze_at_end: bool = True, ckpt_dir=None, ckpt_every: int = 200, progress: bool = True,
-                log_fn=None, step_callback=None, backend: str = "auto", **finetune_kwargs: Any) -> Dict[str, Any]:
+                log_fn=None, step_callback=None, backend: str = "auto", check_ranks: bool = False,
+                **finetune_kwargs: Any) -> Dict[str, Any]:
     """Train masks on `model` to `sparsity`; returns {"schedule", "scheduler", "scope", "train", "sparsity",
     "head_sparsity"}: "sparsity" is the measured sparsity of the encoder linears after the final
     binarization, "head_sparsity" that of the masked head matrices (None when the head is not masked).
@@ -50,9 +52,13 @@ def train_masks(model: nn.Module, train_loader, *, sparsity: float, schedule: st
     (as the paper's code), "magnitude" for block/2:4 granularities. `step_callback(step, info)` gets
     info["mask_scheduler"] too. `lr` applies to the head when `train_head` (or every weight when not
     `freeze_weights`).
+
+    Under a process group (torchrun) the loop is data parallel (`finetune`); `check_ranks=True` asserts
+    after every step that every rank holds the same masks (`MaskScheduler`; a debugging host sync).
     """
     if not lr_scores > 0:
         raise ValueError(f"lr_scores must be positive, got {lr_scores!r}")
+    model = unwrap(model)  # a DDP wrapper is dropped: sparsify adds the scores; finetune wraps again
     if "before_step" in finetune_kwargs:
         raise ValueError("train_masks drives before_step itself; use step_callback")
     total = max_steps if max_steps is not None else max(1, int(-(-epochs * len(train_loader) // 1)))
@@ -62,7 +68,7 @@ def train_masks(model: nn.Module, train_loader, *, sparsity: float, schedule: st
                           initial_sparsity=initial_sparsity, begin_frac=begin_frac, end_frac=end_frac, scope=scope,
                           threshold_refresh_steps=threshold_refresh_steps, score_init=score_init, phi=phi,
                           include_head=include_head, train_head=train_head, freeze_weights=freeze_weights,
-                          granularity=granularity, backend=backend)
+                          granularity=granularity, backend=backend, check_ranks=check_ranks)
     score_group = {"params": sched.scores(), "lr": lr_scores, "weight_decay": 0.0}
 
     def before_step(step: int) -> None:  # a resumed run: the thresholds came back with the model

@@ -71,6 +71,11 @@ class MaskScheduler:
 
     Resume: the thresholds are buffers of the model (they come back with its state dict); `state_dict()`
     holds the step count and the configuration, `load_state_dict` refuses a different configuration.
+
+    Data parallel: every rank holds a scheduler and steps it; the scores are parameters, so DDP averages
+    their gradients and they stay identical, and so do the thresholds computed from them (per matrix or
+    global). `check_ranks=True` (debugging: a host sync per step) asserts it after every step and at
+    `finalize`: a fingerprint of the masks is all-reduced and compared (`check_masks_across_ranks`).
     """
 
     def __init__(self, model: nn.Module, *, sparsity: float, total_steps: int, schedule: str = "constant",
@@ -78,7 +83,7 @@ class MaskScheduler:
                  scope: str = "per_layer", threshold_refresh_steps: Optional[int] = None,
                  score_init: Optional[str] = None, phi: float = PAPER_PHI, include_head=True,
                  train_head: bool = False, freeze_weights: bool = True, granularity="element",
-                 backend: str = "auto"):
+                 backend: str = "auto", check_ranks: bool = False):
         scope = _canonical_scope(scope)
         granularity = canonical_granularity(granularity)
         if threshold_refresh_steps is None:
@@ -107,6 +112,7 @@ class MaskScheduler:
         self.refresh_steps = threshold_refresh_steps
         self.score_init, self.phi = score_init, float(phi)
         self.include_head, self.train_head = include_head, bool(train_head)
+        self.check_ranks = bool(check_ranks)
         self.layers: List[SparseLinear] = self._prepare(model, freeze_weights)
         self.steps_done = 0
         self._apply(0, start=True)
@@ -202,6 +208,15 @@ class MaskScheduler:
                 self._set_per_forward(self.schedule(0))
         else:
             self._apply(step)
+        if self.check_ranks:
+            self.check_masks_across_ranks()
+
+    def check_masks_across_ranks(self) -> None:
+        """Raise RuntimeError when the masks differ between the ranks of the process group (no-op without
+        one). A debugging check: it synchronises with the host."""
+        from ..distributed import check_same_across_ranks, masks_checksum
+        check_same_across_ranks(masks_checksum([lin.effective_mask() for lin in self.layers]),
+                                f"the mask-training masks at step {self.steps_done}")
 
     @contextlib.contextmanager
     def exact_sparsity(self, sparsity: Optional[float] = None) -> Iterator[None]:
@@ -221,6 +236,8 @@ class MaskScheduler:
     def finalize(self, freeze: bool = True) -> None:
         """Binarize at the final scheduled sparsity exactly; with `freeze`, scores -> fixed masks."""
         self.refresh(self.schedule(self.schedule.total_steps))
+        if self.check_ranks:
+            self.check_masks_across_ranks()
         if freeze:
             for lin in self.layers:
                 lin.freeze_mask()
