@@ -5,7 +5,12 @@ Sweep (module level: the compressed modules' forward, what a user gets; --launch
     768->3072, 3072->768  x  formats:
       dense      F.linear on a full weight (cuBLAS), the baseline of every speedup;
       bitmask    sparsebert.kernels.bitmask_linear (unstructured weight at that density);
-      bsr16/32/64  sparsebert.kernels.bsr_linear (block-structured weight at that block density);
+      bsr16/32/64  sparsebert.kernels.bsr_linear (block-structured weight at that block density; the
+                 schedule bsr_linear_fwd's "auto" picks), bsr64-tiles the same kernel launcher forced to
+                 the one-program-per-tile schedule (the persistent schedule's comparison);
+      torch-bsr64  torch.sparse._triton_ops.bsr_dense_addmm (torch's Triton BSR kernel) on the same
+                 weight as a torch BSR tensor, y^T = bias + W @ x^T (its output is N-major; the row times
+                 the call, and returns the transposed view); CUDA only, skipped with a reason elsewhere;
       2:4        SemiStructuredLinear (policy "auto": timed probe, dense fallback when slower) and
       2:4-sparse torch's semi-structured kernel forced; only at density 0.5, their natural density.
 End to end: a random-init BERT-base encoder (12 layers, bf16) pruned to each format's granularity,
@@ -88,7 +93,7 @@ def linear_roofline(fmt, tokens, k, n, density, weight_bytes, elem):
     of what the kernel multiplies (bitmask: every tile, dense; BSR: the kept blocks; 2:4: half)."""
     nbytes = (tokens * k + tokens * n + n) * elem + weight_bytes
     dense_flops = 2 * tokens * k * n
-    frac = density if fmt.startswith("bsr") else 0.5 if fmt.startswith("2:4") else 1.0
+    frac = density if "bsr" in fmt else 0.5 if fmt.startswith("2:4") else 1.0
     return roofline(nbytes, dense_flops * frac)
 
 
@@ -108,9 +113,33 @@ class SpmmWeight:
         return bitmask_spmm(x, self.data, self.tile_offsets, self.bias, self.out_features, self.in_features)
 
 
+class TorchBSRWeight:
+    """A block-sparse weight timed through torch's Triton BSR kernel (torch.sparse._triton_ops
+    .bsr_dense_addmm): the bench's "torch-bsr64" rows (issue 10 item 4). CUDA only."""
+
+    def __init__(self, w, bias, block):
+        from torch.sparse._triton_ops import bsr_dense_addmm
+        self._addmm = bsr_dense_addmm
+        self.bsr = w.to_sparse_bsr((block, block))
+        self.bias = bias
+
+    def weight_nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.bsr.values(), self.bsr.crow_indices(),
+                                                          self.bsr.col_indices()))
+
+    def __call__(self, x):
+        bias = self.bias[:, None].expand(self.bias.shape[0], x.shape[0])
+        return self._addmm(bias, self.bsr, x.t()).t()
+
+
 def kernel_fn(fmt, module, x, cuda, launcher=False):
     """The call to time: the module (what a user gets), or with `launcher` on a GPU the kernel launcher
     itself (no validation)."""
+    if fmt.endswith("-tiles"):  # the BSR launcher with its schedule forced
+        from sparsebert.kernels.bsr_linear import bsr_linear_fwd
+        m = module
+        return lambda: bsr_linear_fwd(x, m.values, m.crow_indices, m.col_indices, m.bias, m.in_features,
+                                      schedule="tiles")
     if not (cuda and launcher):
         return lambda: module(x)
     if fmt == "bitmask":
@@ -126,7 +155,7 @@ def kernel_fn(fmt, module, x, cuda, launcher=False):
 
 
 def sweep(args, device, dtype, cuda):
-    rows = []
+    rows, skipped = [], set()
     for k, n in args.linears:
         dense_w = torch.randn(n, k, device=device, dtype=dtype)
         bias = torch.randn(n, device=device, dtype=dtype)
@@ -154,9 +183,20 @@ def sweep(args, device, dtype, cuda):
                     w = unstructured(n, k, density, dtype, device)
                     cases.append(("bitmask-spmm", density, w, SpmmWeight(w, bias)))
                 for block in (16, 32, 64):
-                    if f"bsr{block}" in args.formats and n % block == 0 and k % block == 0:
-                        w = block_sparse(n, k, block, density, dtype, device)
-                        cases.append((f"bsr{block}", density, w, BSRLinear(w, bias, block_size=block)))
+                    wanted = [f for f in (f"bsr{block}", f"bsr{block}-tiles", f"torch-bsr{block}") if f in args.formats]
+                    if not wanted or n % block or k % block:
+                        continue
+                    w = block_sparse(n, k, block, density, dtype, device)
+                    for fmt in wanted:
+                        if fmt.startswith("torch-") and not cuda:
+                            skipped.add(f"{fmt}: torch's bsr_dense_addmm is a CUDA Triton kernel (no GPU here)")
+                            continue
+                        if fmt.endswith("-tiles") and not cuda:
+                            skipped.add(f"{fmt}: times the Triton launcher, which needs a GPU")
+                            continue
+                        module = TorchBSRWeight(w, bias, block) if fmt.startswith("torch-") else \
+                            BSRLinear(w, bias, block_size=block)
+                        cases.append((fmt, density, w, module))
             if "2:4" in args.formats:
                 w = two_four(n, k, dtype, device)
                 with warnings.catch_warnings():
@@ -191,6 +231,8 @@ def sweep(args, device, dtype, cuda):
                 print(f"{k:>5}x{n:<5} t={tokens:<5} d={density:<4} {fmt:<11} {t:9.2f} us  dense {t_dense:9.2f} us"
                       f"  x{t_dense / t:5.2f}  graph x{row['graph_speedup']:5.2f}  roofline {row['roofline_us']:8.2f} us"
                       f"  bytes x{row['bytes_ratio']:.3f}  err {err:.2e}", flush=True)
+    for reason in sorted(skipped):
+        print(f"skipped {reason}")
     return rows
 
 
@@ -318,7 +360,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.1])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 512, 4096])
-    p.add_argument("--formats", nargs="+", default=["bitmask", "bitmask-spmm", "bsr16", "bsr32", "bsr64", "2:4"])
+    p.add_argument("--formats", nargs="+", default=["bitmask", "bitmask-spmm", "bsr16", "bsr32", "bsr64", "bsr64-tiles",
+                                                    "torch-bsr64", "2:4"])
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--tile", type=int, nargs=2, default=[32, 64], help="bitmask (TILE_N, TILE_K)")
     p.add_argument("--e2e-block", type=int, default=64, help="BSR block size of the end-to-end encoder")

@@ -71,8 +71,8 @@ def inference_kernels(fmt: str, density: float, t: int, k: int, n: int, e: int =
     kept = density * nk
     if fmt == "bitmask":
         weight = kept * e + nk / 8 + nk / 2048 * 4
-    elif fmt.startswith("bsr"):
-        blk = int(fmt[3:])
+    elif fmt.startswith(("bsr", "torch-bsr")):  # ours, or torch's bsr_dense_addmm: the same bytes and FLOPs
+        blk = int(fmt.rsplit("bsr", 1)[1])
         blocks = kept / (blk * blk)
         weight = kept * e + blocks * 4 + (n // blk + 1) * 4
     elif fmt == "2:4":
@@ -96,7 +96,7 @@ def rows(scores_bytes: int = 2):
     for t in INFER_TOKENS:
         for k, n in LINEARS:
             for density in INFER_DENSITIES:
-                fmts = ["dense", "bitmask", "bsr16", "bsr32", "bsr64"] + (["2:4"] if density == 0.5 else [])
+                fmts = ["dense", "bitmask", "bsr16", "bsr32", "bsr64", "torch-bsr64"] + (["2:4"] if density == 0.5 else [])
                 for fmt in fmts:
                     ks = inference_kernels(fmt, density, t, k, n)
                     out.append({"benchmark": "sparse_inference", "tokens": t, "shape": f"{k}x{n}", "mode": "fwd",

@@ -20,7 +20,8 @@ MODE = os.environ.get("SPARSEBERT_AUTOTUNE", "full").strip().lower() or "full"
 if MODE not in MODES:
     raise ValueError(f"SPARSEBERT_AUTOTUNE must be one of {MODES}, got {MODE!r}")
 
-# kernel group (the caller's label) -> (GPU configs in full mode, in quick mode)
+# kernel group (the caller's label: its module's name, or "module.kernel" for a second autotuned kernel
+# of a module) -> (GPU configs in full mode, in quick mode)
 CONFIG_COUNTS: Dict[str, Tuple[int, int]] = {}
 
 
@@ -138,8 +139,8 @@ class CompileCounter:
         total = 0
         for kernel, specs in self.seen.items():
             if kernel.startswith("tuned:"):
-                module = kernel[len("tuned:"):].split(".", 1)[0]
-                full, quick = CONFIG_COUNTS.get(module, (1, 1))
+                module, _, fn = kernel[len("tuned:"):].partition(".")  # a group named module.kernel first
+                full, quick = CONFIG_COUNTS.get(f"{module}.{fn}", CONFIG_COUNTS.get(module, (1, 1)))
                 total += len(specs) * (quick if mode == "quick" else full)
             else:
                 total += len(specs)

@@ -281,15 +281,22 @@ def _bitmask(dtype, device):
     return run
 
 
-def _bsr(dtype, device):
+def _bsr(dtype, device, schedule="tiles"):
     m, k = TAIL[device][0], (192 if device == "cuda" else 128)
     w = block_weight(128, k, 64, 0.6, dtype, device)  # 64 x 64 blocks: the largest block of every config
+    w[:64] = 0  # an empty block row
+    if schedule == "persistent":
+        w[64:] = torch.randn(64, k, device=device).to(dtype)  # and an all-dense one
     x, b = torch.randn(m, k, device=device).to(dtype), torch.randn(128, device=device).to(dtype)
     fmt = rf.bsr_encode(w, 64)
 
     def run():
-        check(bsr_mod.bsr_linear_fwd(x, *fmt, b, k), x, w, b)
+        check(bsr_mod.bsr_linear_fwd(x, *fmt, b, k, schedule=schedule), x, w, b)
     return run
+
+
+def _bsr_persistent(dtype, device):
+    return _bsr(dtype, device, "persistent")
 
 
 def _ffn(dtype, device):
@@ -322,6 +329,7 @@ AUTOTUNED = {
     "gemm_bwd_weight": (_gemm.linear_bwd_weight_kernel, _gemm._configs, _gemm_bwd_weight),
     "bitmask_linear": (bitmask_mod._bitmask_linear_kernel, bitmask_mod._configs, _bitmask),
     "bsr_linear": (bsr_mod._bsr_linear_kernel, bsr_mod._configs, _bsr),
+    "bsr_linear_persistent": (bsr_mod._bsr_linear_persistent_kernel, bsr_mod._persistent_configs, _bsr_persistent),
     "gathered_linear": (ffn_mod._gathered_linear_kernel, ffn_mod._configs, _ffn),
     "attention": (attention_mod._attention_kernel, attention_mod._attn_configs, _attention),
 }
