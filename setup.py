@@ -145,6 +145,7 @@ setup(
     description="Fused Triton and C++/CUDA kernels for sparse and pruned BERT-family encoders",
     packages=_packages(),
     package_dir={"sparsebert": "sparsebert", "sparsebert.kernels": "kernels"},
+    package_data={"sparsebert.ops": ["crossover.json"]},  # read at run time (size dispatch); also in MANIFEST.in
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "transformers>=4.40", "numpy", "tqdm", "safetensors>=0.4"],
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "pytest-benchmark"], "plot": ["matplotlib"]},

@@ -5,14 +5,18 @@ Stages, each with its own time budget inside the total (default 540 s: the devic
 
     build   TORCH_CUDA_ARCH_LIST=9.0a, all cores: `setup.py build_ext --inplace` (fallback: pip install -e)
     tests   SPARSEBERT_TEST_GPU=1 SPARSEBERT_AUTOTUNE=quick pytest -m cuda (JUnit XML -> pass/fail counts)
+    crossover  bench/bench_crossover.py (60 s): the token count from which `auto` takes the weight pass, per
+            op and dtype (bf16 first); before the benchmarks because its result is a library setting, theirs
+            a report; writes <stem>-crossover.json, the table to commit as sparsebert/ops/crossover.json
     bench   the benchmark scripts in priority order, each given a slice of what is left; a script that
             would not fit its minimum is skipped and listed as such
 
 Everything measured lands as it goes (after every stage and benchmark; benchmark rows are streamed
 row by row, so a killed script keeps its finished rows) in the output folder (--out, else $OUT, else
 bench/results/suite-<stamp>) as at most 8 files of at most 16 MiB: <stem>.json (all results, stage
-times, test counts, Triton compilation counts, targets), <stem>.csv (rows), <stem>.log, <stem>.junit.xml,
-<stem>-speedup-vs-density.png, <stem>-speedup-vs-tokens.png, with stem = <gpu>-<date>-<sha>; the same
+times and CPU times, test counts, Triton compilation counts, crossover table, targets), <stem>.csv (rows),
+<stem>.log, <stem>.junit.xml, <stem>-crossover.json, <stem>-speedup-vs-density.png,
+<stem>-speedup-vs-tokens.png, with stem = <gpu>-<date>-<sha>; the same
 files are copied to bench/results/. The last lines printed are the targets table (bench/targets.py).
 
 Triton compilations: TRITON_CACHE_DIR is .triton-cache/ in the repo (git-ignored); each stage reports
@@ -54,16 +58,26 @@ START = float(os.environ.get("SPARSEBERT_SUITE_START") or time.time())
 # the nine minutes; --bench-autotune full tunes every config (a longer, dedicated run).
 BENCHMARKS = [
     ("masked_linear", 60, 0.35, "quick", ["bench/bench_masked_linear_gpu.py"],
-     ["bench/bench_masked_linear_gpu.py", "--smoke"]),
+     ["bench/bench_masked_linear_gpu.py", "--smoke", "--backend", "torch"]),
     ("sparse_inference", 60, 0.40, "quick", ["bench/bench_sparse_inference.py", "--no-e2e"],
-     ["bench/bench_sparse_inference.py", "--smoke", "--no-e2e"]),
+     ["bench/bench_sparse_inference.py", "--smoke", "--no-e2e", "--formats", "bitmask", "2:4"]),
     ("structured_speed", 25, 0.25, "quick",
      ["bench/bench_structured_speed.py", "--shape", "bert-base", "--flops-keep", "0.4", "--batches", "1", "32",
       "--seq", "128", "--attn", "sdpa"],
      ["bench/bench_structured_speed.py", "--smoke"]),
 ]
 
-DRY_RUN_TESTS = ["tests/test_triton_kernels.py", "-k", "against_ops_reference or topk_threshold_single"]
+# the crossover stage: (minimum seconds worth starting with, seconds kept between its deadline and the kill)
+CROSSOVER_MIN_S, CROSSOVER_KILL_MARGIN_S = 20.0, 10.0
+
+# The dry run's CPU cost (issue 8: well under 60 s of CPU time; each child process pays ~3 s importing torch):
+# one fp32 kernel test and the top-k test; the masked-linear script on the torch backend (the crossover
+# stage runs the same fused Triton op under the interpreter); bitmask + 2:4 in the sparse sweep. The rest
+# runs in CI's own tests (tests/test_sparse_format_kernels.py, test_triton_kernels.py under the interpreter).
+DRY_RUN_TESTS = ["tests/test_triton_kernels.py", "-k", "against_ops_reference and float32 or topk_threshold_single"]
+
+
+STAGES = ("build", "tests", "crossover", "bench")
 
 
 def elapsed() -> float:
@@ -88,6 +102,7 @@ class Suite:
         self.junit = self.out / f"{self.stem}.junit.xml"
         self.cache = Path(os.environ.get("TRITON_CACHE_DIR") or ROOT / ".triton-cache")
         self.cache.mkdir(parents=True, exist_ok=True)
+        self.crossover_path = self.out / f"{self.stem}-crossover.json"
         self.stages: List[Dict] = []
         self.tests: Dict = {}
 
@@ -125,14 +140,15 @@ class Suite:
         """Runs cmd under `timeout` for at most `budget` s, its output into the log; returns what happened."""
         budget = max(1, int(min(budget, self.remaining())))
         self.log(f"$ {' '.join(cmd)}   (limit {budget} s)")
-        t0 = time.time()
+        t0, cpu0 = time.time(), _children_cpu_s()
         with open(self.log_path, "a") as f:
             proc = subprocess.run(["timeout", "-k", "5", str(budget), *cmd], cwd=ROOT, env=env, stdout=f,
                                   stderr=subprocess.STDOUT)
-        rc, took = proc.returncode, time.time() - t0
+        rc, took, cpu = proc.returncode, time.time() - t0, _children_cpu_s() - cpu0
         status = "ok" if rc == 0 else "timed out" if rc in (124, 137) else f"failed (rc {rc})"
-        self.log(f"  -> {status} in {took:.1f} s")
-        return {"cmd": " ".join(cmd), "rc": rc, "status": status, "seconds": round(took, 2), "limit_s": budget}
+        self.log(f"  -> {status} in {took:.1f} s ({cpu:.1f} s CPU)")
+        return {"cmd": " ".join(cmd), "rc": rc, "status": status, "seconds": round(took, 2),
+                "cpu_seconds": round(cpu, 2), "limit_s": budget}
 
     def stage(self, name: str, budget: float, steps) -> Dict:
         """Runs `steps(budget_left) -> list of command results` as one stage; records times and counts."""
@@ -151,6 +167,7 @@ class Suite:
         t0 = time.time()
         info["steps"] = steps(budget)
         info["seconds"] = round(time.time() - t0, 2)
+        info["cpu_seconds"] = round(sum(s.get("cpu_seconds", 0.0) for s in info["steps"]), 2)
         info["status"] = "ok" if all(s["status"] in ("ok", "skipped") for s in info["steps"]) else "failed"
         info["triton_cache_new_kernels"] = self.cache_entries() - cache0
         counts = self._count_lines()[len(counts0):]
@@ -162,7 +179,7 @@ class Suite:
             for kernel, k in c["per_kernel"].items():
                 per_kernel[kernel] = per_kernel.get(kernel, 0) + k
         info["specialisations_per_kernel"] = per_kernel
-        self.log(f"== {name}: {info['status']} in {info['seconds']:.1f} s; Triton: "
+        self.log(f"== {name}: {info['status']} in {info['seconds']:.1f} s ({info['cpu_seconds']:.1f} s CPU); Triton: "
                  f"{info['specialisations']} kernel specialisations launched -> "
                  f"{info['gpu_compiles_quick']} GPU compilations (quick autotune), {info['gpu_compiles_full']} (full); "
                  f"{info['triton_cache_new_kernels']} new kernels in the cache")
@@ -218,6 +235,20 @@ class Suite:
         self.log(f"  tests: {self.tests}")
         return [step]
 
+    def crossover_steps(self, budget: float) -> List[Dict]:
+        """bench/bench_crossover.py with a deadline inside the budget; its table lands in the output folder."""
+        minimum = 1 if self.dry else CROSSOVER_MIN_S
+        if budget < minimum:
+            self.log(f"  crossover: SKIPPED (needs {minimum:.0f} s, {budget:.0f} s left)")
+            return [{"cmd": "crossover", "status": "skipped", "reason": f"needs {minimum:.0f} s, {budget:.0f} s left"}]
+        deadline = max(1.0, budget - (1.0 if self.dry else CROSSOVER_KILL_MARGIN_S))
+        cmd = [sys.executable, "bench/bench_crossover.py", *(["--smoke"] if self.dry else []),
+               "--deadline-s", f"{deadline:.0f}", "--table-out", str(self.crossover_path),
+               "--results-dir", str(self.work / "raw")]
+        step = self.run(cmd, budget, self.child_env(self.args.bench_autotune or "quick"))
+        step["table_file"] = self.crossover_path.name if self.crossover_path.exists() else None
+        return [step]
+
     def bench_steps(self, budget: float) -> List[Dict]:
         steps = []
         t0 = time.time()
@@ -259,7 +290,7 @@ class Suite:
         verdicts = check(rows)
         doc = {"suite": "gpu_suite", "dry_run": self.dry, "environment": self.env, "total_budget_s": self.args.total,
                "elapsed_s": round(elapsed(), 1), "finished": final, "stages": self.stages, "tests": self.tests,
-               "targets": verdicts, "rows": rows}
+               "crossover": self.crossover_table(), "targets": verdicts, "rows": rows}
         _atomic_write(self.out / f"{self.stem}.json", json.dumps(doc, indent=1, default=str) + "\n")
         fields: List[str] = []
         for r in rows:
@@ -278,6 +309,16 @@ class Suite:
                 self.log(f"plots failed: {type(exc).__name__}: {exc}")
         self.enforce_limits()
 
+    def crossover_table(self) -> Optional[Dict]:
+        """This GPU's entries of the crossover table the crossover stage wrote (None before it has)."""
+        try:
+            table = json.loads(self.crossover_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        gpu = self.env["gpu"]
+        return {"file": self.crossover_path.name, "gpu": gpu, "tokens": table.get("gpus", {}).get(gpu, {}),
+                "measured": table.get("measured", {}).get(gpu)}
+
     def enforce_limits(self) -> None:
         files = [p for p in self.out.iterdir() if p.is_file() and not p.name.startswith(".")]
         for p in files:
@@ -295,6 +336,28 @@ class Suite:
         for p in self.out.iterdir():
             if p.is_file() and p.name.startswith(self.stem):
                 shutil.copy2(p, dest / p.name)
+
+
+def ensure_kernels_importable() -> None:
+    """Without an install, sparsebert.kernels (setup.py maps it to kernels/) is reached through a link."""
+    try:
+        import sparsebert.kernels  # noqa: F401
+        return
+    except ImportError:
+        pass
+    link = ROOT / "sparsebert" / "kernels"
+    if not link.exists():
+        link.symlink_to(Path("..") / "kernels")
+        print("[gpu_suite] linked sparsebert/kernels -> ../kernels", flush=True)
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of the finished child processes so far (what a step cost the machine,
+    apart from the waiting a loaded machine adds to its wall time)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _has_module(name: str) -> bool:
@@ -395,12 +458,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--total", type=float, default=540.0, help="seconds for everything (the 560 s limit less 20)")
     p.add_argument("--build-budget", type=float, default=150.0)
     p.add_argument("--test-budget", type=float, default=150.0)
+    p.add_argument("--crossover-budget", type=float, default=60.0)
     p.add_argument("--test-workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="pytest-xdist workers of the test stage (GPU runs; 1 = no xdist)")
     p.add_argument("--min-stage", type=float, default=5.0, help="a stage with less time left is skipped")
     p.add_argument("--results-copy", default=str(RESULTS_DIR), help="also copy the files here (default: bench/results)")
     p.add_argument("--arch", default="9.0a", help="TORCH_CUDA_ARCH_LIST of the build")
-    p.add_argument("--stages", nargs="+", choices=["build", "tests", "bench"], default=["build", "tests", "bench"])
+    p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
     p.add_argument("--bench", nargs="+", choices=[b[0] for b in BENCHMARKS], help="only these benchmarks")
     p.add_argument("--bench-autotune", choices=["quick", "full"], help="override every benchmark's autotuning")
     p.add_argument("--test-args", nargs=argparse.REMAINDER, default=[],
@@ -413,6 +477,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not torch.cuda.is_available():
             p.error("no CUDA GPU visible to torch: run with --dry-run on a CPU")
 
+    ensure_kernels_importable()
     suite = Suite(args)
     suite.log(f"# gpu suite{' (DRY RUN)' if suite.dry else ''}: {suite.env['gpu']} | driver {suite.env['driver']} | "
               f"torch {suite.env['torch']} | triton {suite.env['triton']} | CUDA {suite.env['cuda']} | "
@@ -423,6 +488,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             suite.stage("build", args.build_budget, suite.build_steps)
         if "tests" in args.stages:
             suite.stage("tests", args.test_budget, suite.test_steps)
+        if "crossover" in args.stages:
+            suite.stage("crossover", args.crossover_budget, suite.crossover_steps)
         if "bench" in args.stages:
             suite.stage("bench", suite.remaining(), suite.bench_steps)
     finally:

@@ -9,7 +9,8 @@ set -uo pipefail
 export SPARSEBERT_SUITE_START="${SPARSEBERT_SUITE_START:-$(date +%s.%N)}"  # the wheels' time counts too
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-if ! "$PY" -c "import torch" 2>/dev/null && [ -x .venv/bin/python ]; then
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" 2>/dev/null \
+    && [ -x .venv/bin/python ]; then  # find_spec: no 3 s torch import just to choose the interpreter
   PY=.venv/bin/python
 fi
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -22,8 +23,5 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# Without an install, sparsebert.kernels (setup.py maps it to kernels/) is reached through a link.
-if ! "$PY" -c "import sparsebert.kernels" 2>/dev/null && [ ! -e sparsebert/kernels ]; then
-  ln -s ../kernels sparsebert/kernels && echo "[gpu_suite] linked sparsebert/kernels -> ../kernels"
-fi
+# bench/gpu_suite.py links sparsebert/kernels -> ../kernels when there is no install
 exec "$PY" bench/gpu_suite.py "$@"

@@ -1,5 +1,6 @@
 """The GPU suite's CPU dry run (scripts/gpu_suite.sh --dry-run): the script, its time accounting, its
-output files (at most 8, at most 16 MiB each) and its closing targets table work before any GPU run."""
+output files (at most 8, at most 16 MiB each) and its closing targets table work before any GPU run.
+Also: the crossover sweep's derivation and table (bench/bench_crossover.py) and `sparsebert bench --suite gpu`."""
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -28,7 +30,7 @@ def _check_files(out, copy):
     files = sorted(p for p in out.iterdir() if p.is_file())
     assert 0 < len(files) <= 8 and all(p.stat().st_size <= 16 * 1024 * 1024 for p in files)
     assert sorted(p.name for p in copy.iterdir()) == [p.name for p in files]
-    (doc_path,) = [p for p in files if p.suffix == ".json"]
+    (doc_path,) = [p for p in files if p.suffix == ".json" and not p.name.endswith("-crossover.json")]
     stem = doc_path.name[: -len(".json")]
     assert all(p.name.startswith(stem) for p in files)
     return files, json.loads(doc_path.read_text())
@@ -37,21 +39,37 @@ def _check_files(out, copy):
 def test_dry_run_whole_pipeline(tmp_path):
     stdout, out, copy = _run_suite(tmp_path, timeout=1200)
     files, doc = _check_files(out, copy)
-    suffixes = sorted(p.name.rsplit("-", 1)[-1] if p.suffix == ".png" else p.suffix for p in files)
-    assert suffixes == [".csv", ".json", ".log", ".xml", "density.png", "tokens.png"]
+    suffixes = sorted(p.name.rsplit("-", 1)[-1] if p.suffix == ".png" or p.name.endswith("-crossover.json")
+                      else p.suffix for p in files)
+    assert suffixes == [".csv", ".json", ".log", ".xml", "crossover.json", "density.png", "tokens.png"]
     assert doc["dry_run"] and doc["finished"] and doc["elapsed_s"] <= doc["total_budget_s"]
-    assert [s["stage"] for s in doc["stages"]] == ["build", "tests", "bench"]
+    assert [s["stage"] for s in doc["stages"]] == ["build", "tests", "crossover", "bench"]
     assert all(s["status"] == "ok" for s in doc["stages"]), doc["stages"]
+    # CPU time per stage is accounted; the whole dry run stays cheap (issue 8: well under 60 s of CPU)
+    assert all(s["cpu_seconds"] > 0 for s in doc["stages"])
+    assert sum(s["cpu_seconds"] for s in doc["stages"]) < 60, [(s["stage"], s["cpu_seconds"]) for s in doc["stages"]]
     assert doc["tests"]["passed"] >= 1 and doc["tests"]["failures"] == 0
     # every benchmark streamed rows, each carrying the environment and a roofline prediction
     benches = {r["bench"] for r in doc["rows"]}
-    assert benches == {"masked_linear", "sparse_inference", "structured_speed"}
+    assert benches == {"masked_linear", "sparse_inference", "structured_speed", "crossover"}
     for r in doc["rows"]:
         for field in ("git_sha", "gpu", "driver", "torch", "triton", "cuda", "cublas_bf16_reduced_precision",
                       "roofline_us"):
             assert field in r, (field, r)
     fused = [r for r in doc["rows"] if r["bench"] == "masked_linear" and r["version"] == "fused"]
     assert fused and all(r["max_rel_err_vs_unfused"] < 1e-4 for r in fused)
+    # the crossover stage: measured rows in the JSON, and a table file the package's loader accepts
+    cross = [r for r in doc["rows"] if r["bench"] == "crossover"]
+    assert {r["op"] for r in cross} == {"masked_linear", "score_masked_linear"}
+    assert all(r["fused_ms"] > 0 and r["weight_pass_ms"] > 0 for r in cross)
+    from sparsebert.ops import _crossover
+    table_path = out / doc["crossover"]["file"]
+    table = _crossover.load_table(str(table_path))
+    gpu = doc["environment"]["gpu"]
+    assert table["gpus"][gpu] == doc["crossover"]["tokens"]
+    assert set(table["gpus"][gpu]) == {"masked_linear", "score_masked_linear"}
+    for op in _crossover.OPS:
+        assert _crossover.crossover_tokens(op, gpu, torch.float32, table) in (0, 16, 32, 64)
     # Triton launches were counted under the interpreter and turned into GPU compilation estimates
     tests_stage = doc["stages"][1]
     assert tests_stage["specialisations"] > 0 and tests_stage["gpu_compiles_full"] >= tests_stage["gpu_compiles_quick"] > 0
@@ -67,7 +85,8 @@ def test_dry_run_out_of_time_skips_and_says_so(tmp_path):
     stdout, out, copy = _run_suite(tmp_path, "--total", "0.5")
     files, doc = _check_files(out, copy)
     assert [(s["stage"], s["status"]) for s in doc["stages"]] == [("build", "skipped"), ("tests", "skipped"),
-                                                                  ("bench", "skipped")]
+                                                                  ("crossover", "skipped"), ("bench", "skipped")]
+    assert doc["crossover"] is None
     assert "SKIPPED" in stdout and all(v["status"] == "NOT RUN" for v in doc["targets"])
     assert stdout.strip().splitlines()[-1].endswith("NOT RUN")
 
@@ -129,3 +148,93 @@ def test_autotune_mode_typo_is_refused():
     out = subprocess.run([sys.executable, "-c", "import sparsebert.kernels._autotune"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "SPARSEBERT_AUTOTUNE must be one of" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ crossover
+def _points(fused_wins_at, tokens, shapes, margin=0.05):
+    """Synthetic (fused ms, weight-pass ms): the fused path 20% faster where listed, 20% slower elsewhere."""
+    return {(m, k, n): ((0.8, 1.0) if m in fused_wins_at else (1.2, 1.0)) for m in tokens for k, n in shapes}
+
+
+def test_crossover_derivation():
+    from bench_crossover import derive
+
+    tokens, shapes = [16, 32, 64, 128, 256], [(8, 16), (16, 8)]
+    assert derive(_points({16, 32}, tokens, shapes), tokens, shapes, 0.05)[0] == 64
+    # a noisy win below a loss: the weight pass from just above the LARGEST win
+    assert derive(_points({16, 64}, tokens, shapes), tokens, shapes, 0.05)[0] == 128
+    assert derive(_points(set(), tokens, shapes), tokens, shapes, 0.05)[0] == 0  # never fused
+    assert derive(_points(set(tokens), tokens, shapes), tokens, shapes, 0.05)[0] == 512  # fused through the sweep
+    # the fused path must win at EVERY shape, by more than the margin
+    pts = _points({16, 32}, tokens, shapes)
+    pts[(32, 16, 8)] = (0.97, 1.0)
+    assert derive(pts, tokens, shapes, 0.05)[0] == 32
+    # measured top-down: no win yet and the sweep unfinished is undetermined; a win determines it
+    partial = {key: v for key, v in _points({32}, tokens, shapes).items() if key[0] >= 64}
+    assert derive(partial, tokens, shapes, 0.05)[0] is None
+    partial.update({key: v for key, v in _points({32}, tokens, shapes).items() if key[0] == 32})
+    assert derive(partial, tokens, shapes, 0.05)[0] == 64
+    # a token count measured at one shape only does not count
+    partial = {key: v for key, v in _points({32}, tokens, shapes).items() if key[0] >= 64 or key == (32, 8, 16)}
+    assert derive(partial, tokens, shapes, 0.05)[0] is None
+
+
+def test_crossover_table_is_read_by_the_dispatch(tmp_path):
+    from bench_crossover import write_table
+    from sparsebert.ops import _crossover
+
+    env = {"git_sha": "abc", "torch": "t", "triton": "tr", "cuda": "c", "driver": "d"}
+    path = tmp_path / "crossover.json"
+    write_table(path, "NVIDIA H200", {("masked_linear", "bfloat16"): 256, ("score_masked_linear", "float16"): 0},
+                env, 0.05, [16, 32])
+    table = _crossover.load_table(str(path))
+    assert _crossover.crossover_tokens("masked_linear", "NVIDIA H200", torch.bfloat16, table) == 256
+    assert _crossover.crossover_tokens("score_masked_linear", "NVIDIA H200", torch.float16, table) == 0
+    # what was not measured keeps the default; the package's own entries are kept
+    assert _crossover.crossover_tokens("masked_linear", "NVIDIA H200", torch.float16, table) == table["default_tokens"]
+    package = _crossover.load_table(_crossover.TABLE_PATH)
+    assert all(table["gpus"][g] == e for g, e in package["gpus"].items() if g != "NVIDIA H200")
+    assert table["measured"]["NVIDIA H200"]["git_sha"] == "abc"
+    assert table["measured"]["NVIDIA H200"]["entries"] == ["masked_linear/bfloat16", "score_masked_linear/float16"]
+    # a GPU's use_weight_pass decision reads the table (CPU tensors never take the weight pass)
+    assert not _crossover.use_weight_pass("masked_linear", torch.device("cpu"), torch.bfloat16, 10 ** 6, table)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_bench_suite_gpu_arguments(tmp_path, monkeypatch, capsys):
+    from sparsebert import cli
+    from sparsebert.cli import bench
+
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "call", lambda cmd, cwd=None: calls.append((cmd, cwd)) or 0)
+    assert cli.main(["bench", "--suite", "gpu", "--dry-run", "--out", str(tmp_path / "o"), "--", "--total", "30"]) == 0
+    (cmd, cwd), = calls
+    assert cmd == [sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--dry-run", "--out", str(tmp_path / "o"),
+                   "--total", "30"]
+    assert Path(cwd) == ROOT
+    # options that belong to --suite gpu only, and --cpu with it, are refused by name before anything runs
+    calls.clear()
+    assert cli.main(["bench", "--dry-run"]) == 2
+    assert cli.main(["bench", "--suite", "masked_linear", "--out", "x"]) == 2
+    assert cli.main(["bench", "--suite", "gpu", "--cpu", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--dry-run and --out apply to --suite gpu only" in err and "--cpu does not apply" in err
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "--suite", "gpu"]) == 2
+        assert "add --dry-run" in capsys.readouterr().err
+    assert calls == []
+
+
+def test_cli_bench_without_the_repository_bench_folder(tmp_path, monkeypatch, capsys):
+    from sparsebert import cli
+    from sparsebert.cli import bench
+
+    real_bench_dir = bench.bench_dir
+    monkeypatch.setattr(bench, "bench_dir", lambda root=None: real_bench_dir(tmp_path))  # an installed package
+    monkeypatch.setattr(bench.subprocess, "call", lambda *a, **k: pytest.fail("nothing may run"))
+    assert cli.main(["bench", "--suite", "gpu", "--dry-run"]) == 2
+    assert "no bench/ folder" in capsys.readouterr().err
+    (tmp_path / "bench").mkdir()
+    assert cli.main(["bench", "--suite", "gpu", "--dry-run"]) == 2
+    assert "no gpu_suite.py" in capsys.readouterr().err
+

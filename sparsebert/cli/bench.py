@@ -2,7 +2,11 @@
 
 On a GPU it runs the timing scripts (triton.testing.do_bench, ratios against cuBLAS and the unfused
 references, results written to bench/results/<gpu>-<date>.{csv,json}); on the CPU it runs the
-pytest-benchmark entries. The bench/ folder ships with the source tree, not with a wheel.
+pytest-benchmark entries. `--suite gpu` runs the whole self-timed GPU suite (bench/gpu_suite.py: build,
+GPU tests, crossover, benchmarks); with `--dry-run` its CPU rehearsal. The bench/ folder ships with the
+source tree, not with a wheel.
+
+    sparsebert bench --suite gpu [--dry-run] [--out DIR] [-- SUITE ARGS]
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 
@@ -20,8 +25,9 @@ GPU_SUITES = {
 }
 
 
-def bench_dir() -> Path:
-    here = Path(__file__).resolve().parents[2] / "bench"
+def bench_dir(root: Optional[Path] = None) -> Path:
+    """The checkout's bench/ folder (root: the repository; default: the one this package was loaded from)."""
+    here = (Path(root) if root is not None else Path(__file__).resolve().parents[2]) / "bench"
     if not here.is_dir():
         raise FileNotFoundError(f"no bench/ folder at {here}: `sparsebert bench` runs from a source checkout "
                                 "(git clone, then pip install -e .)")
@@ -30,14 +36,50 @@ def bench_dir() -> Path:
 
 def add_parser(subparsers):
     p = subparsers.add_parser("bench", help="run the benchmark suites (GPU timing scripts, or CPU pytest-benchmark)")
-    p.add_argument("--suite", choices=sorted(GPU_SUITES) + ["all"], default="all")
+    p.add_argument("--suite", choices=sorted(GPU_SUITES) + ["all", "gpu"], default="all",
+                   help="one GPU timing script, all of them, or gpu: the whole GPU suite (bench/gpu_suite.py)")
     p.add_argument("--cpu", action="store_true", help="run the CPU pytest-benchmark entries even when a GPU is present")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --suite gpu: the suite's CPU rehearsal (Triton interpreter, tiny shapes)")
+    p.add_argument("--out", help="with --suite gpu: output folder (default: $OUT, else bench/results/suite-<stamp>)")
     p.add_argument("extra", nargs="*", help="arguments passed to the suite script (after --)")
     return p
 
 
+def suite_command(args, root: Path) -> List[str]:
+    """The command line of `--suite gpu`: bench/gpu_suite.py under this interpreter."""
+    cmd = [sys.executable, str(root / "gpu_suite.py")]
+    if args.dry_run:
+        cmd.append("--dry-run")
+    if args.out:
+        cmd += ["--out", str(Path(args.out).expanduser().resolve())]
+    return cmd + list(args.extra)
+
+
+def check_args(args) -> None:
+    """ValueError for options that do not go together."""
+    if args.suite != "gpu" and (args.dry_run or args.out):
+        raise ValueError("--dry-run and --out apply to --suite gpu only")
+    if args.suite == "gpu" and args.cpu:
+        raise ValueError("--cpu does not apply to --suite gpu (use --dry-run for its CPU rehearsal)")
+
+
 def run(args) -> int:
-    root = bench_dir()
+    try:
+        check_args(args)
+        root = bench_dir()
+        if args.suite == "gpu" and not (root / "gpu_suite.py").is_file():
+            raise FileNotFoundError(f"no gpu_suite.py in {root}: `sparsebert bench --suite gpu` needs the "
+                                    "repository's bench/ folder")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"sparsebert bench: error: {exc}", file=sys.stderr)
+        return 2
+    if args.suite == "gpu":
+        if not args.dry_run and not torch.cuda.is_available():
+            print("sparsebert bench: error: no CUDA GPU visible to torch: add --dry-run for the CPU rehearsal",
+                  file=sys.stderr)
+            return 2
+        return subprocess.call(suite_command(args, root), cwd=root.parent)
     suites = sorted(GPU_SUITES) if args.suite == "all" else [args.suite]
     if args.cpu or not torch.cuda.is_available():
         if not args.cpu:

@@ -3,7 +3,8 @@
 On CUDA, `backend="auto"` runs masked_linear / score_masked_linear as "weight pass + cuBLAS" (one fused
 elementwise pass writes W * m, then dense GEMMs) when the token count M is at least the crossover of the
 GPU, op and dtype, and as the fused Triton kernels below it. The table is JSON (never code), measured by
-bench/bench_crossover.py. A GPU, op or dtype not in the table gets `default_tokens` (0: always the weight
+bench/bench_crossover.py (which writes a whole table to copy here; its "measured" entry records where
+each GPU's values came from and is not read by the dispatch). A GPU, op or dtype not in the table gets `default_tokens` (0: always the weight
 pass, which is the unfused reference's own work, so it is never slower than that reference; the fused path
 is taken only where a measurement says it wins).
 """
