@@ -30,7 +30,7 @@ from ._autotune import select
 def _configs():
     # quick: 128x128x32 and 64x64x64
     return select("pruned_ffn", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [(128, 128, 32, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+            for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
                                      (64, 64, 64, 4, 3), (128, 256, 64, 8, 3), (32, 64, 32, 2, 4)]],
         [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)], quick=(0, 3))
 
