@@ -61,18 +61,20 @@ def _configs():
 def _pruner(rows_arg, cols_arg, operand_arg, mask_arg):
     """early_config_prune: drop configs whose pipelined tiles overflow shared memory (operands over
     num_stages buffers, the mask/scores tile, when read in the K loop, over num_stages - 1; a packed mask
-    is gathered as one int32 word per weight element), and tiles much larger than the output (they only
+    tile is BLOCK_N * BLOCK_K / 32 int32 words), and tiles much larger than the output (they only
     waste work at small token counts)."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         rows, cols = args[rows_arg], args[cols_arg]
         elem = args[operand_arg].element_size()
-        mask_elem = args[mask_arg].element_size() if mask_arg else 0
+        mask = args[mask_arg] if mask_arg else None
+        packed = mask is not None and mask.dtype == torch.int32
+        mask_elem = 0 if mask is None else (1 / 8 if packed else mask.element_size())
         kept = []
         for cfg in configs:
             bm, bn, bk, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], max(cfg.num_stages, 2)
-            smem = (bm + bn) * bk * elem * stages + bn * bk * mask_elem * (stages - 1)
+            smem = (bm + bn) * bk * elem * stages + int(bn * bk * mask_elem) * (stages - 1)
             if smem > _SHARED_MEMORY_BUDGET:
                 continue
             if bm > max(32, triton.next_power_of_2(rows)) or bn > max(64, triton.next_power_of_2(cols)):
@@ -139,6 +141,30 @@ def load_keep(mask_ptr, n, k, N, K, words_per_row, tau, MASK_KIND: tl.constexpr)
 
 
 @triton.jit
+def load_packed_keep(mask_ptr, rows, col0, N, words_per_row,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, COLS_FIRST: tl.constexpr):
+    """Keep-mask of weight rows `rows` (BLOCK_R,) x columns col0 + [0, BLOCK_C) from a packed mask, loading
+    each of the tile's BLOCK_R * BLOCK_C / 32 int32 words once and expanding the bits in registers
+    (shift + and, broadcast over the 32 bit positions, reshape). col0 must be a multiple of 32 and
+    BLOCK_C of 32. Shape (BLOCK_R, BLOCK_C), or (BLOCK_C, BLOCK_R) with COLS_FIRST. Padding bits past K
+    come back as stored: callers zero out-of-range weights themselves."""
+    WORDS: tl.constexpr = BLOCK_C // 32
+    w = col0 // 32 + tl.arange(0, WORDS)
+    bit = tl.arange(0, 32)
+    if COLS_FIRST:
+        ok = (w[:, None] < words_per_row) & (rows[None, :] < N)
+        word = tl.load(mask_ptr + rows[None, :] * words_per_row + w[:, None], mask=ok, other=0)  # (WORDS, R)
+        bits = (word[:, None, :] >> bit[None, :, None]) & 1  # (WORDS, 32, R)
+        keep = tl.reshape(bits, (BLOCK_C, BLOCK_R)) != 0
+    else:
+        ok = (rows[:, None] < N) & (w[None, :] < words_per_row)
+        word = tl.load(mask_ptr + rows[:, None] * words_per_row + w[None, :], mask=ok, other=0)  # (R, WORDS)
+        bits = (word[:, :, None] >> bit[None, None, :]) & 1  # (R, WORDS, 32)
+        keep = tl.reshape(bits, (BLOCK_R, BLOCK_C)) != 0
+    return keep
+
+
+@triton.jit
 def mma(a, b, acc, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """acc += a @ b. IEEE_DOT: exact fp32 products (fp32 inputs). UPCAST_DOT: the interpreter's 16-bit dot
     is wrong, so it multiplies the (exactly) upcast fp32 values instead; same math as the tensor cores."""
@@ -155,15 +181,30 @@ def mma(a, b, acc, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
 # y = x @ (W * m)^T + bias, computed as y^T = (W * m) @ x^T: the masked weight tile is the dot's first
 # operand, which Hopper's wgmma reads from registers, so masking it costs no extra shared-memory trip.
 # ----------------------------------------------------------------------------------------------------
-@_autotune(key=["M_BUCKET", "N", "K"], rows_arg="M", cols_arg="N", operand_arg="x_ptr", mask_arg="mask_ptr")
+@_autotune(key=["M_BUCKET", "N", "K", "SPLIT_K"], rows_arg="M", cols_arg="N", operand_arg="x_ptr", mask_arg="mask_ptr")
 @triton.jit
 def linear_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, mask_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, mask_ptr, y_ptr, partial_ptr,
     M, N, K, M_BUCKET, words_per_row, threshold, threshold_ptr,
-    MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, THRESHOLD_FROM_PTR: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, THRESHOLD_FROM_PTR: tl.constexpr, SPLIT_K: tl.constexpr,
     IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """Program (tile, split). SPLIT_K == 1: the whole K loop, bias, store y. SPLIT_K > 1: split s reduces
+    K in [s * chunk, (s + 1) * chunk) (chunk a multiple of BLOCK_K) and stores its fp32 partial in
+    partial_ptr[s] (M, N); linear_fwd_reduce_kernel sums the splits in order 0..SPLIT_K-1 (deterministic,
+    no atomics), adds the bias and rounds.
+
+    Predicted effect (issue 10 item 2; not timed: no GPU here):
+    * packed mask: before, one int32 word gathered per weight element = 4 * BLOCK_N * BLOCK_K bytes per
+      tile per K step (32 KB for 128x64; 3 pipeline stages of it in shared memory); now the tile's
+      BLOCK_N * BLOCK_K / 32 words once = BLOCK_N * BLOCK_K / 8 bytes (1 KB for 128x64), 32x less.
+    * split-K (split_k_for, 132 SMs, K -> N, tiles estimated at BLOCK_M = pow2(M) in [32, 128], BLOCK_N 128):
+        K=768  N=768 : 16/64 tokens  6 tiles (5% of SMs) -> split 4, 24 CTAs (18%); 512: 24 (18%) -> split 4, 96 (73%)
+        K=768  N=3072: 16/64 tokens 24 tiles (18%) -> split 4, 96 (73%); 512: 96 tiles (73%), no split
+        K=3072 N=768 : 16/64 tokens  6 tiles (5%)  -> split 16, 96 (73%); 512: 24 (18%) -> split 4, 96 (73%)
+      at the price of SPLIT_K * M * N * 4 bytes of fp32 partials written and read once more.
+    """
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # tokens; int64: M * N may pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
@@ -172,19 +213,53 @@ def linear_fwd_kernel(
     if MASK_KIND == 3:
         tau = load_threshold(threshold, threshold_ptr, mask_ptr, THRESHOLD_FROM_PTR)
 
+    if SPLIT_K == 1:
+        k_start = 0
+        k_end = K
+    else:
+        chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_start = tl.program_id(1) * chunk
+        k_end = min(k_start + chunk, K)
+
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + offs_k
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + offs_k  # chunks are BLOCK_K-aligned: ks < K is the only bound needed
         w = tl.load(w_ptr + offs_n[:, None] * K + ks[None, :], mask=(offs_n[:, None] < N) & (ks[None, :] < K), other=0.0)
-        keep = load_keep(mask_ptr, offs_n[:, None], ks[None, :], N, K, words_per_row, tau, MASK_KIND)
+        if MASK_KIND == 2:
+            keep = load_packed_keep(mask_ptr, offs_n, k0, N, words_per_row, BLOCK_N, BLOCK_K, False)
+        else:
+            keep = load_keep(mask_ptr, offs_n[:, None], ks[None, :], N, K, words_per_row, tau, MASK_KIND)
         # x^T tile (BLOCK_K, BLOCK_M): element [k, m] = x[m, k]
         xt = tl.load(x_ptr + offs_m[None, :] * K + ks[:, None], mask=(ks[:, None] < K) & (offs_m[None, :] < M), other=0.0)
         acc = mma(tl.where(keep, w, 0.0).to(xt.dtype), xt, acc, IEEE_DOT, UPCAST_DOT)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
     y_mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-    tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        split_base = partial_ptr + tl.program_id(1).to(tl.int64) * M * N
+        tl.store(split_base + offs_m[None, :] * N + offs_n[:, None], acc, mask=y_mask)
+
+
+@triton.jit
+def linear_fwd_reduce_kernel(partial_ptr, bias_ptr, y_ptr, M, N,
+                             HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y = sum over splits 0..SPLIT_K-1 (in that order) of the fp32 partials (SPLIT_K, M, N) + bias."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    idx = offs_m[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    partial = partial_ptr + idx
+    for _ in range(SPLIT_K):
+        acc += tl.load(partial, mask=out_mask, other=0.0)
+        partial += M * N  # 64-bit pointer walk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,7 +289,10 @@ def linear_bwd_input_kernel(
         # W^T tile (BLOCK_N, BLOCK_K): element [c, r] = W[r, c]
         w_mask = (offs_c[:, None] < K) & (rs[None, :] < N)
         wt = tl.load(w_ptr + rs[None, :] * K + offs_c[:, None], mask=w_mask, other=0.0)
-        keep = load_keep(mask_ptr, rs[None, :], offs_c[:, None], N, K, words_per_row, tau, MASK_KIND)
+        if MASK_KIND == 2:
+            keep = load_packed_keep(mask_ptr, rs, pid_c * BLOCK_N, N, words_per_row, BLOCK_K, BLOCK_N, True)
+        else:
+            keep = load_keep(mask_ptr, rs[None, :], offs_c[:, None], N, K, words_per_row, tau, MASK_KIND)
         # dy^T tile (BLOCK_K, BLOCK_M): element [r, m] = dy[m, r]
         dyt = tl.load(dy_ptr + offs_m[None, :] * N + rs[:, None], mask=(rs[:, None] < N) & (offs_m[None, :] < M), other=0.0)
         acc = mma(tl.where(keep, wt, 0.0).to(dyt.dtype), dyt, acc, IEEE_DOT, UPCAST_DOT)
@@ -386,20 +464,54 @@ def split_m_for(m, n, k, device):
     return max(1, min(triton.cdiv(sms, tiles), m // 2048, 16))
 
 
-def fwd(x, weight, bias, mask_src, kind, words, threshold_val, threshold_ptr):
+_SPLIT_K_MIN_CHUNK = 192  # K per split: at least 3 BLOCK_K=64 steps, so the operand pipeline still fills
+_SPLIT_K_MAX = 16
+
+
+def split_k_for(m, n, k, device):
+    """How many K chunks the forward GEMM reduces separately (a power of two, from shapes only: no sync).
+
+    The largest s <= 16 with (estimated output tiles) * s <= #SMs and K / s >= 192, where the tiles are
+    counted at BLOCK_M = next_pow2(M) clamped to [32, 128] and BLOCK_N = 128; 1 when the output alone
+    fills the GPU, on CPU, and under the interpreter."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    block_m = min(128, max(32, triton.next_power_of_2(max(m, 1))))
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    split = 1
+    while split * 2 <= _SPLIT_K_MAX and tiles * split * 2 <= sms and k // (split * 2) >= _SPLIT_K_MIN_CHUNK:
+        split *= 2
+    return split
+
+
+def fwd(x, weight, bias, mask_src, kind, words, threshold_val, threshold_ptr, split_k=None):
+    """y = x @ (W * m)^T + bias. split_k: K chunks reduced separately into an fp32 workspace and summed in
+    a fixed order (None = split_k_for's choice; any value gives the same result up to fp32 rounding)."""
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
+    split = split_k_for(m, n, k, x.device) if split_k is None else split_k
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"split_k must be a positive int, got {split!r}")
+    split = min(split, max(1, triton.cdiv(k, 32)))  # more splits than 32-wide K steps would be empty
     ieee, upcast = dot_flags(x.dtype)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    partial = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     linear_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, mask_src, y,
+        x, weight, bias if bias is not None else weight, mask_src, y, partial,
         m, n, k, bucket(m), words, threshold_val, threshold_ptr if threshold_ptr is not None else x,
-        MASK_KIND=kind, HAS_BIAS=bias is not None, THRESHOLD_FROM_PTR=threshold_ptr is not None,
+        MASK_KIND=kind, HAS_BIAS=bias is not None, THRESHOLD_FROM_PTR=threshold_ptr is not None, SPLIT_K=split,
         IEEE_DOT=ieee, UPCAST_DOT=upcast,
     )
+    if split > 1:
+        block_m, block_n = (32, 32) if INTERPRET else (32, 128)
+        linear_fwd_reduce_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+            partial, bias if bias is not None else y, y, m, n,
+            HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n,
+        )
     return y
 
 

@@ -13,7 +13,9 @@ LDL/STL); shared memory within sm_90's 227 KB per block; the matmul kernels hold
 (wgmma, or mma.sync where the tile is too small for a warpgroup MMA); masked-tile-in-registers, for the
 fused masked GEMMs (issue 10 item 2): wgmma present, every wgmma reads its A operand (the masked weight
 tile) from registers, and no shared-memory store (PTX st.shared/stmatrix, SASS STS/STSM) lies between
-the first and the last MMA. Entries of KNOWN are expected failures: reported, not failing the run, and
+the first and the last MMA; mask-words-once, for the packed-mask GEMMs: the bytes per thread loaded through
+mask_ptr (traced in the PTX) stay within one word tile (BLOCK_N * BLOCK_K / 8 bytes) per pipeline stage, not
+one int32 per weight element. Entries of KNOWN are expected failures: reported, not failing the run, and
 flagged when they pass (then delete the entry: the check becomes required).
 Exit status: 0 all required checks pass, 1 a check failed or a kernel did not compile, 2 no ptxas.
 """
@@ -97,6 +99,45 @@ def ptx_instruction_mix(ptx: str) -> dict:
                 ld_global=ld_global_widths(ptx), cp_async=cp_async_sizes(ptx))
 
 
+_PTX_REG = re.compile(r"%[a-z]+\d+")
+
+
+def param_load_bytes(ptx: str, param: int) -> int:
+    """Static bytes per thread that global loads (ld.global, cp.async) read through pointer kernel
+    parameter number `param`: registers derived from it are traced through the PTX (flow-insensitive;
+    values loaded from memory are not followed), then each load whose address is such a register counts
+    its width (vector x bits, or the cp.async size)."""
+    text = re.sub(r"//[^\n]*|^\s*(?:\.loc|\.file|\$\w+:)[^\n]*$", "", ptx, flags=re.M)  # comments, .loc, labels
+    statements = [st.strip().lstrip("{} \t\n") for st in text.split(";")]
+    statements = [re.sub(r"^@!?%p\d+\s+", "", st) for st in statements if st]
+    tainted = set()
+    for st in statements:
+        m = re.match(r"ld\.param\.\w+\s+(%\w+),\s*\[\w+_param_(\d+)\]", st)
+        if m and int(m.group(2)) == param:
+            tainted.add(m.group(1))
+    changed = True
+    while changed:
+        changed = False
+        for st in statements:
+            if st.startswith(("ld.", "st.", "cp.", "atom.", "red.", "wgmma", "mma", "bar", "@", "setp")):
+                continue
+            regs = _PTX_REG.findall(st)
+            if len(regs) >= 2 and regs[0] not in tainted and any(r in tainted for r in regs[1:]):
+                tainted.add(regs[0])
+                changed = True
+    total = 0
+    for st in statements:
+        if st.startswith("ld.global"):
+            addr = re.search(r"\[\s*(%\w+)", st)
+            if addr and addr.group(1) in tainted:
+                total += sum(k * v for k, v in ld_global_widths(st + ";").items()) // 8
+        elif st.startswith("cp.async.c"):
+            m = re.search(r"\],\s*\[\s*(%\w+)[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)", st)
+            if m and m.group(1) in tainted:
+                total += int(m.group(2), 0)
+    return total
+
+
 def sass_opcodes(sass: str) -> list:
     """Opcodes of `cuobjdump -sass` text in program order (modifiers dropped: HGMMA.64x128x16.F32 -> HGMMA)."""
     return [m.group(1) for m in _SASS_OP.finditer(sass)]
@@ -129,6 +170,7 @@ class Launch:
     matmul: bool
     masked_tile: bool = False  # a fused masked GEMM: the masked weight tile must stay in registers
     known: dict = field(default_factory=dict)  # check name -> why it is expected to fail (KNOWN)
+    packed_mask: bool = False  # a packed-mask GEMM: each mask word of a tile loaded once (mask-words-once)
 
     @property
     def config(self) -> str:
@@ -142,10 +184,10 @@ def _jit(kernel):
     return getattr(kernel, "fn", kernel), getattr(kernel, "configs", None)
 
 
-def _per_config(kernel, name, variant, types, div16, constexprs, matmul, masked_tile=False):
+def _per_config(kernel, name, variant, types, div16, constexprs, matmul, masked_tile=False, packed_mask=False):
     fn, configs = _jit(kernel)
     return [Launch(name, variant, fn, types, div16, {**constexprs, **cfg.kwargs}, cfg.num_warps, cfg.num_stages,
-                   matmul, masked_tile) for cfg in configs]
+                   matmul, masked_tile, packed_mask=packed_mask) for cfg in configs]
 
 
 # Expected failures: (kernel, variant, config, check) -> reason. A KNOWN check is reported, never fails the
@@ -164,17 +206,24 @@ def launches() -> list[Launch]:
     div = ("M", "N", "K", "M_BUCKET")
     bf16_dot = {"IEEE_DOT": False, "UPCAST_DOT": False}
     masked_tile = True
-    for kind, mask_t, label in ((_gemm.MASK_UINT8, "*u8", "uint8 mask"), (_gemm.MASK_SCORES, bf16, "bf16 scores")):
+    kinds = ((_gemm.MASK_UINT8, "*u8", "uint8 mask", 1), (_gemm.MASK_PACKED, "*i32", "packed mask", 1),
+             (_gemm.MASK_SCORES, bf16, "bf16 scores", 1), (_gemm.MASK_PACKED, "*i32", "packed mask, split-K 4", 4))
+    for kind, mask_t, label, split_k in kinds:
+        packed = kind == _gemm.MASK_PACKED
         out += _per_config(_gemm.linear_fwd_kernel, "_gemm.linear_fwd_kernel", label,
                            {"x_ptr": bf16, "w_ptr": bf16, "bias_ptr": bf16, "mask_ptr": mask_t, "y_ptr": bf16,
-                            "threshold_ptr": "*fp32", **gemm_scalars}, div,
+                            "partial_ptr": "*fp32", "threshold_ptr": "*fp32", **gemm_scalars}, div,
                            {"MASK_KIND": kind, "HAS_BIAS": True, "THRESHOLD_FROM_PTR": kind == _gemm.MASK_SCORES,
-                            **bf16_dot}, True, masked_tile)
-        out += _per_config(_gemm.linear_bwd_input_kernel, "_gemm.linear_bwd_input_kernel", label,
-                           {"dy_ptr": bf16, "w_ptr": bf16, "mask_ptr": mask_t, "dx_ptr": bf16,
-                            "threshold_ptr": "*fp32", **gemm_scalars}, div,
-                           {"MASK_KIND": kind, "THRESHOLD_FROM_PTR": kind == _gemm.MASK_SCORES, **bf16_dot},
-                           True, masked_tile)
+                            "SPLIT_K": split_k, **bf16_dot}, True, masked_tile, packed)
+        if split_k == 1:
+            out += _per_config(_gemm.linear_bwd_input_kernel, "_gemm.linear_bwd_input_kernel", label,
+                               {"dy_ptr": bf16, "w_ptr": bf16, "mask_ptr": mask_t, "dx_ptr": bf16,
+                                "threshold_ptr": "*fp32", **gemm_scalars}, div,
+                               {"MASK_KIND": kind, "THRESHOLD_FROM_PTR": kind == _gemm.MASK_SCORES, **bf16_dot},
+                               True, masked_tile, packed)
+    out.append(Launch("_gemm.linear_fwd_reduce_kernel", "split-K 4, bias", _gemm.linear_fwd_reduce_kernel,
+                      {"partial_ptr": "*fp32", "bias_ptr": bf16, "y_ptr": bf16, "M": i32, "N": i32}, ("M", "N"),
+                      {"HAS_BIAS": True, "SPLIT_K": 4, "BLOCK_M": 32, "BLOCK_N": 128}, 4, 3, False))
     out += _per_config(_gemm.linear_bwd_weight_kernel, "_gemm.linear_bwd_weight_kernel", "bf16 scores, dW+dS",
                        {"dy_ptr": bf16, "x_ptr": bf16, "w_ptr": bf16, "mask_ptr": bf16, "dweight_ptr": bf16,
                         "dscores_ptr": bf16, "partial_ptr": "*fp32", "threshold_ptr": "*fp32", **gemm_scalars}, div,
@@ -301,6 +350,9 @@ def compile_launch(launch: Launch, cuobjdump: str | None) -> Result:
     res.shared = int(compiled.metadata.shared)
     res.ptxas = parse_ptxas_log(log.getvalue())
     res.ptx = ptx_instruction_mix(compiled.asm["ptx"])
+    if "mask_ptr" in launch.types:
+        runtime_args = [n for n in launch.fn.arg_names if n in launch.types]
+        res.ptx["mask_bytes"] = param_load_bytes(compiled.asm["ptx"], runtime_args.index("mask_ptr"))
     if cuobjdump:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
@@ -335,6 +387,17 @@ def checks(res: Result) -> dict:
             bad.append(f"shared stores inside the MMA loop (PTX {x['smem_stores_between_mma']}, "
                        f"SASS {s.get('STS_between_mma', 'n/a')})")
         out["masked-tile-in-registers"] = "masked tile not in registers: " + ", ".join(bad) if bad else None
+    if launch.packed_mask:
+        # a tile's words: BLOCK_N * BLOCK_K / 32 int32 = BLOCK_N * BLOCK_K / 8 bytes, spread over the threads
+        # (at least one 4-byte word each); static copies: pipeline prologue + loop body <= num_stages + 1.
+        # A per-element gather reads 32x as many bytes.
+        c = launch.constexprs
+        threads = 32 * launch.num_warps
+        per_thread = max(4, c["BLOCK_N"] * c["BLOCK_K"] // 8 // threads)
+        bound = per_thread * (max(launch.num_stages, 1) + 1)
+        got = x.get("mask_bytes", 0)
+        out["mask-words-once"] = (f"{got} B/thread of packed-mask loads > {bound} B (one word tile per K step)"
+                                  if got > bound or got == 0 else None)
     return out
 
 
@@ -351,6 +414,7 @@ def judge(res: Result) -> None:
 # report
 # --------------------------------------------------------------------------------------------------
 _HEADER = ("kernel", "variant", "config", "regs", "spill st/ld B", "smem B", "wgmma", "mma.sync", "smem st (loop)",
+           "mask B/thr",
            "ld.global bits:count", "cp.async bytes:count", "SASS HGMMA/HMMA/STS/LDGSTS", "status")
 
 
@@ -361,7 +425,7 @@ def _hist(h: Counter) -> str:
 def row(res: Result) -> tuple:
     launch = res.launch
     if res.error:
-        return (launch.kernel, launch.variant, launch.config) + ("-",) * 9 + (f"ERROR {res.error}",)
+        return (launch.kernel, launch.variant, launch.config) + ("-",) * 10 + (f"ERROR {res.error}",)
     p, x, s = res.ptxas, res.ptx, res.sass
     status = "FAIL: " + "; ".join(res.failures) if res.failures else "ok"
     for check, failing, _ in res.known:
@@ -370,6 +434,7 @@ def row(res: Result) -> tuple:
     return (launch.kernel, launch.variant, launch.config, str(p.get("registers")),
             f"{p.get('spill_stores', 0)}/{p.get('spill_loads', 0)}", str(res.shared + p.get("static_smem", 0)),
             str(x["wgmma"]), str(x["mma_sync"]), f"{x['smem_stores']} ({x['smem_stores_between_mma']})",
+            str(x.get("mask_bytes", "-")),
             _hist(x["ld_global"]), _hist(x["cp_async"]), sass, status)
 
 
@@ -441,6 +506,7 @@ def main(argv=None) -> int:
               "Counts are static instructions in the code. smem B = Triton's dynamic + ptxas static shared memory.",
               "smem st (loop) = st.shared + stmatrix in the PTX (of them, between the first and last MMA).",
               "ld.global bits:count = global loads by bits per thread per instruction (128 = v4.b32).",
+              "mask B/thr = static bytes per thread loaded through mask_ptr (ld.global + cp.async, traced in the PTX).",
               "config = BLOCK_*/TILE_* constexprs (M128 = BLOCK_M 128, TN32 = TILE_N 32), num_warps, num_stages."]
     text = render(results, header)
     sys.stdout.write(text)
