@@ -21,22 +21,17 @@ Prediction from bytes and FLOPs, written before tuning (one core, AVX2: 2 FMA un
   768x768 layers are 4x smaller: fixed costs (op dispatch ~5-10 us, packing x) weigh more at T=1.
 What was measured is in the CSV and in the lead's report (bench/results/cpu-*-sparse-rows.csv).
 """
-import csv
-import datetime
-import os
-import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _cpu_ab import interleaved_medians, write_rows_csv
 from sparsebert.nn.cpu_sparse import SparseRowsLinear
 from sparsebert.ops.sparse_rows_linear import cpp_available
 
 SHAPES = [(768, 3072), (3072, 768), (768, 768)]  # (in_features, out_features)
 REPS = 60
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 _rows = []
 
 pytestmark = pytest.mark.skipif(not cpp_available(), reason="sparsebert._C without the sparse-rows kernel")
@@ -48,33 +43,13 @@ def _weight(k, n, sparsity):
 
 
 def _ab(fns, reps):
-    for f in fns:
-        f()
-        f()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            times[i].append(time.perf_counter() - t0)
-    out = []
-    for ts in times:
-        q = statistics.quantiles(ts, n=4)
-        out.append((statistics.median(ts), (q[2] - q[0]) / statistics.median(ts)))
-    return out
+    return interleaved_medians(fns, reps)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _write_csv():
     yield
-    if not _rows:
-        return
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"cpu-{datetime.date.today():%Y%m%d}-sparse-rows.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(_rows[0]))
-        w.writeheader()
-        w.writerows(_rows)
+    write_rows_csv(_rows, "sparse-rows")
 
 
 @pytest.mark.parametrize("threads", [1, 2])

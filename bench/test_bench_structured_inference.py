@@ -15,16 +15,12 @@ bench/results/cpu-<date>-structured-inference.csv. With the default --benchmark-
 entries run, once, as a correctness test (every served variant equals the masked model), and write nothing.
 """
 import copy
-import csv
-import datetime
-import os
-import statistics
-import time
 
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from _cpu_ab import interleaved_medians, write_rows_csv
 from sparsebert.flops import encoder_flops
 from sparsebert.nn.inference import for_inference
 from sparsebert.nn.structured import apply_masks, structure_of
@@ -34,7 +30,6 @@ SHAPES = {"minilm": dict(hidden_size=384, num_attention_heads=12, intermediate_s
 LAYERS, SEQ, FLOPS_KEEP = 2, 128, 0.4
 VARIANTS = (("removed", None), ("removed+8", 8), ("removed+64", 64))
 REPS = {1: 30, 32: 5}
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 _rows = []
 
 
@@ -64,32 +59,13 @@ def _models(shape):
 
 
 def _ab(fns, reps):
-    for f in fns:
-        f()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            times[i].append(time.perf_counter() - t0)
-    out = []
-    for ts in times:
-        q = statistics.quantiles(ts, n=4)
-        out.append((statistics.median(ts), (q[2] - q[0]) / statistics.median(ts)))
-    return out
+    return interleaved_medians(fns, reps)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _write_csv():
     yield
-    if not _rows:
-        return
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"cpu-{datetime.date.today():%Y%m%d}-structured-inference.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(_rows[0]))
-        w.writeheader()
-        w.writerows(_rows)
+    write_rows_csv(_rows, "structured-inference")
 
 
 @pytest.mark.parametrize("threads", [1, 2])
