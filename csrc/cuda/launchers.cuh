@@ -73,5 +73,16 @@ cudaError_t bitmask_spmm_forward(DType dtype, const BitmaskSpmmPlan& plan, const
                                  const int32_t* tile_offsets, const void* bias, void* y, float* partials,
                                  int32_t* tickets, int M, int N, int K, cudaStream_t stream);
 
+// CUTLASS sm90 GEMMs on an already-masked weight Wm (cutlass_masked_gemm.cu, docs/CUTLASS.md); bf16 only.
+// Built only with CUTLASS for sm_90a: otherwise, or on a device that is not compute capability 9.0, they return
+// cudaErrorNotSupported. M, N, K > 0; N and K multiples of 8 (16-byte TMA rows), else cudaErrorInvalidValue.
+bool cutlass_sm90_built();
+// y = x @ Wmᵀ + bias (bias may be null)
+cudaError_t cutlass_masked_linear_forward_bf16(const void* x, const void* weight_masked, const void* bias, void* y,
+                                               int M, int N, int K, cudaStream_t stream);
+// dx = dy @ Wm
+cudaError_t cutlass_masked_linear_input_grad_bf16(const void* dy, const void* weight_masked, void* dx, int M, int N,
+                                                  int K, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace sparsebert
