@@ -192,6 +192,12 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"sparsebert srnet: error: {exc}", file=sys.stderr)
         return 2
+    from ..distributed import init_from_env, world_size
+    init_from_env()  # under torchrun: the process group (nccl with CUDA, gloo without)
+    if world_size() > 1:  # the run driver (locks, evaluation, result files) is single-process for now
+        print(f"sparsebert srnet: error: launched as {world_size()} processes; the srnet driver runs in one "
+              "process (the training loops are data parallel: see README, 'Several GPUs')", file=sys.stderr)
+        return 2
     base = SRNetConfig(task=args.task, model=args.model, method=args.method, search_from=args.search_from,
                        source=args.source, mask_from=args.mask_from, ood_informed=args.ood_informed,
                        hans_rule=args.hans_rule,
