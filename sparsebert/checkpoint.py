@@ -83,6 +83,20 @@ def _atomic_write(path: PathLike, mode: str, write) -> Path:
     return path
 
 
+def is_temp_file(name: str) -> bool:
+    """Whether `name` is the temporary file of an `_atomic_write` (left behind when its process was killed)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def remove_temp_files(folder: PathLike) -> None:
+    """Delete the temporary files that killed writers left directly in `folder`. Only call it while holding
+    the folder's lock (no live writer may be using them)."""
+    if Path(folder).is_dir():
+        for p in Path(folder).iterdir():
+            if p.is_file() and is_temp_file(p.name):
+                p.unlink(missing_ok=True)
+
+
 def atomic_write_text(text: str, path: PathLike) -> Path:
     """Write a text file (e.g. a run JSON) atomically."""
     return _atomic_write(path, "w", lambda f: f.write(text))

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, is_temp_file
 
 IDENTITY_FILE = "config.json"
 LOCK_FILE = ".lock"
@@ -68,7 +68,8 @@ def check_run_dir(rdir, config: Mapping[str, Any]) -> bool:
     Raises RunConfigMismatch when it holds files of another configuration, or files without a recorded
     configuration (written by hand or by an older sparsebert)."""
     rdir, config = Path(rdir), json.loads(canonical_json(config))
-    contents = [p.name for p in rdir.iterdir() if p.name != LOCK_FILE] if rdir.is_dir() else []
+    contents = [p.name for p in rdir.iterdir() if p.name != LOCK_FILE and not is_temp_file(p.name)] \
+        if rdir.is_dir() else []  # a temporary file is a write killed before it finished: not the run's
     if not contents:
         return False
     rec = _recorded(rdir)

@@ -186,9 +186,31 @@ def check_finite_weights(model) -> None:
         raise UsageError(f"--model: {str(e).removeprefix('model: ')}") from None
 
 
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``). False when the
+    platform or file system does not support it (nothing is changed then)."""
+    import ctypes
+    import errno
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 def save_atomically(write, out: Path) -> None:
-    """``write(tmp_dir)`` into a temporary folder beside ``out``, then move it into place: an existing
-    ``out`` is renamed aside first and deleted only once the new one is in place."""
+    """``write(tmp_dir)`` into a temporary folder beside ``out``, then move it into place. An existing
+    ``out`` is swapped with the new folder in one atomic step where the OS supports it (so a kill at any
+    point leaves the complete old folder or the complete new one); elsewhere it is renamed aside first and
+    deleted only once the new one is in place (a kill between the two renames leaves it aside)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -197,6 +219,9 @@ def save_atomically(write, out: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if out.is_dir() and not out.is_symlink() and exchange_paths(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old folder
+        return
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from ..checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from ..checkpoint import atomic_save, atomic_write_text, load_checkpoint, remove_temp_files
 from ..runs import RunLock, check_run_dir, claim_run_dir, config_hash
 from ..nn import sparsity_report
 from .paradigms import find_subnetwork
@@ -464,6 +464,8 @@ class Runner:
         """Run cfg holding its folder's lock; the folder must be new or hold this configuration."""
         rdir = self.run_dir(cfg)
         with RunLock(rdir):
+            for folder in (rdir, rdir / "ckpt"):  # writes of a killed earlier attempt
+                remove_temp_files(folder)
             claim_run_dir(rdir, run_identity(cfg))
             if not (rdir / "run.json").is_file() and not any(p.is_file() for p in (rdir / "ckpt").rglob("*")):
                 # no checkpoint to resume from: the run starts over, so outputs of an earlier attempt go
