@@ -42,10 +42,6 @@ def _weight(k, n, sparsity):
     return torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) >= sparsity)
 
 
-def _ab(fns, reps):
-    return interleaved_medians(fns, reps)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _write_csv():
     yield
@@ -69,7 +65,7 @@ def test_sparse_rows_vs_dense(benchmark, shape, sparsity, tokens, threads):
             torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-4, atol=1e-4)
             if benchmark.disabled:
                 return
-            (t_dense, iqr_dense), (t_sparse, iqr_sparse) = _ab([lambda: F.linear(x, w, b), lambda: layer(x)], REPS)
+            (t_dense, iqr_dense), (t_sparse, iqr_sparse) = interleaved_medians([lambda: F.linear(x, w, b), lambda: layer(x)], REPS)
     finally:
         torch.set_num_threads(old)
     ratio = t_dense / t_sparse

@@ -58,10 +58,6 @@ def _models(shape):
     return dense, hm, nm, served
 
 
-def _ab(fns, reps):
-    return interleaved_medians(fns, reps)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _write_csv():
     yield
@@ -91,7 +87,7 @@ def test_structured_inference_vs_dense(benchmark, shape, batch, threads):
                     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=name)
                 return
             fns = [lambda m=m: m(input_ids=ids, attention_mask=am) for m in [dense, *served.values()]]
-            timed = _ab(fns, REPS[batch])
+            timed = interleaved_medians(fns, REPS[batch])
     finally:
         torch.set_num_threads(old)
     (t_dense, iqr_dense) = timed[0]

@@ -224,10 +224,10 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight
                                                        need_dweight);
 }
 
-at::Tensor topk_threshold_cuda(at::TensorList scores, int64_t k_prune) {
-  TORCH_CHECK(!scores.empty(), "topk_threshold needs at least one scores tensor");
+// Every scores tensor checked (one CUDA device, a supported dtype) and flattened to fp32; `n` = their total size.
+static std::vector<at::Tensor> flat_fp32_scores(at::TensorList scores, int64_t& n) {
   std::vector<at::Tensor> flat;
-  int64_t n = 0;
+  n = 0;
   for (const at::Tensor& s : scores) {
     TORCH_CHECK(s.is_cuda() && s.device() == scores[0].device(), "scores must all be on ", scores[0].device(),
                 ", got ", s.device());
@@ -235,6 +235,13 @@ at::Tensor topk_threshold_cuda(at::TensorList scores, int64_t k_prune) {
     flat.push_back(s.reshape({-1}).to(at::kFloat));
     n += s.numel();
   }
+  return flat;
+}
+
+at::Tensor topk_threshold_cuda(at::TensorList scores, int64_t k_prune) {
+  TORCH_CHECK(!scores.empty(), "topk_threshold needs at least one scores tensor");
+  int64_t n = 0;
+  const std::vector<at::Tensor> flat = flat_fp32_scores(scores, n);
   TORCH_CHECK(k_prune >= 0 && k_prune <= n, "k_prune must lie in [0, ", n, "], got ", k_prune);
   const c10::cuda::CUDAGuard guard(scores[0].device());
   const auto out_options = scores[0].options().dtype(at::kFloat);
@@ -257,15 +264,8 @@ at::Tensor topk_threshold_cuda_t(at::TensorList scores, const at::Tensor& k_prun
               scores[0].device());
   TORCH_CHECK(!at::isFloatingType(k_prune.scalar_type()) && k_prune.scalar_type() != at::kBool,
               "k_prune must be an integer tensor, got ", k_prune.scalar_type());
-  std::vector<at::Tensor> flat;
   int64_t n = 0;
-  for (const at::Tensor& s : scores) {
-    TORCH_CHECK(s.is_cuda() && s.device() == scores[0].device(), "scores must all be on ", scores[0].device(),
-                ", got ", s.device());
-    device_dtype(s, "scores");
-    flat.push_back(s.reshape({-1}).to(at::kFloat));
-    n += s.numel();
-  }
+  const std::vector<at::Tensor> flat = flat_fp32_scores(scores, n);
   const c10::cuda::CUDAGuard guard(scores[0].device());
   const auto out_options = scores[0].options().dtype(at::kFloat);
   const at::Tensor values = flat.size() == 1 ? flat[0].contiguous() : at::cat(flat);
