@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 [ -f .venv/bin/activate ] && . .venv/bin/activate   # made by scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export SPARSEBERT_BACKEND=${SPARSEBERT_BACKEND:-torch}   # plain-torch ops: the reference every backend is tested against
-OUT=${OUT:-runs/srnet_cpu_v3}
+OUT=${OUT:-runs/srnet_cpu_v4}
 
 cmd=${1:-run}
 shift || true
