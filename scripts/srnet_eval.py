@@ -1,6 +1,6 @@
 """SRNet experiments at CPU scale (MiniLM backbone): run the planned sweep, then write results/srnet.
 
-    python scripts/srnet_eval.py run [--stage teacher main highsparsity paradigms] [--out DIR]
+    python scripts/srnet_eval.py run [--stage teacher main cecontrol highsparsity paradigms pawsqqp] [--out DIR]
     python scripts/srnet_eval.py report [--out DIR] [--report-dir results/srnet]
 
 `run` executes the runs of each stage in priority order, one at a time, in this process (one thread:
@@ -12,6 +12,10 @@ One deviation from `sparsebert srnet`: every paradigm-a/b run starts from ONE de
 `teacher_seed`, default 0); the run seed varies the mask search only (data order, and the head for c).
 Those runs carry the teacher in their identity and in their folder name (`...-seed1-t0`), so a plain
 `sparsebert srnet` run with the same settings never mistakes one for its own.
+
+Stage `pawsqqp` is the controlled-bias test on real text (task paws_qqp_biased, see PAWS below); its
+runs are also evaluated on the task's further OOD set (PAWS-QQP dev_and_test), whose predictions go to
+the same preds files, and `report` writes its own tables (paws_qqp_biased_*) beside the mnli ones.
 """
 from __future__ import annotations
 
@@ -41,6 +45,17 @@ DEFAULT_OUT = "runs/srnet_cpu_v4"
 MNLI = dict(task="mnli", model="minilm", epochs=3.0, mask_epochs=0.5, lr=1e-4, lr_scores=5e-4, batch_size=16,
             max_length=64, hans_per_subcase=30, eval_points=1)
 
+# Stage pawsqqp: PAWS-QQP with a controlled bias (task paws_qqp_biased, sparsebert/data/tasks.py). Train = 8,561
+# pairs of train.tsv on which "word-bigram overlap >= 0.667 -> paraphrase" agrees with the label 80% of the time;
+# ID = the held-out 951 pairs of that subset (same mix); OOD = the 2,476 anti-correlated pairs (the cue is wrong on
+# all); a second OOD set: PAWS-QQP dev_and_test (677). MNLI's recipe (lr, lr_scores, batch 16, length 64, one
+# evaluation point). Sized for one core at ~1.25 s per training step and ~30 ms per evaluated pair:
+#   teacher 1.1 epochs = 590 steps ~ 12.3 min; each mask run 0.45 epoch = 242 steps ~ 5.0 min (MNLI's v4 mask runs
+#   have 245); one evaluation = 600 ID + 1,000 OOD + 677 dev_and_test pairs ~ 1.1 min;
+#   teacher + 7 mask runs ~ 12.3 + 7 x 5.0 + 8 x 1.1 ~ 56 min (plus loading, tokenizing, the bias model: ~1-2 min).
+PAWS = dict({k: v for k, v in MNLI.items() if k != "hans_per_subcase"}, task="paws_qqp_biased", epochs=1.1,
+            mask_epochs=0.45, max_eval=600, max_ood=1000)
+
 
 @dataclass
 class SharedTeacherConfig(SRNetConfig):
@@ -63,7 +78,21 @@ class SharedTeacherConfig(SRNetConfig):
 
 
 class PredictionSavingRunner(Runner):
-    """Runner that also writes each evaluation's per-example probabilities (preds-step<N>.json)."""
+    """Runner that also writes each evaluation's per-example probabilities (preds-step<N>.json), and
+    evaluates the task's further OOD sets (`TaskSplits.extra_ood`) there too."""
+
+    def data(self, cfg):
+        data = super().data(cfg)
+        if not hasattr(data, "extra_ood"):
+            from sparsebert.data import load_task
+            kwargs = {"hans_per_subcase": cfg.hans_per_subcase} if cfg.task == "mnli" else {}
+            extra = load_task(cfg.task, "all", seed=cfg.data_seed, **kwargs).extra_ood or {}
+            for name, examples in extra.items():
+                if hasattr(data, name):
+                    raise ValueError(f"task {cfg.task!r}: extra OOD set {name!r} collides with a TaskData field")
+                setattr(data, name, examples)  # data.loader(name) reads it
+            data.extra_ood = tuple(extra)
+        return data
 
     def _record(self, history, path, step, model, data, cfg, *, eligible: bool) -> None:
         import sparsebert.eval as ev
@@ -78,6 +107,9 @@ class PredictionSavingRunner(Runner):
         ev.predict = predict_and_keep
         try:
             super()._record(history, path, step, model, data, cfg, eligible=eligible)
+            for name in getattr(data, "extra_ood", ()):
+                ev.evaluate(model, data.loader(name, batch_size=max(64, cfg.batch_size)), metric=data.ood_spec.metric,
+                            device=cfg.device, desc=name)
         finally:
             ev.predict = original
         out = {}
@@ -87,6 +119,8 @@ class PredictionSavingRunner(Runner):
                           "labels": [int(v) for v in labels.tolist()],
                           "heuristic": [ex.meta.get("heuristic") for ex in examples],
                           "subcase": [ex.meta.get("subcase") for ex in examples]}
+            if any("cue_agrees" in ex.meta for ex in examples):  # paws_qqp_biased: the cue predicts the label
+                out[split]["cue_agrees"] = [ex.meta.get("cue_agrees") for ex in examples]
         atomic_write_text(json.dumps(out), path.parent / f"preds-step{step}.json")
 
 
@@ -110,10 +144,24 @@ def plan(stage: str, out: str) -> List[SharedTeacherConfig]:
     if stage == "paradigms":
         return [mnli_cfg(out, paradigm="c", loss="poe", sparsity=0.5, seed=0),
                 mnli_cfg(out, paradigm="b", source="ce", loss="poe", sparsity=0.5, seed=0, mask_from="mask_training")]
-    raise ValueError(f"--stage: expected teacher, main, highsparsity or paradigms, got {stage!r}")
+    if stage == "pawsqqp":
+        return paws_plan(out)
+    raise ValueError(f"--stage: expected one of {', '.join(STAGES)}, got {stage!r}")
 
 
-STAGES = ("teacher", "main", "cecontrol", "highsparsity", "paradigms")
+def paws_plan(out: str, **recipe) -> List[SharedTeacherConfig]:
+    """Stage pawsqqp: the dense CE teacher on the biased subset, then paradigm-a mask training of that one
+    teacher at 50%: poe and reweight for seeds 0, 1, 2 (seed-major), and ce for seed 0 (the control without
+    debiasing). `recipe` overrides PAWS (tests: a tiny model)."""
+    def cfg(**kw) -> SharedTeacherConfig:
+        return SharedTeacherConfig(out=out, **{**PAWS, **recipe, **kw}).validate()
+
+    masks = [cfg(paradigm="a", source="ce", loss=loss, sparsity=0.5, seed=seed)
+             for seed in (0, 1, 2) for loss in (("poe", "reweight", "ce") if seed == 0 else ("poe", "reweight"))]
+    return [cfg(paradigm="dense", loss="ce", seed=0)] + masks
+
+
+STAGES = ("teacher", "main", "cecontrol", "highsparsity", "paradigms", "pawsqqp")
 
 
 def cmd_run(args) -> int:
@@ -412,14 +460,22 @@ def plot(rows, path: Path) -> None:
 
 
 def cmd_report(args) -> int:
-    import csv
     out, rdir = Path(args.out), Path(args.report_dir)
-    runs = _load_runs(out)
-    if not runs:
-        print(f"srnet_eval report: no finished runs under {out}/mnli", file=sys.stderr)
+    runs, paws_runs = _load_runs(out), _load_paws_runs(out)
+    if not runs and not paws_runs:
+        print(f"srnet_eval report: no finished runs under {out}/mnli or {out}/{PAWS['task']}", file=sys.stderr)
         return 2
-    rows = summarize_groups(runs)
     rdir.mkdir(parents=True, exist_ok=True)
+    if runs:
+        report_mnli(runs, rdir)
+    if paws_runs:
+        report_paws(paws_runs, rdir)
+    return 0
+
+
+def report_mnli(runs, rdir: Path) -> None:
+    import csv
+    rows = summarize_groups(runs)
     atomic_write_text(json.dumps(rows, indent=1), rdir / "mnli_summary.json")
     fields = ["group", "paradigm", "loss", "schedule", "target_sparsity", "measured_sparsity", "seeds"]
     with open(rdir / "mnli_summary.csv.tmp", "w", newline="") as f:
@@ -441,7 +497,196 @@ def cmd_report(args) -> int:
         atomic_write_text(json.dumps(clean, indent=1), runs_dir / f"{r['run']}.json")
     for name in ("mnli_tables.md", "mnli_summary.csv", "mnli_summary.json", "mnli.png"):
         print(f"report: {rdir / name}")
-    return 0
+
+
+# ------------------------------------------------------------------------------ report: PAWS-QQP biased
+# (key, prediction splits pooled, column title): with one evaluation point nothing is selected on a dev half
+PAWS_SPLITS = (("id", ("id_dev", "id_test"), "ID"), ("ood", ("ood_dev", "ood_test"), "OOD anti-corr."),
+               ("paws", ("paws_dev_and_test",), "PAWS dev+test"))
+
+
+def _load_paws_runs(out: Path) -> List[Dict[str, Any]]:
+    """Finished paws_qqp_biased runs with per-example predictions, labels and cue agreement per PAWS_SPLITS key."""
+    import torch
+    runs = []
+    for rj in sorted((out / PAWS["task"]).glob("*/run.json")):
+        run = json.loads(rj.read_text())
+        preds_file = rj.parent / f"preds-step{run['last']['step']}.json"
+        if not preds_file.is_file():
+            raise FileNotFoundError(f"{preds_file} is missing (runs must be made by `srnet_eval.py run`)")
+        preds = json.loads(preds_file.read_text())
+        run["_splits"] = {}
+        for key, parts, _ in PAWS_SPLITS:
+            missing = [part for part in parts if part not in preds]
+            if missing:
+                raise ValueError(f"{preds_file}: no predictions for {missing} (runs must be made by `srnet_eval.py run`)")
+            probs = torch.tensor([row for part in parts for row in preds[part]["probs"]])
+            labels = torch.tensor([y for part in parts for y in preds[part]["labels"]])
+            cue = [c for part in parts for c in preds[part].get("cue_agrees", [None] * len(preds[part]["labels"]))]
+            run["_splits"][key] = (probs.argmax(-1), labels,
+                                   None if None in cue else torch.tensor(cue, dtype=torch.bool))
+        runs.append(run)
+    return runs
+
+
+def _f1_ci(preds_per_seed, labels, reference=None, level: float = 0.95) -> Dict[str, float]:
+    """F1 of the paraphrase class (1), mean over seeds, with a bootstrap interval over seeds and examples;
+    with `reference` (one model's predictions), of F1 minus the reference's F1 on the same resampled examples."""
+    import torch
+    p, y = torch.stack([x.long() for x in preds_per_seed]), labels.long()
+
+    def f1(pred, lab):  # (..., n) -> (...); 0 without true positives, as sparsebert.eval.f1_score
+        tp = ((pred == 1) & (lab == 1)).sum(-1).double()
+        wrong = (pred != lab).sum(-1).double()
+        return torch.where(tp > 0, 2 * tp / (2 * tp + wrong).clamp(min=1), torch.zeros_like(tp))
+
+    ref = reference.long() if reference is not None else None
+    point = f1(p, y) - (f1(ref, y) if ref is not None else 0.0)
+    g = torch.Generator().manual_seed(2)
+    s, n = p.shape
+    seed_idx = torch.randint(0, s, (N_BOOT, s), generator=g)
+    ex_idx = torch.randint(0, n, (N_BOOT, n), generator=g)
+    reps = []
+    for i in range(0, N_BOOT, 256):
+        idx = ex_idx[i:i + 256]
+        v = f1(p[:, idx], y[idx])  # (S, chunk)
+        if ref is not None:
+            v = v - f1(ref[idx], y[idx])
+        reps.append(v.T)
+    means = torch.cat(reps).gather(1, seed_idx).mean(1)
+    a = (1 - level) / 2
+    return {"mean": float(point.mean()), "low": float(torch.quantile(means, a)), "high": float(torch.quantile(means, 1 - a))}
+
+
+def summarize_paws(runs) -> List[Dict[str, Any]]:
+    """One row per group of seeds: per split accuracy and F1 with intervals, baselines, one-class flags,
+    accuracy where the cue agrees / disagrees, and paired differences from the dense CE teacher."""
+    from collections import defaultdict
+    from sparsebert.eval import classification_summary
+    groups = defaultdict(list)
+    for r in runs:
+        groups[_group_key(r)].append(r)
+    teacher = groups.get(("dense", "ce", "", 0.0, ""))
+    ref = sorted(teacher, key=lambda r: r["seed"])[0]["_splits"] if teacher else None
+    rows = []
+    for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0], kv[0][3], kv[0][1], kv[0][2])):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        bias = rs[0].get("data", {}).get("bias_split", {})
+        row = {"group": _label(key), "paradigm": key[0], "loss": key[1], "schedule": key[2], "variant": key[4],
+               "target_sparsity": key[3], "seeds": [r["seed"] for r in rs],
+               "measured_sparsity": sum(r["sparsity"] for r in rs) / len(rs),
+               "train_cue_agreement": bias.get("agree_fraction"), "cue_threshold": bias.get("threshold"),
+               "runs": [r["run"] for r in rs], "minutes": [round(r["seconds"] / 60, 1) for r in rs]}
+        for split, _, _ in PAWS_SPLITS:
+            labels, cue = rs[0]["_splits"][split][1], rs[0]["_splits"][split][2]
+            for r in rs[1:]:
+                if not torch_equal(r["_splits"][split][1], labels):
+                    raise ValueError(f"{split}: runs {rs[0]['run']} and {r['run']} were evaluated on different examples")
+            preds = [r["_splits"][split][0] for r in rs]
+            correct = [pr == labels for pr in preds]
+            sums = [classification_summary(pr, labels, 2) for pr in preds]
+            cell = {"accuracy": _ci(correct), "f1": _f1_ci(preds, labels), "n": int(labels.numel()),
+                    "paraphrase_fraction": float(labels.float().mean()),
+                    "majority_accuracy": sums[0]["majority_accuracy"], "constant_f1": sums[0]["constant_f1"],
+                    "one_class": [x["one_class"] for x in sums], "pred_counts": [x["pred_counts"] for x in sums]}
+            if cue is not None:
+                cell["cue_agreement"] = float(cue.float().mean())
+                for name, sel in (("accuracy_cue_agrees", cue), ("accuracy_cue_wrong", ~cue)):
+                    cell[name] = _ci(correct, sel)["mean"] if bool(sel.any()) else None
+            if ref is not None and key[0] != "dense":
+                ref_pred, ref_labels = ref[split][0], ref[split][1]
+                if not torch_equal(ref_labels, labels):
+                    raise ValueError(f"{split}: {rs[0]['run']} and the teacher were evaluated on different examples")
+                cell["vs_teacher"] = {"accuracy": _diff_ci(correct, ref_pred == ref_labels),
+                                      "f1": _f1_ci(preds, labels, reference=ref_pred)}
+            row[split] = cell
+        rows.append(row)
+    return rows
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def _opt_pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def paws_markdown(rows) -> str:
+    names = [title for _, _, title in PAWS_SPLITS]
+    r0 = rows[0]
+    agree = r0["train_cue_agreement"]
+    lines = ["## PAWS-QQP with a controlled bias: accuracy and F1 with 95% bootstrap intervals (seeds and examples "
+             "resampled)", "",
+             f"Task paws_qqp_biased: trained on PAWS-QQP train.tsv pairs on which the cue \"word-bigram overlap >= "
+             f"{'?' if r0['cue_threshold'] is None else format(r0['cue_threshold'], '.3g')} -> paraphrase\" agrees with the "
+             f"label on {_opt_pct(agree)}% (measured on the training pairs). ID = the held-out part of that subset "
+             f"(cue agrees on {_opt_pct(r0['id'].get('cue_agreement'))}%); OOD anti-corr. = the rest of train.tsv, "
+             f"where the cue is always wrong; PAWS dev+test = PAWS-QQP dev_and_test.tsv (cue agrees on "
+             f"{_opt_pct(r0['paws'].get('cue_agreement'))}%). F1 of the paraphrase class. Baselines: majority-class "
+             "accuracy, F1 of the constant predictor (always paraphrase).", "",
+             "| model | seeds | sparsity | " + " | ".join(f"{n} acc | {n} F1" for n in names) + " | one class? |",
+             "|---|---|---|" + "---|---|" * len(names) + "---|"]
+    for r in rows:
+        flagged = [title for key, _, title in PAWS_SPLITS if any(r[key]["one_class"])]
+        oc = f"**ONE CLASS**: {', '.join(flagged)}" if flagged else "no"
+        lines.append(f"| {r['group']} | {len(r['seeds'])} | {r['measured_sparsity']:.3f} | " +
+                     " | ".join(f"{_pct(r[k]['accuracy'])} | {_pct(r[k]['f1'])}" for k, _, _ in PAWS_SPLITS) + f" | {oc} |")
+    lines.append("| majority class / constant predictor | - | - | " +
+                 " | ".join(f"{100 * r0[k]['majority_accuracy']:.1f} | {100 * r0[k]['constant_f1']:.1f}"
+                            for k, _, _ in PAWS_SPLITS) + " | - |")
+    lines += ["", "n: " + ", ".join(f"{title} {r0[k]['n']} pairs ({100 * r0[k]['paraphrase_fraction']:.1f}% paraphrase)"
+                                    for k, _, title in PAWS_SPLITS) + "."]
+    diff = [r for r in rows if "vs_teacher" in r["id"]]
+    if diff:
+        lines += ["", "## Difference from the dense CE teacher (points, 95% interval; paired over examples)", "",
+                  "| model | seeds | " + " | ".join(f"{n} acc | {n} F1" for n in names) + " |",
+                  "|---|---|" + "---|---|" * len(names)]
+        for r in diff:
+            lines.append(f"| {r['group']} | {len(r['seeds'])} | " + " | ".join(
+                f"{_signed(r[k]['vs_teacher']['accuracy'])} | {_signed(r[k]['vs_teacher']['f1'])}" for k, _, _ in PAWS_SPLITS)
+                + " |")
+    lines += ["", "## Accuracy where the cue agrees / is wrong (mean over seeds; OOD anti-corr.: wrong on every pair)", "",
+              "| model | " + " | ".join(f"{n} cue agrees | {n} cue wrong" for n in names) + " |",
+              "|---|" + "---|---|" * len(names)]
+    for r in rows:
+        lines.append(f"| {r['group']} | " + " | ".join(
+            f"{_opt_pct(r[k].get('accuracy_cue_agrees'))} | {_opt_pct(r[k].get('accuracy_cue_wrong'))}"
+            for k, _, _ in PAWS_SPLITS) + " |")
+    lines += ["", "## Predicted class counts per seed (not paraphrase, paraphrase)", "",
+              "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in rows:
+        lines.append(f"| {r['group']} | " + " | ".join(str(r[k]["pred_counts"]) for k, _, _ in PAWS_SPLITS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_paws(runs, rdir: Path) -> None:
+    import csv
+    task = PAWS["task"]
+    rows = summarize_paws(runs)
+    atomic_write_text(json.dumps(rows, indent=1), rdir / f"{task}_summary.json")
+    fields = ["group", "paradigm", "loss", "schedule", "target_sparsity", "measured_sparsity", "seeds"]
+    tmp = rdir / f"{task}_summary.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        stats = [(k, m) for k, _, _ in PAWS_SPLITS for m in ("accuracy", "f1")]
+        w.writerow(fields + [f"{k}_{m}_{p}" for k, m in stats for p in ("mean", "low", "high")] +
+                   [f"{k}_majority_accuracy" for k, _, _ in PAWS_SPLITS] + ["one_class"])
+        for r in rows:
+            w.writerow([r[k] if k != "seeds" else len(r[k]) for k in fields] +
+                       [round(r[k][m][p], 4) for k, m in stats for p in ("mean", "low", "high")] +
+                       [round(r[k]["majority_accuracy"], 4) for k, _, _ in PAWS_SPLITS] +
+                       [any(any(r[k]["one_class"]) for k, _, _ in PAWS_SPLITS)])
+    os.replace(tmp, rdir / f"{task}_summary.csv")
+    atomic_write_text(paws_markdown(rows), rdir / f"{task}_tables.md")
+    runs_dir = rdir / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    for r in runs:
+        clean = {k: v for k, v in r.items() if not k.startswith("_")}
+        atomic_write_text(json.dumps(clean, indent=1), runs_dir / f"{task}-{r['run']}.json")
+    for suffix in ("tables.md", "summary.csv", "summary.json"):
+        print(f"report: {rdir / f'{task}_{suffix}'}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from .synthetic import SYNTHETIC_NAME, make_synthetic_task
 from .tasks import (
     TASKS, DataFormatError, Example, TaskSpec, TaskSplits, default_data_dir, get_task, load_fever,
     load_fever_symmetric, load_hans, load_mnli, load_mrpc, load_paws, load_qqp, load_sst2, load_task,
-    HANS_RULES, mnli_to_hans_preds, mnli_to_hans_probs, overlap_biased_split, split_examples, word_overlap,
+    HANS_RULES, OVERLAP_CUES, PAWS_BIASED, bigram_overlap, mnli_to_hans_preds, mnli_to_hans_probs, overlap_biased_split,
+    overlap_cue_scores, paws_qqp_biased_splits, split_examples, word_overlap,
 )
 from .tokenize import PaddingCollator, SimpleVocabTokenizer, TokenizedDataset, cache_key, tokenize_examples
 
@@ -15,4 +16,5 @@ __all__ = [
     "generate_hans_style", "get_task", "load_fever", "load_fever_symmetric", "load_hans", "load_mnli",
     "load_mrpc", "load_paws", "load_qqp", "load_sst2", "load_task", "make_synthetic_task", "mnli_to_hans_probs",
     "split_examples", "tokenize_examples", "HANS_RULES", "mnli_to_hans_preds", "overlap_biased_split", "word_overlap",
+    "OVERLAP_CUES", "PAWS_BIASED", "bigram_overlap", "overlap_cue_scores", "paws_qqp_biased_splits",
 ]

@@ -8,7 +8,7 @@ Label conventions (index = position in ``TaskSpec.label_names``):
 
 * mnli: 0 entailment, 1 neutral, 2 contradiction.
 * hans, hans_style, synthetic: 0 entailment, 1 non-entailment.
-* qqp, paws, paws_qqp, mrpc: 0 not paraphrase, 1 paraphrase.
+* qqp, paws, paws_qqp, paws_qqp_biased, mrpc: 0 not paraphrase, 1 paraphrase.
 * sst2: 0 negative, 1 positive (``text_b`` is None).
 * fever, fever_symmetric: 0 SUPPORTS, 1 REFUTES, 2 NOT ENOUGH INFO.
 
@@ -22,6 +22,10 @@ What is real and what is generated in :func:`load_task` (the data folder holds o
 * mrpc: train = REAL MRPC train.tsv; id_dev = REAL MRPC dev.tsv; ood = REAL PAWS-QQP dev_and_test.tsv.
 * paws_qqp: train = REAL PAWS-QQP train.tsv, seeded split; id_dev = REAL, held-out part of train.tsv;
   ood = REAL PAWS-QQP dev_and_test.tsv (its official evaluation set).
+* paws_qqp_biased: REAL PAWS-QQP train.tsv, a controlled bias (:func:`paws_qqp_biased_splits`): train = a
+  subset in which a word-bigram-overlap cue agrees with the label on 80%, less a held-out 10% = id_dev
+  (same mix); ood = the anti-correlated remainder (cue accuracy 0); ``extra_ood["paws_dev_and_test"]`` =
+  REAL PAWS-QQP dev_and_test.tsv. Every example carries ``meta["cue_agrees"]``.
 * sst2: train = REAL SST-2 train.tsv; id_dev = REAL SST-2 dev.tsv; ood = None (none available).
 * fever_symmetric: train = REAL Fever-Symmetric v0.2_dev.jsonl, seeded split grouped by claim (each
   claim occurs twice there, once per label); id_dev = REAL, held-out
@@ -43,7 +47,8 @@ __all__ = [
     "Example", "TaskSpec", "TASKS", "get_task", "DataFormatError", "TaskSplits",
     "default_data_dir", "read_text", "load_mnli", "load_hans", "load_qqp", "load_paws", "load_mrpc", "load_sst2",
     "load_fever", "load_fever_symmetric", "split_examples", "load_task", "mnli_to_hans_probs",
-    "mnli_to_hans_preds", "HANS_RULES", "word_overlap", "overlap_biased_split",
+    "mnli_to_hans_preds", "HANS_RULES", "word_overlap", "bigram_overlap", "OVERLAP_CUES", "overlap_cue_scores",
+    "overlap_biased_split", "paws_qqp_biased_splits", "PAWS_BIASED",
 ]
 
 
@@ -83,6 +88,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("qqp", 2, _PARA, "f1"),
         TaskSpec("paws", 2, _PARA, "f1"),
         TaskSpec("paws_qqp", 2, _PARA, "f1"),
+        TaskSpec("paws_qqp_biased", 2, _PARA, "f1"),
         TaskSpec("mrpc", 2, _PARA, "f1"),
         TaskSpec("sst2", 2, ("negative", "positive"), "accuracy", pair=False),
         TaskSpec("fever", 3, _FEVER, "accuracy"),
@@ -409,16 +415,40 @@ def word_overlap(text_a: str, text_b: str | None) -> float:
     return len(a & b) / len(a | b) if (a or b) else 0.0
 
 
+def bigram_overlap(text_a: str, text_b: str | None) -> float:
+    """Jaccard overlap of the sets of adjacent lower-cased word pairs of two texts (word order matters;
+    0.0 when neither text has two words)."""
+    import re
+
+    a = re.findall(r"[a-z0-9]+", text_a.lower())
+    b = re.findall(r"[a-z0-9]+", (text_b or "").lower())
+    pa, pb = set(zip(a, a[1:])), set(zip(b, b[1:]))
+    return len(pa & pb) / len(pa | pb) if (pa or pb) else 0.0
+
+
+# name -> score of a pair; the cue of overlap_biased_split is "score >= threshold"
+OVERLAP_CUES: dict[str, Callable[[str, str | None], float]] = {"words": word_overlap, "bigrams": bigram_overlap}
+
+
+def overlap_cue_scores(examples: Sequence[Example], cue: str = "words") -> list[float]:
+    """The :data:`OVERLAP_CUES` score ``cue`` of every example's (text_a, text_b)."""
+    if cue not in OVERLAP_CUES:
+        raise ValueError(f"cue: expected one of {sorted(OVERLAP_CUES)}, got {cue!r}")
+    return [OVERLAP_CUES[cue](ex.text_a, ex.text_b) for ex in examples]
+
+
 def overlap_biased_split(examples: Sequence[Example], agree_fraction: float = 0.8, seed: int = 0, *,
-                         threshold: float | None = None) -> tuple[list[Example], list[Example], dict]:
+                         threshold: float | None = None, cue: str = "words"
+                         ) -> tuple[list[Example], list[Example], dict]:
     """A training subset in which a word-overlap cue agrees with the label ``agree_fraction`` of the
     time, and the anti-correlated remainder as an OOD set (for paraphrase pairs, label 1 = paraphrase).
 
-    The cue predicts 1 when :func:`word_overlap` >= ``threshold`` (default: the median overlap). Train =
+    The cue predicts 1 when the ``cue`` score (:data:`OVERLAP_CUES`: "words" = :func:`word_overlap`,
+    "bigrams" = :func:`bigram_overlap`) >= ``threshold`` (default: the median score). Train =
     every example the cue gets right plus just enough of the ones it gets wrong (seeded draw) to reach
     ``agree_fraction`` (the agreeing part is subsampled instead when the wrong ones are too few); OOD =
     the cue-wrong examples left over (the cue is 0% accurate there). Returns (train, ood, stats) with
-    stats: threshold, agree_fraction (measured on train), n_train, n_ood."""
+    stats: cue, threshold, agree_fraction (measured on train), n_train, n_ood."""
     if not 0.5 <= agree_fraction < 1.0:
         raise ValueError(f"agree_fraction: expected a number in [0.5, 1), got {agree_fraction!r}")
     if len(examples) < 4:
@@ -426,7 +456,7 @@ def overlap_biased_split(examples: Sequence[Example], agree_fraction: float = 0.
     bad = [i for i, ex in enumerate(examples) if ex.label not in (0, 1) or ex.text_b is None]
     if bad:
         raise ValueError(f"examples: expected sentence pairs with labels 0/1; example {bad[0]} is not")
-    scores = [word_overlap(ex.text_a, ex.text_b) for ex in examples]
+    scores = overlap_cue_scores(examples, cue)
     if threshold is None:
         ordered = sorted(scores)
         threshold = ordered[len(ordered) // 2]
@@ -446,7 +476,7 @@ def overlap_biased_split(examples: Sequence[Example], agree_fraction: float = 0.
     ood_idx = sorted(disagree[n_dis:])
     train = [examples[i] for i in train_idx]
     ood = [examples[i] for i in ood_idx]
-    stats = {"threshold": threshold, "agree_fraction": len(agree) / len(train_idx), "n_train": len(train),
+    stats = {"cue": cue, "threshold": threshold, "agree_fraction": len(agree) / len(train_idx), "n_train": len(train),
              "n_ood": len(ood)}
     return train, ood, stats
 
@@ -459,22 +489,75 @@ class TaskSplits(NamedTuple):
     ood_spec: TaskSpec | None  # label space of ood (HANS: 2 classes for the 3-class MNLI)
     sources: dict           # split name -> human-readable provenance ("real: ..." / "GENERATED: ...")
     ood_train: list[Example] | None = None  # OOD *training* data disjoint from ood (mnli: HANS-style train part)
+    extra_ood: dict | None = None  # further OOD evaluation sets, name -> list[Example] in ood_spec's label space
+
+
+# What the task name paws_qqp_biased means (a change here is a different task: rename it)
+PAWS_BIASED = {"cue": "bigrams", "agree_fraction": 0.8, "dev_fraction": 0.1}
+
+
+def paws_qqp_biased_splits(pool: Sequence[Example], evaluation: Sequence[Example], seed: int = 0, *,
+                           cue: str = "bigrams", agree_fraction: float = 0.8, dev_fraction: float = 0.1):
+    """The controlled-bias sets from PAWS-QQP train.tsv (``pool``) and dev_and_test.tsv (``evaluation``).
+
+    :func:`overlap_biased_split` of ``pool`` gives the biased subset and the anti-correlated remainder
+    (ood); ``dev_fraction`` of every (label, cue agrees) cell of the subset is held out as id_dev, so
+    id_dev has train's label and agreement mix. Every returned example carries ``meta["cue_agrees"]``
+    (the cue at the subset's threshold predicts its label). Returns (train, id_dev, ood, evaluation,
+    stats); stats adds to the split's: dev_fraction, n_id_dev, the agreement measured on train
+    (``agree_fraction``), id_dev, ood and evaluation."""
+    from dataclasses import replace
+
+    if not 0.0 < dev_fraction < 1.0:
+        raise ValueError(f"dev_fraction: expected a fraction in (0, 1), got {dev_fraction!r}")
+    biased, anti, stats = overlap_biased_split(pool, agree_fraction, seed, cue=cue)
+    threshold = stats["threshold"]
+
+    def tag(exs):
+        return [replace(ex, meta={**ex.meta, "cue_agrees": int(sc >= threshold) == ex.label})
+                for ex, sc in zip(exs, overlap_cue_scores(exs, cue))]
+
+    biased, anti, evaluation = tag(biased), tag(anti), tag(evaluation)
+    cells: dict[tuple, list[int]] = {}
+    for i, ex in enumerate(biased):
+        cells.setdefault((ex.label, ex.meta["cue_agrees"]), []).append(i)
+    rng = random.Random(seed)
+    held: set[int] = set()
+    for key in sorted(cells):
+        idx = cells[key]
+        rng.shuffle(idx)
+        held.update(idx[:round(dev_fraction * len(idx))])
+    train = [ex for i, ex in enumerate(biased) if i not in held]
+    id_dev = [ex for i, ex in enumerate(biased) if i in held]
+    if not train or not id_dev:
+        raise ValueError(f"dev_fraction: {dev_fraction} of {len(biased)} biased examples leaves an empty part")
+
+    def agreement(exs):
+        return sum(ex.meta["cue_agrees"] for ex in exs) / len(exs) if exs else None
+
+    stats.update(dev_fraction=dev_fraction, n_train=len(train), n_id_dev=len(id_dev), n_evaluation=len(evaluation),
+                 agree_fraction=agreement(train), id_dev_agree_fraction=agreement(id_dev),
+                 ood_agree_fraction=agreement(anti), evaluation_agree_fraction=agreement(evaluation))
+    return train, id_dev, anti, evaluation, stats
 
 
 _SPLITS = ("train", "dev", "id_dev", "ood", "all")
 
 
-def load_task(name: str, split: str = "all", data_dir=None, *, seed: int = 0, dev_fraction: float = 0.2,
+def load_task(name: str, split: str = "all", data_dir=None, *, seed: int = 0, dev_fraction: float | None = None,
               hans_per_subcase: int = 100, synthetic_sizes: tuple[int, int, int] = (2000, 500, 500),
               hans_holdout: str = "template"):
     """The standard sets for ``name`` (see the module docstring for what is real and what is generated).
     ``split``: "train", "dev"/"id_dev", "ood" (a list, or None when there is no OOD set) or "all" (a
-    :class:`TaskSplits`). ``seed`` drives the train/dev split and the generators. For mnli the OOD set
+    :class:`TaskSplits`). ``seed`` drives the train/dev split and the generators. ``dev_fraction``: the
+    held-out ID part (None: 0.2; paws_qqp_biased: ``PAWS_BIASED["dev_fraction"]`` of the biased subset). For mnli the OOD set
     is the "eval" part of the HANS-style generator and ``TaskSplits.ood_train`` its disjoint "train"
     part (``hans_holdout``: "template" or "subcase", see ``hans_style.part_patterns``), 2-way labels."""
     if split not in _SPLITS:
         raise ValueError(f"split: expected one of {_SPLITS}, got {split!r}")
     root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if dev_fraction is None:
+        dev_fraction = PAWS_BIASED["dev_fraction"] if name == "paws_qqp_biased" else 0.2
     if name == "mnli":
         from .hans_style import HANS_STYLE_NAME, generate_hans_style
 
@@ -504,6 +587,21 @@ def load_task(name: str, split: str = "all", data_dir=None, *, seed: int = 0, de
                                 "train": f"real: PAWS-QQP train.tsv, seeded split (seed {seed})",
                                 "id_dev": "real: PAWS-QQP train.tsv, held-out part",
                                 "ood": "real: PAWS-QQP dev_and_test.tsv (its official evaluation set)"})
+    elif name == "paws_qqp_biased":
+        cue, agree = PAWS_BIASED["cue"], PAWS_BIASED["agree_fraction"]
+        train, dev, ood, evaluation, st = paws_qqp_biased_splits(
+            load_paws(root / "paws_qqp" / "train.tsv"), load_paws(root / "paws_qqp" / "dev_and_test.tsv"), seed,
+            cue=cue, agree_fraction=agree, dev_fraction=dev_fraction)
+        cue_text = f"{cue} overlap >= {st['threshold']:.3f} -> paraphrase"
+        splits = TaskSplits(train, dev, ood, TASKS["paws_qqp_biased"], TASKS["paws_qqp"], {
+            "train": f"real: PAWS-QQP train.tsv, overlap-biased subset (seed {seed}): the cue ({cue_text}) agrees "
+                     f"with the label on {st['agree_fraction']:.1%} (measured), less the held-out {dev_fraction:.0%}",
+            "id_dev": f"real: the held-out {dev_fraction:.0%} of that subset, same label and cue-agreement mix "
+                      f"(cue agrees on {st['id_dev_agree_fraction']:.1%})",
+            "ood": "real: PAWS-QQP train.tsv, the anti-correlated remainder (the cue is wrong on every pair)",
+            "paws_dev_and_test": f"real: PAWS-QQP dev_and_test.tsv, its official evaluation set (the cue agrees on "
+                                 f"{st['evaluation_agree_fraction']:.1%})",
+            "bias_split": st}, extra_ood={"paws_dev_and_test": evaluation})
     elif name == "sst2":
         splits = TaskSplits(load_sst2(root / "sst2" / "train.tsv"), load_sst2(root / "sst2" / "dev.tsv"), None,
                             TASKS["sst2"], None, {"train": "real: SST-2 train.tsv", "id_dev": "real: SST-2 dev.tsv",
@@ -526,7 +624,8 @@ def load_task(name: str, split: str = "all", data_dir=None, *, seed: int = 0, de
         splits = TaskSplits(train, dev, ood, TASKS["synthetic"], TASKS["synthetic"], {
             k: f"GENERATED: {SYNTHETIC_NAME} (seed {seed})" for k in ("train", "id_dev", "ood")})
     else:
-        raise ValueError(f"name: load_task knows mnli, mrpc, paws_qqp, sst2, fever_symmetric, synthetic; got {name!r}")
+        raise ValueError(f"name: load_task knows mnli, mrpc, paws_qqp, paws_qqp_biased, sst2, fever_symmetric, "
+                         f"synthetic; got {name!r}")
     if split == "all":
         return splits
     return {"train": splits.train, "dev": splits.id_dev, "id_dev": splits.id_dev, "ood": splits.ood}[split]

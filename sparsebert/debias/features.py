@@ -20,9 +20,10 @@ from typing import Sequence
 
 import torch
 
-from ..data.tasks import Example
+from ..data.tasks import OVERLAP_CUES, Example
 
 __all__ = ["NEGATION_WORDS", "PAIR_FEATURE_NAMES", "feature_words", "pair_features", "PairOverlapFeaturizer",
+           "OverlapCueFeaturizer",
            "ClaimOnlyFeaturizer", "ClaimWordsFeaturizer", "make_featurizer"]
 
 NEGATION_WORDS = frozenset({"not", "no", "never", "nothing", "nobody", "none", "nowhere", "neither", "nor",
@@ -96,6 +97,25 @@ class PairOverlapFeaturizer:
                 raise ValueError(f"examples[{i}]: pair features need text_b (a hypothesis), got None")
         return torch.tensor([pair_features(ex.text_a, ex.text_b) for ex in examples],
                             dtype=torch.float32).reshape(len(examples), len(PAIR_FEATURE_NAMES))
+
+
+class OverlapCueFeaturizer:
+    """Only the scores of the named overlap cues (:data:`sparsebert.data.OVERLAP_CUES`, columns
+    ``cue_<name>``): the bias-only model of a task whose bias is one known cue (paws_qqp_biased)."""
+
+    def __init__(self, cues: Sequence[str]):
+        bad = [c for c in cues if c not in OVERLAP_CUES]
+        if not cues or bad:
+            raise ValueError(f"cues: expected one or more names in {sorted(OVERLAP_CUES)}, got {list(cues)}")
+        self.cues = tuple(cues)
+        self.feature_names = tuple(f"cue_{c}" for c in self.cues)
+
+    def __call__(self, examples: Sequence[Example]) -> torch.Tensor:
+        for i, ex in enumerate(examples):
+            if ex.text_b is None:
+                raise ValueError(f"examples[{i}]: overlap cues need text_b (the second text), got None")
+        return torch.tensor([[OVERLAP_CUES[c](ex.text_a, ex.text_b) for c in self.cues] for ex in examples],
+                            dtype=torch.float32).reshape(len(examples), len(self.cues))
 
 
 class ClaimOnlyFeaturizer:
@@ -187,7 +207,8 @@ def make_featurizer(task: str, *, embedding: torch.Tensor | None = None, tokeniz
                     examples: Sequence[Example] | None = None):
     """The default featurizer for a task. fever/fever_symmetric: claim-only, from ``embedding`` and
     ``tokenizer`` (:class:`ClaimOnlyFeaturizer`) or, without them, a claim bag of words whose vocabulary
-    comes from ``examples`` (:class:`ClaimWordsFeaturizer`). Pair tasks: pair overlap."""
+    comes from ``examples`` (:class:`ClaimWordsFeaturizer`). Pair tasks: pair overlap; paws_qqp_biased:
+    the score of the one cue its training subset is biased on (:class:`OverlapCueFeaturizer`)."""
     if task in ("fever", "fever_symmetric"):
         if embedding is not None and tokenizer is not None:
             return ClaimOnlyFeaturizer(embedding, tokenizer)
@@ -195,6 +216,9 @@ def make_featurizer(task: str, *, embedding: torch.Tensor | None = None, tokeniz
             return ClaimWordsFeaturizer.from_examples(examples)
         raise ValueError("embedding, tokenizer, examples: claim-only FEVER features need an embedding and its "
                          "tokenizer, or the training examples (for a claim bag-of-words vocabulary)")
+    if task == "paws_qqp_biased":
+        from ..data.tasks import PAWS_BIASED
+        return OverlapCueFeaturizer((PAWS_BIASED["cue"],))
     if task in ("mnli", "hans", "hans_style", "qqp", "paws", "paws_qqp", "mrpc", "synthetic"):
         return PairOverlapFeaturizer()
     raise ValueError(f"task: no bias features defined for {task!r}")

@@ -1,0 +1,255 @@
+"""The PAWS-QQP controlled-bias experiment (issue 11): the paws_qqp_biased task's splits, the bias model on
+its overlap cue, the `pawsqqp` stage of scripts/srnet_eval.py (plan, a tiny end-to-end run) and its report."""
+import importlib.util
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsebert.data import (
+    PAWS_BIASED, bigram_overlap, load_task, overlap_biased_split, overlap_cue_scores, word_overlap,
+)
+from sparsebert.data.tasks import default_data_dir
+from sparsebert.debias import OverlapCueFeaturizer, PairOverlapFeaturizer, fit_bias_model, make_featurizer
+from sparsebert.pruning.srnet import run_identity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("srnet_eval_for_tests", ROOT / "scripts" / "srnet_eval.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SE = _script()
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def _write_paws(path: Path, n: int, seed: int) -> None:
+    """PAWS-layout pairs: even rows keep the word order (high bigram overlap), odd rows shuffle it (low);
+    labels drawn independently of the order, so any cue-label agreement comes from the biased split."""
+    rng = random.Random(seed)
+    rows = ["id\tsentence1\tsentence2\tlabel"]
+    for i in range(n):
+        words = rng.sample(WORDS, rng.randint(7, 11))
+        other = list(words)
+        if i % 2 == 0:
+            other[rng.randrange(len(other))] = rng.choice(WORDS)  # one word swapped, order kept
+        else:
+            while other == words:
+                rng.shuffle(other)
+        rows.append(f"{i + 1}\t{' '.join(words)}\t{' '.join(other)}\t{int(rng.random() < 0.5)}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def paws_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "paws_qqp").mkdir()
+    _write_paws(root / "paws_qqp" / "train.tsv", 240, 0)
+    _write_paws(root / "paws_qqp" / "dev_and_test.tsv", 40, 1)
+    return root
+
+
+def _cue(ex, threshold):
+    return int(bigram_overlap(ex.text_a, ex.text_b) >= threshold)
+
+
+# ------------------------------------------------------------------------------------------ the task
+def test_bigram_overlap_sees_word_order():
+    assert bigram_overlap("a b c", "A B C") == 1.0
+    assert bigram_overlap("a b c", "c b a") == 0.0 and word_overlap("a b c", "c b a") == 1.0
+    assert bigram_overlap("a b c d", "a b c") == pytest.approx(2 / 3)
+    assert bigram_overlap("word", "word") == 0.0 and bigram_overlap("a b", None) == 0.0
+    with pytest.raises(ValueError, match="cue"):
+        overlap_cue_scores([], "trigrams")
+
+
+def test_biased_task_splits(paws_dir):
+    s = load_task("paws_qqp_biased", data_dir=paws_dir, seed=0)
+    assert s.spec.name == "paws_qqp_biased" and s.ood_spec.name == "paws_qqp" and s.spec.num_labels == 2
+    st = s.sources["bias_split"]
+    th = st["threshold"]
+    assert st["cue"] == PAWS_BIASED["cue"] == "bigrams"
+    # every pool pair lands in exactly one part
+    lines = [{ex.meta["line"] for ex in part} for part in (s.train, s.id_dev, s.ood)]
+    assert sum(map(len, lines)) == 240 and set.union(*lines) == set(range(2, 242))
+    assert lines[0].isdisjoint(lines[1]) and lines[0].isdisjoint(lines[2]) and lines[1].isdisjoint(lines[2])
+    biased = len(s.train) + len(s.id_dev)
+    assert abs(len(s.id_dev) - PAWS_BIASED["dev_fraction"] * biased) <= 2  # 10%, rounded per (label, cue) cell
+    # the agreement, recomputed from the texts: 80% on train (to one pair), 0 on the anti-correlated OOD part
+    train_agree = sum(_cue(ex, th) == ex.label for ex in s.train) / len(s.train)
+    assert abs(train_agree - 0.8) <= 1.5 / len(s.train) and st["agree_fraction"] == pytest.approx(train_agree)
+    assert abs(sum(_cue(ex, th) == ex.label for ex in s.id_dev) / len(s.id_dev) - 0.8) < 0.15
+    assert len(s.ood) > 0 and all(_cue(ex, th) != ex.label for ex in s.ood)
+    for part in (s.train, s.id_dev, s.ood, s.extra_ood["paws_dev_and_test"]):
+        assert all(ex.meta["cue_agrees"] == (_cue(ex, th) == ex.label) for ex in part)
+    extra = s.extra_ood["paws_dev_and_test"]
+    assert len(extra) == 40 and all(ex.meta["source"] == "paws:dev_and_test.tsv" for ex in extra)
+    assert "paws_dev_and_test" in s.sources
+    # deterministic in the seed; another seed draws another subset
+    again = load_task("paws_qqp_biased", data_dir=paws_dir, seed=0)
+    assert again.train == s.train and again.id_dev == s.id_dev and again.ood == s.ood
+    other = load_task("paws_qqp_biased", data_dir=paws_dir, seed=1)
+    assert {ex.meta["line"] for ex in other.train} != lines[0]
+    assert load_task("paws_qqp_biased", "train", data_dir=paws_dir) == s.train
+
+
+def test_biased_task_bad_input(paws_dir):
+    with pytest.raises(ValueError, match="dev_fraction"):
+        load_task("paws_qqp_biased", data_dir=paws_dir, dev_fraction=1.0)
+    with pytest.raises(FileNotFoundError, match="train.tsv"):
+        load_task("paws_qqp_biased", data_dir=paws_dir / "nowhere")
+    exs = load_task("paws_qqp_biased", data_dir=paws_dir).train
+    with pytest.raises(ValueError, match="cue"):
+        overlap_biased_split(exs, 0.8, cue="chars")
+
+
+def test_biased_task_on_the_real_file_matches_the_stage_sizes():
+    if not (default_data_dir() / "paws_qqp" / "train.tsv").is_file():
+        pytest.skip("PAWS-QQP train.tsv not available")
+    s = load_task("paws_qqp_biased")
+    assert (len(s.train), len(s.id_dev), len(s.ood), len(s.extra_ood["paws_dev_and_test"])) == (8561, 951, 2476, 677)
+    steps = math.ceil(len(s.train) / SE.PAWS["batch_size"])  # the estimate in the PAWS comment
+    assert math.ceil(SE.PAWS["epochs"] * steps) == 590 and math.ceil(SE.PAWS["mask_epochs"] * steps) == 242
+
+
+# ---------------------------------------------------------------------------------- the bias model
+def test_bias_model_is_the_overlap_cue(paws_dir):
+    s = load_task("paws_qqp_biased", data_dir=paws_dir)
+    th = s.sources["bias_split"]["threshold"]
+    f = make_featurizer("paws_qqp_biased", examples=s.train)
+    assert isinstance(f, OverlapCueFeaturizer) and f.feature_names == ("cue_bigrams",)
+    assert isinstance(make_featurizer("paws_qqp"), PairOverlapFeaturizer)  # the plain task keeps its features
+    x = f(s.train)
+    assert x.shape == (len(s.train), 1)
+    assert torch.allclose(x[:, 0], torch.tensor([bigram_overlap(e.text_a, e.text_b) for e in s.train]))
+    model = fit_bias_model(s.train, f, 2)
+    pred = model.predict(x)
+    cue = torch.tensor([_cue(e, th) for e in s.train])
+    assert (pred == cue).float().mean() > 0.95  # it follows the cue ...
+    ood_pred = model.predict(f(s.ood))
+    assert (ood_pred == torch.tensor([e.label for e in s.ood])).float().mean() < 0.1  # ... so it fails OOD
+    with pytest.raises(ValueError, match="cues"):
+        OverlapCueFeaturizer(())
+    with pytest.raises(ValueError, match="text_b"):
+        f([s.train[0].__class__("a b", None, 0)])
+
+
+# ------------------------------------------------------------------------------------ the stage plan
+def test_pawsqqp_plan_shares_one_teacher():
+    cfgs = SE.plan("pawsqqp", "/tmp/never-written")
+    assert "pawsqqp" in SE.STAGES
+    assert [c.run_name for c in cfgs] == [
+        "dense-ce-seed0",
+        "a-ce+poe-s0.5-constant-seed0-t0", "a-ce+reweight-s0.5-constant-seed0-t0", "a-ce+ce-s0.5-constant-seed0-t0",
+        "a-ce+poe-s0.5-constant-seed1-t0", "a-ce+reweight-s0.5-constant-seed1-t0",
+        "a-ce+poe-s0.5-constant-seed2-t0", "a-ce+reweight-s0.5-constant-seed2-t0"]
+    teacher = cfgs[0]
+    assert teacher.paradigm == "dense" and teacher.loss == "ce"
+    for c in cfgs:
+        assert c.task == "paws_qqp_biased" and c.model == "minilm"
+        for k in ("lr", "lr_scores", "batch_size", "max_length", "eval_points"):
+            assert getattr(c, k) == SE.MNLI[k], k
+    for c in cfgs[1:]:
+        assert c.paradigm == "a" and c.sparsity == 0.5 and c.source == "ce"
+        assert run_identity(c.dense_dependency()) == run_identity(teacher)  # the same folder, the same config
+    assert SE.plan("teacher", "/tmp/never-written")[0].task == "mnli"  # the mnli stages are untouched
+
+
+# ------------------------------------------------------------------------- a tiny end-to-end run + report
+def test_pawsqqp_stage_runs_and_reports_on_a_tiny_model(paws_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEBERT_DATA", str(paws_dir))
+    out = tmp_path / "runs"
+    cfgs = SE.paws_plan(str(out), model="tiny", epochs=1.0, mask_epochs=0.5, max_eval=None, max_ood=None)
+    runner = SE.PredictionSavingRunner(out, progress=False, log_fn=None)
+    for cfg in (cfgs[1], cfgs[4]):  # poe seeds 0 and 1: the shared teacher runs first, once
+        runner.run(cfg)
+    folders = sorted(p.name for p in (out / "paws_qqp_biased").iterdir() if (p / "run.json").is_file())
+    assert folders == sorted([cfgs[0].run_name, cfgs[1].run_name, cfgs[4].run_name])
+    run = json.loads((out / "paws_qqp_biased" / cfgs[1].run_name / "run.json").read_text())
+    preds = json.loads((out / "paws_qqp_biased" / cfgs[1].run_name / f"preds-step{run['last']['step']}.json").read_text())
+    assert set(preds) == {"id_dev", "id_test", "ood_dev", "ood_test", "paws_dev_and_test"}
+    assert len(preds["paws_dev_and_test"]["labels"]) == 40 and len(preds["paws_dev_and_test"]["cue_agrees"]) == 40
+    assert not any(preds["ood_dev"]["cue_agrees"] + preds["ood_test"]["cue_agrees"])
+    assert run["data"]["bias_split"]["agree_fraction"] == pytest.approx(0.8, abs=0.01)
+    rdir = tmp_path / "report"
+    assert SE.main(["report", "--out", str(out), "--report-dir", str(rdir)]) == 0
+    table = (rdir / "paws_qqp_biased_tables.md").read_text()
+    assert "| dense ce (teacher) | 1 |" in table and "| a: ce->poe, constant, lr_scores 0.0005 | 2 |" in table
+    assert "Difference from the dense CE teacher" in table
+    assert not (rdir / "mnli_tables.md").exists()  # no mnli runs: no mnli table
+    rows = json.loads((rdir / "paws_qqp_biased_summary.json").read_text())
+    assert rows[1]["seeds"] == [0, 1] and rows[1]["paws"]["n"] == 40
+
+
+# ----------------------------------------------------------------------------- report from fake runs
+def _fake_run(folder: Path, *, run: str, paradigm: str, loss: str, seed: int, splits: dict, task_extra=None):
+    """A finished run folder: run.json + preds-step5.json. splits: name -> (predicted class, label, cue) lists."""
+    folder.mkdir(parents=True)
+    cfg = {"loss": loss, "source": "ce", "schedule": "constant", "initial_sparsity": 0.0, "sparsity": 0.5,
+           "include_head": True, "lr_scores": 5e-4, "rewind": "pretrained", "hans_rule": "argmax"}
+    json.dump({"run": run, "paradigm": paradigm, "seed": seed, "sparsity": 0.0 if paradigm == "dense" else 0.5,
+               "seconds": 60.0, "last": {"step": 5}, "config": cfg, "data": task_extra or {}},
+              open(folder / "run.json", "w"))
+    preds = {}
+    for name, (pred, label, extra) in splits.items():
+        k = 3 if name.startswith(("id", "ood")) and task_extra is None else 2
+        preds[name] = {"probs": [[0.9 if c == p else 0.1 / (k - 1) for c in range(k)] for p in pred],
+                       "labels": label, "heuristic": extra if task_extra is None else [None] * len(label),
+                       "subcase": [None] * len(label)}
+        if task_extra is not None:
+            preds[name]["cue_agrees"] = extra
+    json.dump(preds, open(folder / "preds-step5.json", "w"))
+
+
+def test_report_renders_the_paws_table_beside_the_mnli_one(tmp_path):
+    out, rdir = tmp_path / "runs", tmp_path / "report"
+    assert SE.main(["report", "--out", str(out), "--report-dir", str(rdir)]) == 2  # nothing finished yet
+    lab = [1, 0, 1, 0, 0, 1, 0, 0]
+    cue = [True, True, False, True, True, False, True, True]
+    bias = {"bias_split": {"agree_fraction": 0.8, "threshold": 0.667}}
+    paws = out / "paws_qqp_biased"
+    always_para = {s: ([1] * 8, lab, cue) for s in ("id_dev", "id_test", "ood_dev", "ood_test", "paws_dev_and_test")}
+    _fake_run(paws / "dense-ce-seed0", run="dense-ce-seed0", paradigm="dense", loss="ce", seed=0, splits=always_para,
+              task_extra=bias)
+    for seed in (0, 1):
+        name = f"a-ce+poe-s0.5-constant-seed{seed}-t0"
+        right = {s: (lab, lab, cue) for s in always_para}
+        _fake_run(paws / name, run=name, paradigm="a", loss="poe", seed=seed, splits=right, task_extra=bias)
+    # one mnli teacher, so both reports are written from one out folder
+    heur = ["lexical_overlap", "subsequence"] * 2
+    _fake_run(out / "mnli" / "dense-ce-seed0", run="dense-ce-seed0", paradigm="dense", loss="ce", seed=0,
+              splits={"id_dev": ([0, 1, 2, 0], [0, 1, 2, 1], heur), "id_test": ([0, 1, 2, 0], [0, 1, 2, 2], heur),
+                      "ood_dev": ([0, 0, 1, 0], [0, 1, 1, 0], heur), "ood_test": ([0, 2, 0, 0], [0, 1, 1, 0], heur)})
+    assert SE.main(["report", "--out", str(out), "--report-dir", str(rdir)]) == 0
+    for name in ("mnli_tables.md", "mnli_summary.json", "mnli.png", "paws_qqp_biased_tables.md",
+                 "paws_qqp_biased_summary.csv", "paws_qqp_biased_summary.json", "runs/paws_qqp_biased-dense-ce-seed0.json"):
+        assert (rdir / name).is_file(), name
+    rows = json.loads((rdir / "paws_qqp_biased_summary.json").read_text())
+    teacher, poe = rows
+    n = 16  # dev + test halves pooled
+    assert teacher["id"]["n"] == n and teacher["paws"]["n"] == 8
+    assert teacher["id"]["accuracy"]["mean"] == pytest.approx(3 / 8) and teacher["id"]["one_class"] == [True]
+    assert teacher["id"]["f1"]["mean"] == pytest.approx(2 * 3 / (2 * 3 + 5))  # tp 3, fp 5, fn 0
+    assert teacher["id"]["majority_accuracy"] == pytest.approx(5 / 8)
+    assert teacher["id"]["constant_f1"] == pytest.approx(teacher["id"]["f1"]["mean"])
+    assert teacher["id"]["accuracy_cue_agrees"] == pytest.approx(1 / 6) and teacher["id"]["accuracy_cue_wrong"] == 1.0
+    assert poe["seeds"] == [0, 1] and poe["ood"]["accuracy"]["mean"] == 1.0 and poe["ood"]["f1"]["mean"] == 1.0
+    assert poe["ood"]["one_class"] == [False, False]
+    d = poe["paws"]["vs_teacher"]
+    assert d["accuracy"]["mean"] == pytest.approx(5 / 8) and d["f1"]["mean"] == pytest.approx(1 - 6 / 11)
+    assert d["accuracy"]["low"] <= d["accuracy"]["mean"] <= d["accuracy"]["high"]
+    assert poe["train_cue_agreement"] == 0.8 and "vs_teacher" not in teacher["id"]
+    table = (rdir / "paws_qqp_biased_tables.md").read_text()
+    assert "**ONE CLASS**: ID, OOD anti-corr., PAWS dev+test" in table
+    assert "| majority class / constant predictor | - | - | 62.5 | 54.5 |" in table
+    assert "| a: ce->poe, constant, lr_scores 0.0005 | 2 | +62.5 [" in table
+    assert "agrees with the label on 80.0%" in table
