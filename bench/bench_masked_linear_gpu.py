@@ -1,6 +1,6 @@
 """GPU benchmark: fused Triton score-masked linear vs the unfused movement-pruning code vs dense F.linear.
 
-At BERT-base shapes (tokens 512 / 4096 / 16384; linears 768->768, 768->3072, 3072->768; bf16) it times,
+At BERT-base shapes (tokens 512 / 4096 / 16384 / 64 / 8; linears 768->768, 768->3072, 3072->768; bf16) it times,
 with triton.testing.do_bench (median), in one run:
   dense    F.linear (cuBLAS), autograd for the backward (dx, dW, db);
   unfused  m = STE(scores >= tau); W_eff = W * m; F.linear(x, W_eff, b), autograd through it: what
@@ -8,13 +8,18 @@ with triton.testing.do_bench (median), in one run:
   fused    sparsebert.ops.score_masked_linear, the public op with its autograd (what a user gets):
            forward kernel; backward = bwd_input + ONE bwd_weight_scores GEMM writing dscores and dW,
            plus db = dy.sum(0).
+  fused-tiles / fused-persistent  (forward only, where the Triton kernels run) the Triton forward
+           called directly (sparsebert.kernels.score_masked_linear_fwd, no op dispatch) on each grid
+           schedule: one program per (tile, K split), and the persistent grid of min(items, #SMs)
+           programs with TMA loads of x and W where available (issue 10 item 2: the two rows compare
+           the schedules; split_k_for's split in both).
 for the forward alone and forward + backward, with the bytes each version moves (counted analytically:
 every tensor each launched kernel reads or writes, once) and the H200 roofline time of those bytes and
 FLOPs beside its time; forward rows at <= 64 tokens are also timed as CUDA-graph replays. Prints a
 table, checks the issue targets (bench/targets.py), and writes bench/results/<gpu>-<date>-<sha>.{csv,json}
 via bench/_results.py.
 
-    python bench/bench_masked_linear_gpu.py [--scores-dtype bf16|fp32] [--tokens 512 4096 16384]
+    python bench/bench_masked_linear_gpu.py [--scores-dtype bf16|fp32] [--tokens 512 4096 16384 64 8]
     python bench/bench_masked_linear_gpu.py --smoke        # tiny shapes on the CPU: tests the script
 """
 from __future__ import annotations
@@ -35,6 +40,8 @@ from _timing import GRAPH_MAX_TOKENS, time_graph_us, time_us  # noqa: E402
 from targets import check, table  # noqa: E402
 
 from sparsebert import ops  # noqa: E402
+from sparsebert.kernels._interpreter import INTERPRET  # noqa: E402
+from sparsebert.kernels.score_masked_linear import score_masked_linear_fwd  # noqa: E402
 # The unfused baseline is the ops layer's reference: W * [s >= tau] materialized (STE), then F.linear.
 from sparsebert.ops.reference import score_masked_linear as unfused_linear  # noqa: E402
 
@@ -52,7 +59,7 @@ def bytes_moved(version, mode, t, k, n, e, s):
     if version == "dense":
         fwd = x + w + b + y
         bwd = (y + w + x) + (y + x + w) + (y + b)  # dx = dy W; dW = dy^T x; db = sum(dy)
-    elif version == "fused":
+    elif version in ("fused", "fused-tiles", "fused-persistent"):
         fwd = x + w + sc + b + y
         bwd = (y + w + sc + x) + (y + x + w + sc + sc + w) + (y + b)  # bwd_input; bwd_weight_scores; db
     elif version == "unfused":
@@ -94,6 +101,10 @@ def run_case(t, k, n, dtype, scores_dtype, sparsity, cuda, backend):
         ("fused", "fwd"): lambda: ops.score_masked_linear(x, w, b, scores, tau, backend=backend),
         ("fused", "fwd+bwd"): lambda: ops.score_masked_linear(xg, wg, bg, sg, tau, backend=backend).backward(dy),
     }
+    if cuda or (INTERPRET and backend == "triton"):  # the Triton forward on each grid schedule, called directly
+        for schedule in ("tiles", "persistent"):
+            fns[(f"fused-{schedule}", "fwd")] = lambda schedule=schedule: score_masked_linear_fwd(
+                x, w, b, scores, tau, schedule=schedule)
 
     # correctness of the fused op against the unfused path before timing anything
     y_ref = unfused_linear(xg, wg, bg, sg, tau)
@@ -108,6 +119,11 @@ def run_case(t, k, n, dtype, scores_dtype, sparsity, cuda, backend):
                    / ref[name].float().abs().max().clamp_min(1e-30)).item() for name in ref)
     for g in grads:
         g.grad = None
+    schedule_err = {}  # the schedule rows' forward against the unfused one, checked before timing too
+    for (version, mode), fn in fns.items():
+        if version.startswith("fused-"):
+            schedule_err[version] = ((fn().float() - ref["y"].float()).abs().max()
+                                     / ref["y"].float().abs().max().clamp_min(1e-30)).item()
 
     rows = []
     e, s = torch.finfo(dtype).bits // 8, torch.finfo(scores_dtype).bits // 8
@@ -124,12 +140,12 @@ def run_case(t, k, n, dtype, scores_dtype, sparsity, cuda, backend):
             "dtype": str(dtype).replace("torch.", ""), "scores_dtype": str(scores_dtype).replace("torch.", ""),
             "sparsity": sparsity, "mode": mode, "version": version, "backend": backend, "ms": ms,
             "graph_ms": graph_us / 1000, "tflops": nflops / ms / 1e9, "bytes": nbytes, "gbps": nbytes / ms / 1e6,
-            "max_rel_err_vs_unfused": max_err if version == "fused" else 0.0,
+            "max_rel_err_vs_unfused": max_err if version == "fused" else schedule_err.get(version, 0.0),
         }
         row.update(roofline(nbytes, nflops))
         rows.append(row)
     for mode in ("fwd", "fwd+bwd"):
-        by = {r["version"]: r["ms"] for r in rows if r["mode"] == mode}
+        by = {r["version"]: r["ms"] for r in rows if r["mode"] == mode}  # fused-* rows: fwd only
         for r in rows:
             if r["mode"] == mode:
                 r["speedup_vs_unfused"] = by["unfused"] / r["ms"]
@@ -141,7 +157,8 @@ def run_case(t, k, n, dtype, scores_dtype, sparsity, cuda, backend):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096, 16384])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096, 16384, 64, 8],
+                        help="token counts, in order (the issue targets' counts first)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activations and weights")
     parser.add_argument("--scores-dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights pruned by the scores")
@@ -174,7 +191,7 @@ def main(argv=None) -> int:
           f"CUDA {env['cuda']} | sha {env['git_sha']} | bf16 reduced-precision cuBLAS "
           f"{env['cublas_bf16_reduced_precision']}")
     rows = []
-    header = (f"{'tokens':>6} {'K->N':>10} {'mode':>8} {'version':>8} {'ms':>9} {'graph ms':>9} {'roofline':>9} "
+    header = (f"{'tokens':>6} {'K->N':>10} {'mode':>8} {'version':>16} {'ms':>9} {'graph ms':>9} {'roofline':>9} "
               f"{'TFLOP/s':>8} {'GB/s':>7} {'vs unfused':>10} {'vs dense':>9} {'max rel err':>11}")
     print(header)
     print("-" * len(header))
@@ -182,7 +199,7 @@ def main(argv=None) -> int:
         for k, n in linears:
             case = run_case(t, k, n, dtype, scores_dtype, args.sparsity, cuda, args.backend)
             for r in case:
-                print(f"{t:>6} {f'{k}->{n}':>10} {r['mode']:>8} {r['version']:>8} {r['ms']:>9.4f} "
+                print(f"{t:>6} {f'{k}->{n}':>10} {r['mode']:>8} {r['version']:>16} {r['ms']:>9.4f} "
                       f"{r['graph_ms']:>9.4f} {r['roofline_us'] / 1000:>9.4f} {r['tflops']:>8.2f} {r['gbps']:>7.0f} "
                       f"{r['speedup_vs_unfused']:>9.2f}x {r['time_vs_dense']:>8.2f}x "
                       f"{r['max_rel_err_vs_unfused']:>11.1e}", flush=True)

@@ -3,6 +3,8 @@
 SPARSEBERT_AUTOTUNE (read at import time):
     full   (default) every GPU config of a kernel is a candidate; the autotuner compiles and times each
     quick  one or two configs per kernel (the ones its module names), so a test run compiles little
+SPARSEBERT_FWD_SCHEDULE (read at import time): the masked-linear forward's grid, "tiles" (default) or
+    "persistent" (see FWD_SCHEDULES below).
 
 Under the interpreter (TRITON_INTERPRET=1) a kernel gets its single interpreter config either way.
 `select` also records, per kernel module, how many GPU configs each mode would give; `CompileCounter`
@@ -19,6 +21,14 @@ MODES = ("full", "quick")
 MODE = os.environ.get("SPARSEBERT_AUTOTUNE", "full").strip().lower() or "full"
 if MODE not in MODES:
     raise ValueError(f"SPARSEBERT_AUTOTUNE must be one of {MODES}, got {MODE!r}")
+
+# The masked-linear forward's grid (kernels/_gemm.py `fwd(schedule=None)`): "tiles", one program per
+# (output tile, K split), or "persistent", min(items, #SMs) programs looping over them (TMA loads of x
+# and W where available). "tiles" stays the default until a GPU run measures the persistent schedule.
+FWD_SCHEDULES = ("tiles", "persistent")
+FWD_SCHEDULE = os.environ.get("SPARSEBERT_FWD_SCHEDULE", "tiles").strip().lower() or "tiles"
+if FWD_SCHEDULE not in FWD_SCHEDULES:
+    raise ValueError(f"SPARSEBERT_FWD_SCHEDULE must be one of {FWD_SCHEDULES}, got {FWD_SCHEDULE!r}")
 
 # kernel group (the caller's label: its module's name, or "module.kernel" for a second autotuned kernel
 # of a module) -> (GPU configs in full mode, in quick mode)
@@ -47,6 +57,8 @@ def _specialisation(value, constexpr: bool):
     dtype = getattr(value, "dtype", None)
     if dtype is not None:
         return ("tensor", str(dtype))
+    if type(value).__name__ == "TensorDescriptor":  # Triton specialises on the base dtype and block shape
+        return ("tensordesc", str(value.base.dtype), tuple(value.block_shape))
     if value is None:
         return None
     if isinstance(value, (bool, float)):

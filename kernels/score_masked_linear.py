@@ -19,7 +19,8 @@ import torch
 from . import _gemm
 from .masked_linear import _check_bias
 
-__all__ = ["score_masked_linear_fwd", "score_masked_linear_bwd_input", "score_masked_linear_bwd_weight_scores"]
+__all__ = ["score_masked_linear_fwd", "score_masked_linear_bwd_input", "score_masked_linear_bwd_weight_scores",
+           "score_masked_linear_bwd_weight_scores_bias"]
 
 Threshold = Union[float, torch.Tensor]
 
@@ -30,14 +31,15 @@ def _check_weight_scores(weight, scores, k=None, dtype=None):
 
 
 def score_masked_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scores: torch.Tensor,
-                            threshold: Threshold) -> torch.Tensor:
-    """y = x @ (weight * (scores >= threshold)).T + bias, shape (M, N), x's dtype."""
+                            threshold: Threshold, *, schedule: Optional[str] = None) -> torch.Tensor:
+    """y = x @ (weight * (scores >= threshold)).T + bias, shape (M, N), x's dtype. schedule: the forward's
+    grid, "tiles" or "persistent" (None = SPARSEBERT_FWD_SCHEDULE; see `_gemm.fwd`)."""
     _gemm.check_matrix("x", x)
     _check_weight_scores(weight, scores, x.shape[1], x.dtype)
     _check_bias(bias, weight.shape[0])
     tau, tau_ptr = _gemm.threshold_args(threshold, scores)
     _gemm.check_device(x, weight, scores, bias)
-    return _gemm.fwd(x, weight, bias, scores, _gemm.MASK_SCORES, 0, tau, tau_ptr)
+    return _gemm.fwd(x, weight, bias, scores, _gemm.MASK_SCORES, 0, tau, tau_ptr, schedule=schedule)
 
 
 def score_masked_linear_bwd_input(dy: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
@@ -55,13 +57,28 @@ def score_masked_linear_bwd_weight_scores(dy: torch.Tensor, x: torch.Tensor, wei
                                           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(dscores, dweight or None) from one GEMM G = dy.T @ x: dscores = G * weight (scores' dtype),
     dweight = G * (scores >= threshold) (weight's dtype) when need_dweight."""
+    dscores, dweight, _ = score_masked_linear_bwd_weight_scores_bias(dy, x, weight, scores, threshold, need_dweight,
+                                                                      False)
+    return dscores, dweight
+
+
+def score_masked_linear_bwd_weight_scores_bias(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                               scores: torch.Tensor, threshold: Threshold, need_dweight: bool,
+                                               need_dbias: bool
+                                               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dscores, dweight or None, dbias or None): the first two as `score_masked_linear_bwd_weight_scores`;
+    dbias = dy.sum(0) (N,), fp32 accumulation, dy's dtype, reduced by the same kernel from the dy tiles it
+    reads for the GEMM (no second pass over dy)."""
     _gemm.check_matrix("x", x)
     _check_weight_scores(weight, scores, x.shape[1], x.dtype)
     _gemm.check_matrix("dy", dy, (x.shape[0], weight.shape[0]), (x.dtype,))
     if not isinstance(need_dweight, bool):
         raise TypeError(f"need_dweight must be a bool, got {type(need_dweight).__name__}")
+    if not isinstance(need_dbias, bool):
+        raise TypeError(f"need_dbias must be a bool, got {type(need_dbias).__name__}")
     tau, tau_ptr = _gemm.threshold_args(threshold, scores)
     _gemm.check_device(dy, x, weight, scores)
-    dweight, dscores = _gemm.bwd_weight(dy, x, weight, scores, _gemm.MASK_SCORES, 0, tau, tau_ptr,
-                                        weight.dtype if need_dweight else None, scores.dtype)
-    return dscores, dweight
+    dweight, dscores, dbias = _gemm.bwd_weight_bias(dy, x, weight, scores, _gemm.MASK_SCORES, 0, tau, tau_ptr,
+                                                    weight.dtype if need_dweight else None, scores.dtype,
+                                                    dy.dtype if need_dbias else None)
+    return dscores, dweight, dbias

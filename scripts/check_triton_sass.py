@@ -15,8 +15,10 @@ fused masked GEMMs (issue 10 item 2): wgmma present, every wgmma reads its A ope
 tile) from registers, and no shared-memory store (PTX st.shared/stmatrix, SASS STS/STSM) lies between
 the first and the last MMA; mask-words-once, for the packed-mask GEMMs: the bytes per thread loaded through
 mask_ptr (traced in the PTX) stay within one word tile (BLOCK_N * BLOCK_K / 8 bytes) per pipeline stage, not
-one int32 per weight element. Entries of KNOWN are expected failures: reported, not failing the run, and
-flagged when they pass (then delete the entry: the check becomes required).
+one int32 per weight element; tma-loads, for launches with TMA tensor descriptors (the persistent forward's
+"persistent+TMA" rows, descriptors typed tensordesc<bf16[BLOCK_M, BLOCK_K]> / [BLOCK_N, BLOCK_K]): the
+PTX holds cp.async.bulk.tensor copies (cp.async column "bulk:N"). Entries of KNOWN are expected failures:
+reported, not failing the run, and flagged when they pass (then delete the entry: the check becomes required).
 Exit status: 0 all required checks pass, 1 a check failed or a kernel did not compile, 2 no ptxas.
 """
 from __future__ import annotations
@@ -171,6 +173,7 @@ class Launch:
     masked_tile: bool = False  # a fused masked GEMM: the masked weight tile must stay in registers
     known: dict = field(default_factory=dict)  # check name -> why it is expected to fail (KNOWN)
     packed_mask: bool = False  # a packed-mask GEMM: each mask word of a tile loaded once (mask-words-once)
+    tma: bool = False  # operands through TMA tensor descriptors: cp.async.bulk.tensor must be there (tma-loads)
 
     @property
     def config(self) -> str:
@@ -193,6 +196,27 @@ def _per_config(kernel, name, variant, types, div16, constexprs, matmul, masked_
 # Expected failures: (kernel, variant, config, check) -> reason. A KNOWN check is reported, never fails the
 # run, and is flagged when it passes (then delete its entry here: it becomes required).
 KNOWN: dict = {}
+
+
+def _persistent_fwd_launches(_gemm, gemm_scalars, div, bf16_dot) -> list[Launch]:
+    """The persistent forward (issue 10 item 2) per quick config: packed mask with pointer loads, packed
+    mask with TMA descriptors for x and W (block shapes = the config's tiles), and TMA with split-K 4."""
+    fn, configs = _jit(_gemm.linear_fwd_persistent_kernel)
+    out = []
+    for label, use_tma, split_k in (("persistent, packed", False, 1), ("persistent+TMA, packed", True, 1),
+                                    ("persistent+TMA, packed, split-K 4", True, 4)):
+        for cfg in configs:
+            c = cfg.kwargs
+            descs = ({"x_desc": f"tensordesc<bf16[{c['BLOCK_M']}, {c['BLOCK_K']}]>",
+                      "w_desc": f"tensordesc<bf16[{c['BLOCK_N']}, {c['BLOCK_K']}]>"} if use_tma
+                     else {"x_desc": "*bf16", "w_desc": "*bf16"})
+            types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "mask_ptr": "*i32", "y_ptr": "*bf16",
+                     "partial_ptr": "*fp32", **descs, "threshold_ptr": "*fp32", **gemm_scalars, "NUM_PROGRAMS": "i32"}
+            constexprs = {"MASK_KIND": _gemm.MASK_PACKED, "HAS_BIAS": True, "THRESHOLD_FROM_PTR": False,
+                          "SPLIT_K": split_k, "USE_TMA": use_tma, **bf16_dot, **c}
+            out.append(Launch("_gemm.linear_fwd_persistent_kernel", label, fn, types, div, constexprs, cfg.num_warps,
+                              cfg.num_stages, True, masked_tile=True, packed_mask=True, tma=use_tma))
+    return out
 
 
 def launches() -> list[Launch]:
@@ -221,21 +245,25 @@ def launches() -> list[Launch]:
                                 "threshold_ptr": "*fp32", **gemm_scalars}, div,
                                {"MASK_KIND": kind, "THRESHOLD_FROM_PTR": kind == _gemm.MASK_SCORES, **bf16_dot},
                                True, masked_tile, packed)
+    out += _persistent_fwd_launches(_gemm, gemm_scalars, div, bf16_dot)
     out.append(Launch("_gemm.linear_fwd_reduce_kernel", "split-K 4, bias", _gemm.linear_fwd_reduce_kernel,
                       {"partial_ptr": "*fp32", "bias_ptr": bf16, "y_ptr": bf16, "M": i32, "N": i32}, ("M", "N"),
                       {"HAS_BIAS": True, "SPLIT_K": 4, "BLOCK_M": 32, "BLOCK_N": 128}, 4, 3, False))
-    out += _per_config(_gemm.linear_bwd_weight_kernel, "_gemm.linear_bwd_weight_kernel", "bf16 scores, dW+dS",
-                       {"dy_ptr": bf16, "x_ptr": bf16, "w_ptr": bf16, "mask_ptr": bf16, "dweight_ptr": bf16,
-                        "dscores_ptr": bf16, "partial_ptr": "*fp32", "threshold_ptr": "*fp32", **gemm_scalars}, div,
-                       {"MASK_KIND": _gemm.MASK_SCORES, "THRESHOLD_FROM_PTR": True, "WRITE_DWEIGHT": True,
-                        "WRITE_DSCORES": True, "SPLIT_M": 1, **bf16_dot}, True)
+    for write_dbias, label in ((False, "bf16 scores, dW+dS"), (True, "bf16 scores, dW+dS+db")):
+        out += _per_config(_gemm.linear_bwd_weight_kernel, "_gemm.linear_bwd_weight_kernel", label,
+                           {"dy_ptr": bf16, "x_ptr": bf16, "w_ptr": bf16, "mask_ptr": bf16, "dweight_ptr": bf16,
+                            "dscores_ptr": bf16, "partial_ptr": "*fp32", "dbias_ptr": bf16,
+                            "dbias_partial_ptr": "*fp32", "threshold_ptr": "*fp32", **gemm_scalars}, div,
+                           {"MASK_KIND": _gemm.MASK_SCORES, "THRESHOLD_FROM_PTR": True, "WRITE_DWEIGHT": True,
+                            "WRITE_DSCORES": True, "WRITE_DBIAS": write_dbias, "SPLIT_M": 1, **bf16_dot}, True)
     fin = _gemm.weight_grad_finalize_kernel
-    out.append(Launch("_gemm.weight_grad_finalize_kernel", "split 4, bf16 scores", fin,
+    out.append(Launch("_gemm.weight_grad_finalize_kernel", "split 4, bf16 scores, db", fin,
                       {"partial_ptr": "*fp32", "w_ptr": bf16, "mask_ptr": bf16, "dweight_ptr": bf16,
-                       "dscores_ptr": bf16, "N": i32, "K": i32, "words_per_row": i32, "threshold": f32,
-                       "threshold_ptr": "*fp32"}, ("N", "K"),
+                       "dscores_ptr": bf16, "dbias_ptr": bf16, "dbias_partial_ptr": "*fp32", "N": i32, "K": i32,
+                       "words_per_row": i32, "threshold": f32, "threshold_ptr": "*fp32"}, ("N", "K"),
                       {"MASK_KIND": _gemm.MASK_SCORES, "THRESHOLD_FROM_PTR": True, "WRITE_DWEIGHT": True,
-                       "WRITE_DSCORES": True, "SPLIT_M": 4, "BLOCK_N": 64, "BLOCK_K": 128}, 4, 3, False))
+                       "WRITE_DSCORES": True, "WRITE_DBIAS": True, "SPLIT_M": 4, "BLOCK_N": 64, "BLOCK_K": 128},
+                      4, 3, False))
 
     block = topk_threshold._BLOCK
     out.append(Launch("topk_threshold._radix_histogram_kernel", "bf16 scores", topk_threshold._radix_histogram_kernel,
@@ -387,6 +415,9 @@ def checks(res: Result) -> dict:
             bad.append(f"shared stores inside the MMA loop (PTX {x['smem_stores_between_mma']}, "
                        f"SASS {s.get('STS_between_mma', 'n/a')})")
         out["masked-tile-in-registers"] = "masked tile not in registers: " + ", ".join(bad) if bad else None
+    if launch.tma:
+        bulk = x["cp_async"].get("bulk", 0)
+        out["tma-loads"] = None if bulk else "no cp.async.bulk.tensor (TMA) load in the PTX"
     if launch.packed_mask:
         # a tile's words: BLOCK_N * BLOCK_K / 32 int32 = BLOCK_N * BLOCK_K / 8 bytes, spread over the threads
         # (at least one 4-byte word each); static copies: pipeline prologue + loop body <= num_stages + 1.

@@ -89,6 +89,20 @@ def test_checks_pass_a_clean_kernel_and_flag_each_defect():
     assert _result(CLEAN_PTX, "", log="").failures == ["no ptxas -v register report"]
 
 
+def test_tma_check_requires_bulk_tensor_copies():
+    """A TMA launch fails without cp.async.bulk.tensor in its PTX and passes with it."""
+    def judged(ptx):
+        launch = sass.Launch("k", "v", None, {}, (), {"BLOCK_M": 64}, 4, 3, True, True, tma=True)
+        res = sass.Result(launch, shared=1024, ptxas=sass.parse_ptxas_log(CLEAN_LOG), ptx=sass.ptx_instruction_mix(ptx),
+                          sass={})
+        sass.judge(res)
+        return res.failures
+    assert judged(CLEAN_PTX) == ["no cp.async.bulk.tensor (TMA) load in the PTX"]
+    bulk = ("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+            "[%r1], [%rd2, {%r3, %r4}], [%r5];\n")
+    assert judged(bulk + CLEAN_PTX) == []
+
+
 def test_known_check_is_reported_not_failed_and_flagged_when_it_passes():
     still = _result(CLEAN_PTX, "", log=PTXAS_LOG, known={"spills": "why"})
     assert still.failures == [] and still.known == [("spills", True, "why")]
@@ -113,9 +127,12 @@ def test_every_kernel_compiles_for_sm90a_within_budget(tmp_path):
                           timeout=1200, cwd=ROOT)
     assert proc.returncode == 0, f"compiled-code checks failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     table = out.read_text()
-    for kernel in ("linear_fwd_kernel", "linear_bwd_input_kernel", "linear_bwd_weight_kernel",
+    for kernel in ("linear_fwd_kernel", "linear_fwd_persistent_kernel",
+                   "linear_bwd_input_kernel", "linear_bwd_weight_kernel",
                    "weight_grad_finalize_kernel", "_radix_histogram_kernel", "_radix_select_kernel",
                    "_bitmask_linear_kernel", "_bitmask_spmm_kernel", "_bsr_linear_kernel", "_gathered_linear_kernel",
                    "_attention_kernel", "_masked_weight_kernel", "_weight_grad_epilogue_kernel"):
         assert kernel in table, f"{kernel} missing from the table"
     assert "ERROR" not in table and "FAIL" not in table
+    tma_rows = [line for line in table.splitlines() if "persistent+TMA" in line]
+    assert tma_rows and all("bulk:" in line for line in tma_rows), "the TMA forward has no cp.async.bulk.tensor"

@@ -26,11 +26,11 @@ from . import _ext
 log = logging.getLogger("sparsebert.ops")
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
-_OPS = (
-    "masked_linear_fwd", "masked_linear_bwd_input", "masked_linear_bwd_weight",
-    "score_masked_linear_fwd", "score_masked_linear_bwd_input", "score_masked_linear_bwd_weight_scores",
-    "topk_threshold",
-)
+_MASKED_OPS = ("masked_linear_fwd", "masked_linear_bwd_input", "masked_linear_bwd_weight",
+               "masked_linear_bwd_weight_bias")
+_SCORE_OPS = ("score_masked_linear_fwd", "score_masked_linear_bwd_input", "score_masked_linear_bwd_weight_scores",
+              "score_masked_linear_bwd_weight_scores_bias")
+_OPS = _MASKED_OPS + _SCORE_OPS + ("topk_threshold",)
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,6 +129,16 @@ def _ext_namespace() -> SimpleNamespace:
         ds, dw = op(dy, x, weight, scores, threshold, bool(need_dweight))
         return ds, (dw if need_dweight else None)
 
+    # The weight-gradient entry points in csrc/ do not reduce db: it is a separate torch pass over dy here.
+    def _dbias(dy, need_dbias):
+        return dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_dbias else None
+
+    def bw_bias(dy, x, mask, packed, need_dbias):
+        return ns.masked_linear_bwd_weight(dy, x, mask, packed), _dbias(dy, need_dbias)
+
+    def bws_bias(dy, x, weight, scores, threshold, need_dweight, need_dbias):
+        return (*bws(dy, x, weight, scores, threshold, need_dweight), _dbias(dy, need_dbias))
+
     def fwd_s(x, weight, bias, scores, threshold):
         return _thr(ns.score_masked_linear_fwd, threshold)(x, weight, bias, scores, threshold)
 
@@ -139,9 +149,11 @@ def _ext_namespace() -> SimpleNamespace:
         masked_linear_fwd=ns.masked_linear_fwd,
         masked_linear_bwd_input=ns.masked_linear_bwd_input,
         masked_linear_bwd_weight=ns.masked_linear_bwd_weight,
+        masked_linear_bwd_weight_bias=bw_bias,
         score_masked_linear_fwd=fwd_s,
         score_masked_linear_bwd_input=bwi_s,
         score_masked_linear_bwd_weight_scores=bws,
+        score_masked_linear_bwd_weight_scores_bias=bws_bias,
         topk_threshold=topk,
     )
 
@@ -150,7 +162,7 @@ def _triton_namespace() -> SimpleNamespace:
     ml = importlib.import_module("sparsebert.kernels.masked_linear")
     sml = importlib.import_module("sparsebert.kernels.score_masked_linear")
     topk = importlib.import_module("sparsebert.kernels.topk_threshold")
-    return SimpleNamespace(**{n: getattr(ml, n) for n in _OPS[:3]}, **{n: getattr(sml, n) for n in _OPS[3:6]},
+    return SimpleNamespace(**{n: getattr(ml, n) for n in _MASKED_OPS}, **{n: getattr(sml, n) for n in _SCORE_OPS},
                            topk_threshold=topk.topk_threshold)
 
 

@@ -37,6 +37,15 @@ def masked_linear_bwd_weight(dy: Tensor, x: Tensor, mask: Tensor, packed: bool) 
     return _masked(g, _keep(mask, packed, x.shape[1])).to(x.dtype)
 
 
+def _dbias(dy: Tensor, need_dbias: bool) -> Optional[Tensor]:
+    return dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_dbias else None
+
+
+def masked_linear_bwd_weight_bias(dy: Tensor, x: Tensor, mask: Tensor, packed: bool,
+                                  need_dbias: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    return masked_linear_bwd_weight(dy, x, mask, packed), _dbias(dy, need_dbias)
+
+
 def score_masked_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, threshold: float) -> Tensor:
     return torch.nn.functional.linear(x, _masked(weight, scores >= threshold), bias)
 
@@ -52,6 +61,13 @@ def score_masked_linear_bwd_weight_scores(
     dscores = (g * weight.float()).to(scores.dtype)
     dweight = _masked(g, scores >= threshold).to(weight.dtype) if need_dweight else None
     return dscores, dweight
+
+
+def score_masked_linear_bwd_weight_scores_bias(
+    dy: Tensor, x: Tensor, weight: Tensor, scores: Tensor, threshold: float, need_dweight: bool, need_dbias: bool
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    dscores, dweight = score_masked_linear_bwd_weight_scores(dy, x, weight, scores, threshold, need_dweight)
+    return dscores, dweight, _dbias(dy, need_dbias)
 
 
 def topk_threshold(scores: List[Tensor], k_prune) -> Tensor:

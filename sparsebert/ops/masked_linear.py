@@ -1,6 +1,8 @@
 """masked_linear: y = x (W * m)^T + b with a fixed mask (bool/uint8, or bit-packed int32).
 
-Backward gives dX and dW * m (retraining a pruned layer, as in IMP), and db.
+Backward gives dX and dW * m (retraining a pruned layer, as in IMP), and db. The backends' weight-gradient
+function returns db too: the Triton kernel reduces it from the dY tiles its GEMM streams (no second pass
+over dY); the torch, C++ and CUDA backends take a separate `dY.sum(0)`.
 One torch.library op per kernel (forward, input backward, weight backward), each with a fake impl, so
 the whole thing traces under torch.compile; `register_autograd` ties them together.
 
@@ -13,7 +15,7 @@ followed by the same elementwise pass (dW = G * m); db is autograd's reduction o
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -46,13 +48,16 @@ def _(dy, weight, mask, packed, backend):
 
 
 @torch.library.custom_op("sparsebert::masked_linear_bwd_weight", mutates_args=())
-def _masked_linear_bwd_weight(dy: Tensor, x: Tensor, mask: Tensor, packed: bool, backend: str) -> Tensor:
-    return impl(resolve_backend(backend, dy.device)).masked_linear_bwd_weight(dy, x, mask, packed)
+def _masked_linear_bwd_weight(dy: Tensor, x: Tensor, mask: Tensor, packed: bool, need_dbias: bool,
+                              backend: str) -> Tuple[Tensor, Tensor]:
+    """(dW, db) from one backend call; db is an empty tensor when not asked for."""
+    dw, db = impl(resolve_backend(backend, dy.device)).masked_linear_bwd_weight_bias(dy, x, mask, packed, need_dbias)
+    return dw, (db if db is not None else dy.new_empty(0))
 
 
 @_masked_linear_bwd_weight.register_fake
-def _(dy, x, mask, packed, backend):
-    return x.new_empty(dy.shape[1], x.shape[1])
+def _(dy, x, mask, packed, need_dbias, backend):
+    return x.new_empty(dy.shape[1], x.shape[1]), dy.new_empty(dy.shape[1] if need_dbias else 0)
 
 
 def _setup(ctx, inputs, output):
@@ -67,9 +72,11 @@ def _backward(ctx, dy):
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = _masked_linear_bwd_input(dy, weight, mask, ctx.packed, ctx.backend)
+    need_db = ctx.has_bias and ctx.needs_input_grad[2]
     if ctx.needs_input_grad[1]:
-        dw = _masked_linear_bwd_weight(dy, x, mask, ctx.packed, ctx.backend)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
+        dw, db = _masked_linear_bwd_weight(dy, x, mask, ctx.packed, need_db, ctx.backend)
+        db = db if need_db else None
+    elif need_db:  # no weight-gradient GEMM to carry the reduction
         db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, dw, db, None, None, None
 

@@ -2,8 +2,10 @@
 
 The mask is never written to memory. Backward: dX = dY (W * m), and, by the straight-through
 estimator, dScores = (dY^T X) * W produced by the same GEMM as the optional dW = (dY^T X) * m
-(one GEMM, two epilogue outputs). The threshold travels as a 0-dim tensor so that a threshold computed on
-the device by `topk_threshold` needs no host round trip in the ops layer.
+(one GEMM, two epilogue outputs); db = sum of dY over the tokens comes from the same backend call (the
+Triton kernel reduces it from the dY tiles its GEMM streams; torch, C++ and CUDA take dY.sum(0)). The
+threshold travels as a 0-dim tensor so that a threshold computed on the device by `topk_threshold` needs no
+host round trip in the ops layer.
 
 Size dispatch (issue 10 item 1, as `masked_linear`): with backend="auto" on CUDA at or above the measured
 crossover, `sparsebert::score_masked_weight` writes W * [s >= tau] once, F.linear (cuBLAS, bias in the
@@ -53,16 +55,20 @@ def _(dy, weight, scores, threshold, backend):
 
 @torch.library.custom_op("sparsebert::score_masked_linear_bwd_weight_scores", mutates_args=())
 def _score_masked_linear_bwd_weight_scores(dy: Tensor, x: Tensor, weight: Tensor, scores: Tensor, threshold: Tensor,
-                                           need_dweight: bool, backend: str) -> Tuple[Tensor, Tensor]:
+                                           need_dweight: bool, need_dbias: bool,
+                                           backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dScores, dW, db) from one backend call (the Triton kernel reduces db from the dY tiles its GEMM
+    streams); an output not asked for is an empty tensor."""
     backend = resolve_backend(backend, dy.device)
-    ds, dw = impl(backend).score_masked_linear_bwd_weight_scores(dy, x, weight, scores, _tau(threshold, backend),
-                                                                  need_dweight)
-    return ds, (dw if dw is not None else weight.new_empty(0))
+    ds, dw, db = impl(backend).score_masked_linear_bwd_weight_scores_bias(
+        dy, x, weight, scores, _tau(threshold, backend), need_dweight, need_dbias)
+    return ds, (dw if dw is not None else weight.new_empty(0)), (db if db is not None else dy.new_empty(0))
 
 
 @_score_masked_linear_bwd_weight_scores.register_fake
-def _(dy, x, weight, scores, threshold, need_dweight, backend):
-    return scores.new_empty(scores.shape), (weight.new_empty(weight.shape) if need_dweight else weight.new_empty(0))
+def _(dy, x, weight, scores, threshold, need_dweight, need_dbias, backend):
+    return (scores.new_empty(scores.shape), weight.new_empty(weight.shape) if need_dweight else weight.new_empty(0),
+            dy.new_empty(dy.shape[1] if need_dbias else 0))
 
 
 def _setup(ctx, inputs, output):
@@ -78,11 +84,14 @@ def _backward(ctx, dy):
     if ctx.needs_input_grad[0]:
         dx = _score_masked_linear_bwd_input(dy, weight, scores, threshold, ctx.backend)
     need_dw, need_ds = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    need_db = ctx.has_bias and ctx.needs_input_grad[2]
     if need_dw or need_ds:
-        ds, dw = _score_masked_linear_bwd_weight_scores(dy, x, weight, scores, threshold, need_dw, ctx.backend)
+        ds, dw, db = _score_masked_linear_bwd_weight_scores(dy, x, weight, scores, threshold, need_dw, need_db,
+                                                            ctx.backend)
         ds = ds if need_ds else None
         dw = dw if need_dw else None
-    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = db if need_db else None
+    elif need_db:  # no weight-gradient GEMM to carry the reduction
         db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, dw, db, ds, None, None
 
