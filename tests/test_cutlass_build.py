@@ -93,7 +93,7 @@ def test_cutlass_selftest_on_sm90(tmp_path):
 @pytest.mark.skipif(NVCC is None or not HAVE_CUTLASS, reason="needs nvcc and nvidia-cutlass")
 def test_cutlass_gemms_compile_for_sm90a(tmp_path):
     """The CUTLASS kernels compile for sm_90a, warnings as errors (C7510 serialized wgmma included), no spills.
-    About 80 s of one CPU core and 4 GB of memory."""
+    A few minutes of one CPU core and about 4 GB of memory (docs/CUTLASS.md)."""
     proc = subprocess.run(
         [NVCC, "-std=c++17", "-O3", "-Xptxas", "-v", "-Werror", "all-warnings",
          "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr", "-DSPARSEBERT_WITH_CUTLASS",
@@ -105,4 +105,6 @@ def test_cutlass_gemms_compile_for_sm90a(tmp_path):
     assert "C7510" not in log, log[-6000:]
     spills = [line for line in log.splitlines() if "spill" in line and " 0 bytes spill stores, 0 bytes spill loads" not in line]
     assert not spills, "\n".join(spills)
-    assert log.count("Compiling entry function") >= 2, log[-6000:]  # the forward and the input-gradient kernels
+    # the forward, input-gradient and weight-gradient kernels; the last with its EVT (dweight, dscores)
+    assert log.count("Compiling entry function") >= 3, log[-6000:]
+    assert "KeepOrZero" in log, log[-6000:]

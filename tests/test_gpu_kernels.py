@@ -23,6 +23,8 @@ from sparsebert.kernels.score_masked_linear import (
     score_masked_linear_bwd_weight_scores,
     score_masked_linear_fwd,
 )
+from sparsebert.kernels.masked_linear import masked_linear_bwd_weight_bias
+from sparsebert.kernels.score_masked_linear import score_masked_linear_bwd_weight_scores_bias
 from sparsebert.kernels.topk_threshold import topk_threshold
 from sparsebert.ops import reference as R
 from sparsebert.ops import reference_formats as rf
@@ -80,6 +82,44 @@ def test_masked_linear_kernels(device, m, k, n, dtype):
         assert (dw[~keep] == 0).all()
 
 
+# split-K and the persistent grid (issue 10 item 2) compiled: small token counts at BERT-base widths, where
+# split_k_for splits K, plus tails; persistent with and without TMA (K=769 rows are not 16-byte multiples:
+# the pointer fallback). The CPU runs of the same paths are in tests/test_fused_forward_persistent.py.
+SPLIT_K_GPU_SHAPES = [(8, 768, 768), (64, 768, 3072), (63, 3072, 768), (300, 769, 129)]
+
+
+@pytest.mark.parametrize("device,m,k,n,dtype", device_cases(
+    [], [(*s, d) for s in SPLIT_K_GPU_SHAPES for d in DTYPES]), ids=_ids)
+def test_masked_linear_fwd_split_k_and_persistent(device, m, k, n, dtype):
+    x, w, b, _ = linear_inputs(m, k, n, dtype, device)
+    keep = torch.rand(n, k, device=device) < 0.4
+    packed, words = pack_bits(keep), (k + 31) // 32
+    want = exact_fwd(x, w, keep, b)
+    assert_close_to_exact(masked_linear_fwd(x, w, b, packed, True), *want, k, dtype)  # split_k_for's choice
+    split_k = 3  # uneven chunks (the automatic choice above is a power of two); one value: fewer compiles
+    tiles = _gemm.fwd(x, w, b, packed, _gemm.MASK_PACKED, words, 0.0, None, split_k=split_k, schedule="tiles")
+    assert_close_to_exact(tiles, *want, k, dtype)
+    for tma in (None, False):
+        for num_sms in (None, 3):  # the device's SM count, and a grid far below the items
+            y = _gemm.fwd(x, w, b, packed, _gemm.MASK_PACKED, words, 0.0, None, split_k=split_k,
+                          schedule="persistent", tma=tma, num_sms=num_sms)
+            assert_close_to_exact(y, *want, k, dtype)
+    with deterministic():
+        runs = [_gemm.fwd(x, w, b, packed, _gemm.MASK_PACKED, words, 0.0, None, split_k=split_k,
+                          schedule="persistent") for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+@contextlib.contextmanager
+def deterministic():
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved)
+
+
 # (x / weight dtype, scores dtype)
 SCORE_DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
                 (torch.bfloat16, torch.float32)]
@@ -106,6 +146,27 @@ def test_score_masked_linear_kernels(device, m, k, n, dtype, scores_dtype):
     assert_close_to_exact(dweight, g * keep, g_abs, m, dtype)
     dscores_only, none = score_masked_linear_bwd_weight_scores(dy, x, w, scores, threshold, False)
     assert none is None and torch.equal(dscores_only, dscores)
+
+
+@pytest.mark.parametrize("device,m,k,n,dtype", device_cases(
+    [], [(*s, d) for s in GPU_SHAPES for d in DTYPES]), ids=_ids)
+def test_fused_db_kernels(device, m, k, n, dtype):
+    """Compiled twin of tests/test_fused_db.py: db reduced in the weight-gradient kernel (the last shape
+    takes the split-M path and its finalize kernel); dW and dScores unchanged by it."""
+    x, w, _, dy = linear_inputs(m, k, n, dtype, device)
+    keep = torch.rand(n, k, device=device) < 0.4
+    scores = torch.randn(n, k, device=device, dtype=dtype)
+    db_exact, db_abs = dy.double().sum(0), dy.double().abs().sum(0)
+    g, g_abs = matmul_exact(dy.t(), x)
+    dw, db = masked_linear_bwd_weight_bias(dy, x, pack_bits(keep), True, True)
+    assert_close_to_exact(db, db_exact, db_abs, m, dtype)
+    assert torch.equal(dw, masked_linear_bwd_weight(dy, x, pack_bits(keep), True))
+    dscores, dweight, db_s = score_masked_linear_bwd_weight_scores_bias(dy, x, w, scores, 0.25, True, True)
+    assert_close_to_exact(db_s, db_exact, db_abs, m, dtype)
+    assert_close_to_exact(dweight, g * (scores >= 0.25), g_abs, m, dtype)
+    assert torch.equal(dscores, score_masked_linear_bwd_weight_scores(dy, x, w, scores, 0.25, False)[0])
+    again = masked_linear_bwd_weight_bias(dy, x, pack_bits(keep), True, True)  # deterministic: no atomics
+    assert torch.equal(again[0], dw) and torch.equal(again[1], db)
 
 
 @pytest.mark.parametrize("device,sizes", device_cases(
@@ -238,6 +299,22 @@ def _gemm_fwd(dtype, device):
     return run
 
 
+def _gemm_fwd_persistent(dtype, device):
+    """The persistent forward at the tail shape with K rounded up to a multiple of 8 (TMA-eligible rows),
+    split-K 2, on a 3-program grid (so every config's programs loop)."""
+    M_TAIL, K_TAIL, N_TAIL = TAIL[device]
+    k = -(-K_TAIL // 8) * 8
+    x, w, b, _ = linear_inputs(M_TAIL, k, N_TAIL, dtype, device)
+    keep = torch.rand(N_TAIL, k, device=device) < 0.4
+
+    def run():
+        for tma in (None, False):
+            y = _gemm.fwd(x, w, b, pack_bits(keep), _gemm.MASK_PACKED, (k + 31) // 32, 0.0, None, split_k=2,
+                          schedule="persistent", tma=tma, num_sms=3)
+            assert_close_to_exact(y, *exact_fwd(x, w, keep, b), k, dtype)
+    return run
+
+
 def _gemm_bwd_input(dtype, device):
     M_TAIL, K_TAIL, N_TAIL = TAIL[device]
     _, w, _, dy = linear_inputs(M_TAIL, K_TAIL, N_TAIL, dtype, device)
@@ -261,8 +338,12 @@ def _gemm_bwd_weight(dtype, device):
     keep_s = scores >= 0.25
     g, g_abs = matmul_exact(dy.t(), x)
 
-    def run():
-        assert_close_to_exact(masked_linear_bwd_weight(dy, x, pack_bits(keep), True), g * keep, g_abs, M_TAIL, dtype)
+    db_exact, db_abs = dy.double().sum(0), dy.double().abs().sum(0)
+
+    def run():  # the db-reducing variant (masked) and the plain one (scores)
+        dw, db = masked_linear_bwd_weight_bias(dy, x, pack_bits(keep), True, True)
+        assert_close_to_exact(dw, g * keep, g_abs, M_TAIL, dtype)
+        assert_close_to_exact(db, db_exact, db_abs, M_TAIL, dtype)
         dscores, dweight = score_masked_linear_bwd_weight_scores(dy, x, w, scores, 0.25, True)
         assert_close_to_exact(dscores, g * w.double(), g_abs * w.double().abs(), M_TAIL, dtype)
         assert_close_to_exact(dweight, g * keep_s, g_abs, M_TAIL, dtype)
@@ -325,6 +406,7 @@ def _attention(dtype, device):
 # name -> (autotuner, its module's config function, problem builder returning a checked call)
 AUTOTUNED = {
     "gemm_fwd": (_gemm.linear_fwd_kernel, _gemm._configs, _gemm_fwd),
+    "gemm_fwd_persistent": (_gemm.linear_fwd_persistent_kernel, _gemm._persistent_configs, _gemm_fwd_persistent),
     "gemm_bwd_input": (_gemm.linear_bwd_input_kernel, _gemm._configs, _gemm_bwd_input),
     "gemm_bwd_weight": (_gemm.linear_bwd_weight_kernel, _gemm._configs, _gemm_bwd_weight),
     "bitmask_linear": (bitmask_mod._bitmask_linear_kernel, bitmask_mod._configs, _bitmask),
@@ -360,3 +442,83 @@ def test_every_autotune_config_on_a_tail_shape(device, kernel):
                 run()
             except AssertionError as exc:
                 raise AssertionError(f"{kernel} with config {config}: {exc}") from exc
+
+
+# ------------------------------------------------------------------ CUTLASS sm90 path of the CUDA C++ backend
+# (csrc/cuda/cutlass_masked_gemm.cu via cuda_ops_bind.cpp, docs/CUTLASS.md): bf16, N and K multiples of 8.
+def _cutlass_skip_reason():
+    from sparsebert.ops import _ext
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if not (_ext.load() and _ext.has_cuda()):
+        return "sparsebert._C has no CUDA kernels"
+    if not _ext.has_cutlass():
+        return "sparsebert._C built without the CUTLASS GEMMs (TORCH_CUDA_ARCH_LIST=9.0a with nvidia-cutlass)"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "needs a compute capability 9.0 GPU"
+    return None
+
+
+CUTLASS_SHAPES = [(1, 8, 8), (77, 200, 136), (333, 264, 776), (1000, 768, 3072)]  # (M, N, K), partial tiles
+
+
+def _cuda_kernel_names(fn):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events()]
+
+
+def _cutlass_ops_check(m, n, k, expect_cutlass):
+    """Every masked-linear op of the CUDA C++ backend on bf16 data against fp64 math; `expect_cutlass`: whether
+    the CUTLASS kernels (and only they, for the GEMMs) ran."""
+    ns = torch.ops.sparsebert_ext
+    dt = torch.bfloat16
+    x, w, b, dy = linear_inputs(m, k, n, dt, "cuda")
+    keep = torch.rand(n, k, device="cuda") < 0.6
+    scores = torch.randn(n, k, device="cuda", dtype=dt)
+    tau = scores.flatten()[5].float()  # a score: ties at tau are kept
+    skeep = scores >= tau.to(dt)
+    g, g_abs = matmul_exact(dy.t(), x)
+    for mask, packed in ((keep.to(torch.uint8), False), (pack_bits(keep), True)):
+        assert_close_to_exact(ns.masked_linear_fwd(x, w, b, mask, packed), *exact_fwd(x, w, keep, b), k, dt)
+        assert_close_to_exact(ns.masked_linear_fwd(x, w, None, mask, packed), *exact_fwd(x, w, keep, None), k, dt)
+        assert_close_to_exact(ns.masked_linear_bwd_input(dy, w, mask, packed), *matmul_exact(dy, w.double() * keep),
+                              n, dt)
+        dw = ns.masked_linear_bwd_weight(dy, x, mask, packed)
+        assert_close_to_exact(dw, g * keep, g_abs, m, dt)
+        assert (dw[~keep] == 0).all()
+    assert_close_to_exact(ns.score_masked_linear_fwd.tensor(x, w, b, scores, tau), *exact_fwd(x, w, skeep, b), k, dt)
+    assert_close_to_exact(ns.score_masked_linear_bwd_input.tensor(dy, w, scores, tau),
+                          *matmul_exact(dy, w.double() * skeep), n, dt)
+    dscores, dweight = ns.score_masked_linear_bwd_weight_scores.tensor(dy, x, w, scores, tau, True)
+    assert_close_to_exact(dscores, g * w.double(), g_abs * w.double().abs(), m, dt)
+    assert_close_to_exact(dweight, g * skeep, g_abs, m, dt)
+    dscores_only, none = ns.score_masked_linear_bwd_weight_scores(dy, x, w, scores, float(tau.cpu()), False)
+    assert none is None and torch.equal(dscores_only, dscores)
+    ops = {
+        "fwd": lambda: ns.masked_linear_fwd(x, w, b, keep.to(torch.uint8), False),
+        "bwd_input": lambda: ns.score_masked_linear_bwd_input.tensor(dy, w, scores, tau),
+        "bwd_weight": lambda: ns.masked_linear_bwd_weight(dy, x, keep.to(torch.uint8), False),
+        "bwd_weight_scores": lambda: ns.score_masked_linear_bwd_weight_scores.tensor(dy, x, w, scores, tau, True),
+    }
+    for name, fn in ops.items():
+        ran = any("cutlass" in kernel for kernel in _cuda_kernel_names(fn))
+        assert ran == expect_cutlass, f"{name}: CUTLASS kernel ran = {ran}, expected {expect_cutlass}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_cutlass_skip_reason() is not None, reason=str(_cutlass_skip_reason()))
+@pytest.mark.parametrize("m,n,k", CUTLASS_SHAPES, ids=str)
+def test_cutlass_bound_path(m, n, k):
+    _cutlass_ops_check(m, n, k, expect_cutlass=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_cutlass_skip_reason() is not None, reason=str(_cutlass_skip_reason()))
+def test_cutlass_path_falls_back(monkeypatch):
+    """K not a multiple of 8, or SPARSEBERT_CUTLASS_DISPATCH=0: the WMMA kernels run, with the same results."""
+    _cutlass_ops_check(77, 200, 70, expect_cutlass=False)
+    monkeypatch.setenv("SPARSEBERT_CUTLASS_DISPATCH", "0")
+    _cutlass_ops_check(77, 200, 136, expect_cutlass=False)

@@ -7,6 +7,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -84,9 +87,59 @@ at::Tensor fill_threshold(double threshold, const at::Tensor& ref) {
   return at::full({}, threshold, ref.options().dtype(at::kFloat));
 }
 
+// ---- CUTLASS sm90 path (csrc/cuda/cutlass_masked_gemm.cu, docs/CUTLASS.md) --------------------------------
+// Taken when the extension has the CUTLASS GEMMs (built for sm_90a), the device is compute capability 9.0, the
+// data bf16, M, N, K > 0 with N and K multiples of 8, and every operand 16-byte aligned (TMA); otherwise the
+// WMMA kernels run. SPARSEBERT_CUTLASS_DISPATCH=0 in the environment (read at each call) turns it off, to
+// compare the two.
+bool cutlass_dispatch_enabled() {
+  const char* v = std::getenv("SPARSEBERT_CUTLASS_DISPATCH");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+bool use_cutlass(int64_t M, int64_t N, int64_t K, std::initializer_list<const at::Tensor*> operands) {
+  if (!cuda::cutlass_sm90_built() || !cutlass_dispatch_enabled()) return false;
+  if (M <= 0 || N <= 0 || K <= 0 || N % 8 != 0 || K % 8 != 0) return false;
+  for (const at::Tensor* t : operands) {
+    if (t == nullptr) continue;
+    if (t->scalar_type() != at::kBFloat16 || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+  }
+  const int device = (*operands.begin())->get_device();
+  int major = 0, minor = 0;  // attribute queries, no synchronization
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;
+}
+
+// The keep-mask (N, K) as a bool tensor: bytes != 0, unpacked bits, or scores >= threshold (a 0-dim fp32 tensor:
+// torch rounds it to the scores' dtype first, as the kernels do). Elementwise device ops only, no sync.
+at::Tensor keep_mask(const MaskSpec& spec, const at::Tensor& mask_or_scores, const at::Tensor* threshold, int64_t N,
+                     int64_t K) {
+  switch (spec.kind) {
+    case MaskKind::Bytes: return mask_or_scores.to(at::kBool);
+    case MaskKind::Bits: {
+      at::Tensor keep = at::empty({N, K}, mask_or_scores.options().dtype(at::kBool));
+      C10_CUDA_CHECK(cuda::unpack_mask(mask_or_scores.data_ptr<int32_t>(), N, K, static_cast<uint8_t*>(keep.data_ptr()),
+                                       c10::cuda::getCurrentCUDAStream()));
+      return keep;
+    }
+    case MaskKind::Scores: return at::ge(mask_or_scores, *threshold);
+  }
+  TORCH_CHECK(false, "unknown mask kind");
+  return at::Tensor();  // unreachable
+}
+
+// The masked weight Wm = where(keep, W, 0) the CUTLASS forward and input-gradient GEMMs read.
+at::Tensor masked_weight(const at::Tensor& weight, const MaskSpec& spec, const at::Tensor& mask_or_scores,
+                         const at::Tensor* threshold) {
+  return at::where(keep_mask(spec, mask_or_scores, threshold, weight.size(0), weight.size(1)), weight, 0.0)
+      .contiguous();
+}
+
 // y = x @ (W ⊙ m)ᵀ + b for either mask kind.
+// `mask_or_scores` is the tensor `spec` points into, `threshold` the fp32 0-dim threshold (scores only, else null).
 at::Tensor linear_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                      const MaskSpec& spec) {
+                      const MaskSpec& spec, const at::Tensor& mask_or_scores, const at::Tensor* threshold) {
   const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
   const void* bias_ptr = nullptr;
   if (bias.has_value()) {
@@ -98,6 +151,13 @@ at::Tensor linear_fwd(const at::Tensor& x, const at::Tensor& weight, const std::
     bias_ptr = bias->data_ptr();
   }
   at::Tensor y = at::empty({M, N}, x.options());
+  if (use_cutlass(M, N, K, {&x, &weight, bias.has_value() ? &*bias : nullptr})) {
+    const at::Tensor wm = masked_weight(weight, spec, mask_or_scores, threshold);
+    C10_CUDA_CHECK(cuda::cutlass_masked_linear_forward_bf16(x.data_ptr(), wm.data_ptr(), bias_ptr, y.data_ptr(),
+                                                            static_cast<int>(M), static_cast<int>(N),
+                                                            static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
+    return y;
+  }
   C10_CUDA_CHECK(cuda::masked_linear_forward(device_dtype(x, "x"), x.data_ptr(), weight.data_ptr(), bias_ptr, spec,
                                              y.data_ptr(), static_cast<int>(M), static_cast<int>(N),
                                              static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
@@ -120,9 +180,17 @@ void check_bwd_input_inputs(const at::Tensor& dy, const at::Tensor& weight) {
   TORCH_CHECK(dy.size(1) == weight.size(0), "dy has ", dy.size(1), " columns but weight has ", weight.size(0), " rows");
 }
 
-at::Tensor linear_bwd_input(const at::Tensor& dy, const at::Tensor& weight, const MaskSpec& spec) {
+at::Tensor linear_bwd_input(const at::Tensor& dy, const at::Tensor& weight, const MaskSpec& spec,
+                            const at::Tensor& mask_or_scores, const at::Tensor* threshold) {
   const int64_t M = dy.size(0), N = weight.size(0), K = weight.size(1);
   at::Tensor dx = at::empty({M, K}, dy.options());
+  if (use_cutlass(M, N, K, {&dy, &weight})) {
+    const at::Tensor wm = masked_weight(weight, spec, mask_or_scores, threshold);
+    C10_CUDA_CHECK(cuda::cutlass_masked_linear_input_grad_bf16(dy.data_ptr(), wm.data_ptr(), dx.data_ptr(),
+                                                               static_cast<int>(M), static_cast<int>(N),
+                                                               static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
+    return dx;
+  }
   C10_CUDA_CHECK(cuda::masked_linear_input_grad(device_dtype(dy, "dy"), dy.data_ptr(), weight.data_ptr(), spec,
                                                 dx.data_ptr(), static_cast<int>(M), static_cast<int>(N),
                                                 static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
@@ -142,14 +210,14 @@ at::Tensor masked_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& mask, bool packed) {
   check_fwd_inputs(x, weight);
   const c10::cuda::CUDAGuard guard(x.device());
-  return linear_fwd(x, weight, bias, mask_spec(mask, packed, weight.size(0), weight.size(1), x));
+  return linear_fwd(x, weight, bias, mask_spec(mask, packed, weight.size(0), weight.size(1), x), mask, nullptr);
 }
 
 at::Tensor masked_linear_bwd_input_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& mask,
                                         bool packed) {
   check_bwd_input_inputs(dy, weight);
   const c10::cuda::CUDAGuard guard(dy.device());
-  return linear_bwd_input(dy, weight, mask_spec(mask, packed, weight.size(0), weight.size(1), dy));
+  return linear_bwd_input(dy, weight, mask_spec(mask, packed, weight.size(0), weight.size(1), dy), mask, nullptr);
 }
 
 at::Tensor masked_linear_bwd_weight_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask,
@@ -159,6 +227,15 @@ at::Tensor masked_linear_bwd_weight_cuda(const at::Tensor& dy, const at::Tensor&
   const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
   const MaskSpec spec = mask_spec(mask, packed, N, K, dy);
   at::Tensor dweight = at::empty({N, K}, x.options());
+  if (use_cutlass(M, N, K, {&dy, &x})) {
+    // the CUTLASS EVT's 0/1-mask form: the keep-mask as bf16 "scores" against a threshold of 0.5, no dscores
+    const at::Tensor keep = keep_mask(spec, mask, nullptr, N, K).to(at::kBFloat16);
+    const at::Tensor half = at::full({}, 0.5, dy.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(cuda::cutlass_masked_linear_weight_grad_bf16(
+        dy.data_ptr(), x.data_ptr(), nullptr, keep.data_ptr(), half.data_ptr<float>(), nullptr, dweight.data_ptr(),
+        static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
+    return dweight;
+  }
   C10_CUDA_CHECK(cuda::masked_linear_weight_grad(device_dtype(x, "x"), dy.data_ptr(), x.data_ptr(), nullptr, spec,
                                                  nullptr, dweight.data_ptr(), static_cast<int>(M), static_cast<int>(N),
                                                  static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
@@ -171,7 +248,7 @@ at::Tensor score_masked_linear_fwd_cuda_t(const at::Tensor& x, const at::Tensor&
   check_fwd_inputs(x, weight);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor thr = device_threshold(threshold, x);
-  return linear_fwd(x, weight, bias, score_spec(scores, thr, weight.size(0), weight.size(1), x));
+  return linear_fwd(x, weight, bias, score_spec(scores, thr, weight.size(0), weight.size(1), x), scores, &thr);
 }
 
 at::Tensor score_masked_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -186,7 +263,7 @@ at::Tensor score_masked_linear_bwd_input_cuda_t(const at::Tensor& dy, const at::
   check_bwd_input_inputs(dy, weight);
   const c10::cuda::CUDAGuard guard(dy.device());
   const at::Tensor thr = device_threshold(threshold, dy);
-  return linear_bwd_input(dy, weight, score_spec(scores, thr, weight.size(0), weight.size(1), dy));
+  return linear_bwd_input(dy, weight, score_spec(scores, thr, weight.size(0), weight.size(1), dy), scores, &thr);
 }
 
 at::Tensor score_masked_linear_bwd_input_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& scores,
@@ -209,6 +286,15 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight
   const MaskSpec spec = score_spec(scores, thr, N, K, dy);
   at::Tensor dscores = at::empty({N, K}, scores.options());
   at::Tensor dweight = need_dweight ? at::empty({N, K}, weight.options()) : at::Tensor();
+  if (use_cutlass(M, N, K, {&dy, &x, &weight, &scores})) {
+    // the EVT always stores dweight (its D): without need_dweight it goes to a scratch tensor
+    if (!need_dweight) dweight = at::empty({N, K}, weight.options());
+    C10_CUDA_CHECK(cuda::cutlass_masked_linear_weight_grad_bf16(
+        dy.data_ptr(), x.data_ptr(), weight.data_ptr(), scores.data_ptr(), thr.data_ptr<float>(), dscores.data_ptr(),
+        dweight.data_ptr(), static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+        c10::cuda::getCurrentCUDAStream()));
+    return std::make_tuple(dscores, need_dweight ? std::optional<at::Tensor>(dweight) : std::nullopt);
+  }
   C10_CUDA_CHECK(cuda::masked_linear_weight_grad(device_dtype(x, "x"), dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
                                                  spec, dscores.data_ptr(), need_dweight ? dweight.data_ptr() : nullptr,
                                                  static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),

@@ -1,6 +1,8 @@
 // CUTLASS 3 sm90 GEMMs on an already-masked weight Wm = W ⊙ m (the weight pass writes Wm):
 //   forward:     y  = x @ Wmᵀ + bias   x (M, K) row-major, Wm (N, K) row-major, y (M, N), bias (N,) or null
 //   input grad:  dx = dy @ Wm          dy (M, N), dx (M, K)
+// and the weight gradient G = dyᵀ @ x (N, K) with an epilogue visitor tree (EVT) that reads W and the scores:
+//   dweight = G ⊙ [scores >= tau]      dscores = G ⊙ W   (straight-through estimator)
 // bf16 in and out, fp32 accumulation. Each is the TMA warp-specialized kernel from the collective builder
 // (cooperative schedule: two consumer warpgroups per 128x128 tile; StageCountAuto); the forward bias is
 // the LinCombPerColBias epilogue (a row broadcast in the epilogue visitor tree). Torch-free. Built only
@@ -44,8 +46,8 @@ constexpr int kAlign = 16 / sizeof(Element);  // 8 elements: TMA needs 16-byte a
 using TileShape = Shape<_128, _128, _64>;
 using ClusterShape = Shape<_1, _1, _1>;
 
-// D (M, N) row-major = A (M, K) · B, with B given as an (N, K) tensor of layout LayoutB.
-template <class LayoutB, class FusionOp>
+// D (M, N) row-major = A · B, A an (M, K) tensor of layout LayoutA, B an (N, K) tensor of layout LayoutB.
+template <class LayoutA, class LayoutB, class FusionOp>
 struct Sm90Gemm {
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -56,7 +58,7 @@ struct Sm90Gemm {
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      Element, cutlass::layout::RowMajor, kAlign,
+      Element, LayoutA, kAlign,
       Element, LayoutB, kAlign,
       ElementAcc, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<
@@ -71,8 +73,62 @@ struct Sm90Gemm {
 using BiasOp = cutlass::epilogue::fusion::LinCombPerColBias<Element, ElementAcc, Element, void, ElementAcc, kAlign>;
 using PlainOp = cutlass::epilogue::fusion::LinearCombination<Element, ElementAcc, void, ElementAcc>;
 // forward: B(n, k) = Wm[n, k] (K contiguous: ColumnMajor B); input grad: B(k, n) = Wm[n, k] (RowMajor B)
-using ForwardGemm = Sm90Gemm<cutlass::layout::ColumnMajor, BiasOp>::Gemm;
-using InputGradGemm = Sm90Gemm<cutlass::layout::RowMajor, PlainOp>::Gemm;
+using ForwardGemm = Sm90Gemm<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, BiasOp>::Gemm;
+using InputGradGemm = Sm90Gemm<cutlass::layout::RowMajor, cutlass::layout::RowMajor, PlainOp>::Gemm;
+
+// ---- weight gradient: G (N, K) = dyᵀ · x, GEMM with m := N, n := K, k := M (the tokens) ----------------------
+// A(n, m) = dy[m, n] (M-major: ColumnMajor A), B(k, m) = x[m, k] (N-major: RowMajor B). Its EVT:
+//   D      = dweight = G ⊙ [float(scores) >= float(bf16(tau))]   (torch.where(scores >= tau, G, 0), bf16)
+//   aux    = dscores = G · float(W)                                (bf16; not stored when its pointer is null)
+// tau is a scalar broadcast read from a device pointer (no host sync), rounded to the scores' dtype (bf16) as
+// torch's `scores >= tau` does; W is an aux load skipped (read as zeros) when its pointer is null.
+namespace fusion = cutlass::epilogue::fusion;
+namespace epi_detail = cutlass::epilogue::collective::detail;
+using EpiSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+// The same epilogue tile and stage counts the collective builder derives (C void, D bf16, cooperative).
+using EpiDesc = epi_detail::EpilogueDescriptor<TileShape, cutlass::epilogue::collective::EpilogueTileAuto, void,
+                                               Element, EpiSchedule>;
+using AuxLoadDesc = epi_detail::AuxLoadDescriptor<EpiDesc, cutlass::layout::RowMajor, Element>;
+using AuxStoreDesc = epi_detail::AuxStoreDescriptor<EpiDesc, cutlass::layout::RowMajor, Element>;
+using AuxLoadOp = fusion::Sm90AuxLoad<AuxLoadDesc::Stages, typename EpiDesc::EpilogueTile, Element,
+                                      typename AuxLoadDesc::Stride, typename AuxLoadDesc::SmemLayoutAtom,
+                                      typename AuxLoadDesc::CopyOpS2R, kAlign, /*EnableNullptr=*/true>;
+using AuxStoreOp = fusion::Sm90AuxStore<AuxStoreDesc::Stages, typename EpiDesc::EpilogueTile, Element,
+                                        cutlass::FloatRoundStyle::round_to_nearest, typename AuxStoreDesc::Stride,
+                                        typename AuxStoreDesc::SmemLayoutAtom, typename AuxStoreDesc::CopyOpR2S,
+                                        kAlign, /*EnableNullptr=*/true>;
+using TauOp = fusion::Sm90ScalarBroadcast<ElementAcc>;
+
+// g where float(s) >= float(bf16(tau)), else 0 (a select, as torch.where: no 0 * inf = nan).
+template <class T>
+struct KeepOrZero {
+  CUTLASS_HOST_DEVICE T operator()(T g, T s, T tau) const {
+    return s >= static_cast<T>(Element(tau)) ? g : T(0);
+  }
+};
+template <class T, int N>
+struct KeepOrZero<cutlass::Array<T, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& g, cutlass::Array<T, N> const& s,
+                                                      cutlass::Array<T, N> const& tau) const {
+    const T t = static_cast<T>(Element(tau[0]));
+    cutlass::Array<T, N> out;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = s[i] >= t ? g[i] : T(0);
+    return out;
+  }
+};
+
+using RoundNearest = std::integral_constant<cutlass::FloatRoundStyle, cutlass::FloatRoundStyle::round_to_nearest>;
+using DweightTree = fusion::Sm90EVT<
+    fusion::Sm90Compute<KeepOrZero, ElementAcc, ElementAcc, RoundNearest::value>,
+    fusion::Sm90AccFetch, AuxLoadOp /*scores*/, TauOp>;
+using DscoresTree = fusion::Sm90EVT<
+    AuxStoreOp,
+    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, ElementAcc, ElementAcc, RoundNearest::value>,
+                    fusion::Sm90AccFetch, AuxLoadOp /*W*/>>;
+// The accumulator feeds both trees; the aux tree (dscores) is visited before the output tree (D = dweight).
+using WeightGradEvt = fusion::Sm90SplitTreeVisitor<fusion::Sm90AccFetch, DweightTree, DscoresTree>;
+using WeightGradGemm = Sm90Gemm<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, WeightGradEvt>::Gemm;
 
 cudaError_t device_check() {
   int dev = 0, major = 0, minor = 0;
@@ -82,6 +138,18 @@ cudaError_t device_check() {
   if (err != cudaSuccess) return err;
   return (major == 9 && minor == 0) ? cudaSuccess : cudaErrorNotSupported;  // sm_90a code runs on 9.0 only
 }
+
+cutlass::KernelHardwareInfo hardware_info() {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cutlass::KernelHardwareInfo hw_info;
+  hw_info.device_id = dev;
+  hw_info.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(dev);
+  return hw_info;
+}
+
+template <class Gemm>
+cudaError_t launch(typename Gemm::Arguments& args, cudaStream_t stream);
 
 // Runs D (M, N) = A (M, K) · B; a_ptr / b_ptr / d_ptr device pointers, strides from the layouts.
 template <class Gemm>
@@ -97,28 +165,68 @@ cudaError_t run_gemm(const void* a_ptr, const void* b_ptr, const void* bias, voi
   auto stride_b = cutlass::make_cute_packed_stride(typename GK::StrideB{}, make_shape(N, K, 1));
   auto stride_c = cutlass::make_cute_packed_stride(typename GK::StrideC{}, make_shape(M, N, 1));
   auto stride_d = cutlass::make_cute_packed_stride(typename GK::StrideD{}, make_shape(M, N, 1));
-  int dev = 0;
-  cudaGetDevice(&dev);
-  cutlass::KernelHardwareInfo hw_info;
-  hw_info.device_id = dev;
-  hw_info.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(dev);
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {M, N, K, 1},
       {static_cast<const Element*>(a_ptr), stride_a, static_cast<const Element*>(b_ptr), stride_b},
       {{}, nullptr, stride_c, static_cast<Element*>(d_ptr), stride_d},
-      hw_info};
+      hardware_info()};
   args.epilogue.thread.alpha = 1.0f;
   args.epilogue.thread.beta = 0.0f;
   if constexpr (std::is_same_v<Gemm, ForwardGemm>) {
     args.epilogue.thread.bias_ptr = static_cast<const Element*>(bias);  // null: the row broadcast reads zeros
   }
+  return launch<Gemm>(args, stream);
+}
+
+// G = dyᵀ · x with the EVT above; dy (M, N), x (M, K), weight / scores / dscores / dweight (N, K), all row-major.
+cudaError_t run_weight_grad(const void* dy, const void* x, const void* weight, const void* scores, const float* tau,
+                            void* dscores, void* dweight, int M, int N, int K, cudaStream_t stream) {
+  if (M <= 0 || N <= 0 || K <= 0 || N % kAlign || K % kAlign) return cudaErrorInvalidValue;
+  if (dy == nullptr || x == nullptr || scores == nullptr || tau == nullptr || dweight == nullptr) return cudaErrorInvalidValue;
+  if ((dscores == nullptr) != (weight == nullptr)) return cudaErrorInvalidValue;  // dscores = G ⊙ W needs W
+  for (const void* p : {dy, x, weight, scores, static_cast<const void*>(dscores), static_cast<const void*>(dweight)})
+    if (reinterpret_cast<uintptr_t>(p) % 16) return cudaErrorInvalidValue;  // TMA: 16-byte aligned bases
+  if (reinterpret_cast<uintptr_t>(tau) % alignof(float)) return cudaErrorInvalidValue;
+  cudaError_t err = device_check();
+  if (err != cudaSuccess) return err;
+  using Gemm = WeightGradGemm;
+  using GK = typename Gemm::GemmKernel;
+  // GEMM (m, n, k) = (N, K, M)
+  auto stride_a = cutlass::make_cute_packed_stride(typename GK::StrideA{}, make_shape(N, M, 1));
+  auto stride_b = cutlass::make_cute_packed_stride(typename GK::StrideB{}, make_shape(K, M, 1));
+  auto stride_c = cutlass::make_cute_packed_stride(typename GK::StrideC{}, make_shape(N, K, 1));
+  auto stride_d = cutlass::make_cute_packed_stride(typename GK::StrideD{}, make_shape(N, K, 1));
+  auto stride_aux = cutlass::make_cute_packed_stride(typename AuxLoadDesc::Stride{}, make_shape(N, K, 1));
+  auto stride_aux_out = cutlass::make_cute_packed_stride(typename AuxStoreDesc::Stride{}, make_shape(N, K, 1));
+  typename Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {N, K, M, 1},
+      {static_cast<const Element*>(dy), stride_a, static_cast<const Element*>(x), stride_b},
+      {{}, nullptr, stride_c, static_cast<Element*>(dweight), stride_d},
+      hardware_info()};
+  // Sm90SplitTreeVisitor<Input, Output, Aux> takes its arguments in the order (Input, Aux, Output).
+  args.epilogue.thread = {
+      {},                                                                 // input tree: the accumulator G
+      {                                                                   // aux tree: dscores = G · W
+          {{}, {static_cast<const Element*>(weight), Element(0), stride_aux}, {}},  //   G · W (W null: zeros)
+          {static_cast<Element*>(dscores), stride_aux_out}},              //   store (null: not stored)
+      {                                                                   // output tree: D = keep ? G : 0
+          {},                                                             //   G
+          {static_cast<const Element*>(scores), Element(0), stride_aux},  //   scores
+          {{0.0f}, {tau}, {}},                                            //   tau, read from *tau on the device
+          {}}};                                                           //   KeepOrZero
+  return launch<Gemm>(args, stream);
+}
+
+template <class Gemm>
+cudaError_t launch(typename Gemm::Arguments& args, cudaStream_t stream) {
   Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
   if (Gemm::get_workspace_size(args) != 0) return cudaErrorNotSupported;  // the data-parallel schedule needs none
   if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
   if (gemm.run(stream) != cutlass::Status::kSuccess) {
-    err = cudaGetLastError();
+    const cudaError_t err = cudaGetLastError();
     return err != cudaSuccess ? err : cudaErrorLaunchFailure;
   }
   return cudaGetLastError();
@@ -139,6 +247,12 @@ cudaError_t cutlass_masked_linear_input_grad_bf16(const void* dy, const void* we
   return run_gemm<InputGradGemm>(dy, weight_masked, nullptr, dx, M, K, N, stream);
 }
 
+cudaError_t cutlass_masked_linear_weight_grad_bf16(const void* dy, const void* x, const void* weight,
+                                                   const void* scores, const float* threshold, void* dscores,
+                                                   void* dweight, int M, int N, int K, cudaStream_t stream) {
+  return run_weight_grad(dy, x, weight, scores, threshold, dscores, dweight, M, N, K, stream);
+}
+
 }  // namespace cuda
 }  // namespace sparsebert
 
@@ -155,6 +269,11 @@ cudaError_t cutlass_masked_linear_forward_bf16(const void*, const void*, const v
 }
 
 cudaError_t cutlass_masked_linear_input_grad_bf16(const void*, const void*, void*, int, int, int, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
+
+cudaError_t cutlass_masked_linear_weight_grad_bf16(const void*, const void*, const void*, const void*, const float*,
+                                                   void*, void*, int, int, int, cudaStream_t) {
   return cudaErrorNotSupported;
 }
 

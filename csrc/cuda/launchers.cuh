@@ -83,6 +83,14 @@ cudaError_t cutlass_masked_linear_forward_bf16(const void* x, const void* weight
 // dx = dy @ Wm
 cudaError_t cutlass_masked_linear_input_grad_bf16(const void* dy, const void* weight_masked, void* dx, int M, int N,
                                                   int K, cudaStream_t stream);
+// G = dyᵀ @ x (N, K), one GEMM over the M tokens, then in its epilogue visitor tree:
+//   dweight = G ⊙ [scores >= tau]  (a select, bf16; tau = *threshold rounded to bf16, read on the device)
+//   dscores = G ⊙ weight           (bf16; weight and dscores both null: not computed)
+// scores (N, K) bf16 and threshold (one fp32, device) are required; for a 0/1 mask pass it as bf16 scores
+// with *threshold = 0.5. The bias gradient (column sums of dy) is not computed here (see docs/CUTLASS.md).
+cudaError_t cutlass_masked_linear_weight_grad_bf16(const void* dy, const void* x, const void* weight,
+                                                   const void* scores, const float* threshold, void* dscores,
+                                                   void* dweight, int M, int N, int K, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace sparsebert

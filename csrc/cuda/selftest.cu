@@ -282,6 +282,61 @@ void run_cutlass_case(int M, int N, int K, bool with_bias) {
   expect_close(label, to_floats(bf, dxo.download(), want_dx.size()), want_dx, tolerance(bf), std::sqrt(double(N)));
 }
 
+// CUTLASS sm90 weight gradient (cutlass_masked_gemm.cu): G = dy^T x; dweight = G * [scores >= bf16(tau)],
+// dscores = G * W. with_scores = false runs the 0/1-mask form (bf16 mask as scores, tau 0.5, no dscores).
+// Skipped (not failed) when the build has no CUTLASS or the device is not compute capability 9.0.
+void run_cutlass_weight_grad_case(int M, int N, int K, bool with_scores) {
+  const DType bf = DType::BFloat16;
+  HostArray x = random_array(bf, size_t(M) * K), w = random_array(bf, size_t(N) * K), dy = random_array(bf, size_t(M) * N),
+            scores = random_array(bf, size_t(N) * K);
+  // 0.2995 rounds down to the bf16 0.298828125: scores equal to that are kept only when tau is rounded first
+  const float tau = with_scores ? 0.2995f : 0.5f, tau_bf16 = round_to(bf, tau);
+  std::bernoulli_distribution keep(0.6);
+  for (size_t i = 0; i < scores.values.size(); ++i) {
+    if (!with_scores) scores.values[i] = keep(g_rng) ? 1.0f : 0.0f;
+    else if (i % 7 == 0) scores.values[i] = tau_bf16;
+  }
+  DeviceBuffer dx_in(x.bytes()), dw_in(w.bytes()), ddy(dy.bytes()), dscores_in(scores.bytes()),
+      dtau(std::vector<float>{tau}), dweight(size_t(N) * K * 2), dscores(size_t(N) * K * 2);
+  cudaError_t err = sparsebert::cuda::cutlass_masked_linear_weight_grad_bf16(
+      ddy.ptr, dx_in.ptr, with_scores ? dw_in.ptr : nullptr, dscores_in.ptr, static_cast<const float*>(dtau.ptr),
+      with_scores ? dscores.ptr : nullptr, dweight.ptr, M, N, K, 0);
+  if (err == cudaErrorNotSupported) {
+    cudaGetLastError();
+    std::printf("skip cutlass sm90 weight grad M=%d N=%d K=%d (not built with CUTLASS, or not a 9.0 device)\n", M, N, K);
+    return;
+  }
+  CHECK_CUDA(err);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<double> grad(size_t(N) * K, 0.0);
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n)
+      for (int k = 0; k < K; ++k)
+        grad[size_t(n) * K + k] += double(dy.values[size_t(m) * N + n]) * x.values[size_t(m) * K + k];
+  std::vector<double> want_dw(grad.size()), want_ds(grad.size());
+  for (size_t i = 0; i < grad.size(); ++i) {
+    want_dw[i] = scores.values[i] >= tau_bf16 ? grad[i] : 0.0;
+    want_ds[i] = grad[i] * w.values[i];
+  }
+  char label[160];
+  std::snprintf(label, sizeof label, "cutlass dW   bf16 %-11s M=%d N=%d K=%d", with_scores ? "scores" : "mask", M, N, K);
+  expect_close(label, to_floats(bf, dweight.download(), grad.size()), want_dw, tolerance(bf), std::sqrt(double(M)));
+  if (with_scores) {
+    std::snprintf(label, sizeof label, "cutlass dS   bf16 %-11s M=%d N=%d K=%d", "scores", M, N, K);
+    expect_close(label, to_floats(bf, dscores.download(), grad.size()), want_ds, tolerance(bf), std::sqrt(double(M)));
+  }
+  // bad input is refused before any launch: K not a multiple of 8, dscores without weight
+  const bool refused =
+      sparsebert::cuda::cutlass_masked_linear_weight_grad_bf16(ddy.ptr, dx_in.ptr, nullptr, dscores_in.ptr,
+                                                               static_cast<const float*>(dtau.ptr), nullptr, dweight.ptr,
+                                                               M, N, K - 1, 0) == cudaErrorInvalidValue &&
+      sparsebert::cuda::cutlass_masked_linear_weight_grad_bf16(ddy.ptr, dx_in.ptr, nullptr, dscores_in.ptr,
+                                                               static_cast<const float*>(dtau.ptr), dscores.ptr,
+                                                               dweight.ptr, M, N, K, 0) == cudaErrorInvalidValue;
+  std::printf("%-4s cutlass dW   bad input refused M=%d N=%d K=%d\n", refused ? "ok" : "FAIL", M, N, K);
+  if (!refused) ++g_failures;
+}
+
 uint32_t ordered_key(float f) {
   uint32_t b;
   std::memcpy(&b, &f, 4);
@@ -456,6 +511,8 @@ int main() {
   // N, K multiples of 8 (16-byte TMA rows); M free; tiles are 128x128x64, so these cover partial tiles
   for (const auto& s : {std::array<int, 3>{1, 8, 8}, {77, 200, 136}, {300, 264, 776}})
     for (bool with_bias : {true, false}) run_cutlass_case(s[0], s[1], s[2], with_bias);
+  for (const auto& s : {std::array<int, 3>{1, 8, 8}, {77, 200, 136}, {333, 264, 776}})
+    for (bool with_scores : {true, false}) run_cutlass_weight_grad_case(s[0], s[1], s[2], with_scores);
 
   std::printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "PASSED", g_failures);
   return g_failures ? 1 : 0;

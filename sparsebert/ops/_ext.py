@@ -69,3 +69,10 @@ def has_cuda() -> bool:
     """True when the CUDA kernels were compiled into the loaded extension (whether a GPU is visible is
     a separate question: torch.cuda.is_available())."""
     return bool(build_info().get("cuda", False))
+
+
+def has_cutlass() -> bool:
+    """True when the CUDA kernels include the CUTLASS sm90 GEMMs (built for sm_90a with CUTLASS; docs/CUTLASS.md).
+    The CUDA backend's masked-linear ops then run them on a 9.0 device for bf16 data with N and K multiples of 8
+    and 16-byte aligned operands (SPARSEBERT_CUTLASS_DISPATCH=0 turns that off); otherwise the WMMA kernels."""
+    return bool(build_info().get("cutlass", False))
