@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from sparsebert.checkpoint import atomic_write_text  # noqa: E402
 from sparsebert.pruning.srnet import Runner, SRNetConfig  # noqa: E402
+from sparsebert.runs import RunLocked  # noqa: E402
 
 DEFAULT_OUT = "runs/srnet_cpu_v4"
 
@@ -172,7 +173,11 @@ def cmd_run(args) -> int:
     t0 = time.time()
     for stage in args.stage:
         for cfg in plan(stage, args.out):
-            r = runner.run(cfg)
+            try:
+                r = runner.run(cfg)
+            except RunLocked as e:  # another `run` process holds it: take the next one (two processes share a stage)
+                print(f"[{(time.time() - t0) / 60:6.1f} min] {stage:12s} {cfg.run_name:45s} skipped: {e}", flush=True)
+                continue
             print(f"[{(time.time() - t0) / 60:6.1f} min] {stage:12s} {r['run']:45s} ID {r['last']['id']:.4f} "
                   f"OOD {r['last']['ood']:.4f} ({r['seconds']:.0f} s)", flush=True)
     return 0

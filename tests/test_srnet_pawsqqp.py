@@ -253,3 +253,22 @@ def test_report_renders_the_paws_table_beside_the_mnli_one(tmp_path):
     assert "| majority class / constant predictor | - | - | 62.5 | 54.5 |" in table
     assert "| a: ce->poe, constant, lr_scores 0.0005 | 2 | +62.5 [" in table
     assert "agrees with the label on 80.0%" in table
+
+
+def test_run_skips_a_run_another_process_holds(tmp_path, monkeypatch, capsys):
+    """Two `run` processes can share a stage: a run whose folder lock is held is skipped, not fatal."""
+    from sparsebert.runs import RunLocked
+    ev = SE
+    done = []
+
+    def fake_run(self, cfg):
+        if cfg.paradigm == "dense":
+            raise RunLocked("run folder X is being written by another process")
+        done.append(cfg.run_name)
+        return {"run": cfg.run_name, "last": {"id": 0.5, "ood": 0.5}, "seconds": 1.0}
+
+    monkeypatch.setattr(ev.PredictionSavingRunner, "run", fake_run)
+    assert ev.main(["run", "--stage", "pawsqqp", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "dense-ce-seed0" in out and "skipped" in out
+    assert len(done) == 7  # every mask run still went ahead
