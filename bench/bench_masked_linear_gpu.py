@@ -61,7 +61,8 @@ def bytes_moved(version, mode, t, k, n, e, s):
         bwd = (y + w + x) + (y + x + w) + (y + b)  # dx = dy W; dW = dy^T x; db = sum(dy)
     elif version in ("fused", "fused-tiles", "fused-persistent"):
         fwd = x + w + sc + b + y
-        bwd = (y + w + sc + x) + (y + x + w + sc + sc + w) + (y + b)  # bwd_input; bwd_weight_scores; db
+        # bwd_input; bwd_weight_scores with db reduced from the dY tiles it already loads (only db's write)
+        bwd = (y + w + sc + x) + (y + x + w + sc + sc + w) + b
     elif version == "unfused":
         to_w = (nk * s + nk * e) if s != e else 0  # m.to(weight.dtype)
         # scores >= tau (bool out); .to(scores dtype); .to(weight dtype); W * m; linear
