@@ -784,23 +784,3 @@ def bwd_weight_bias(dy, x, weight, mask_src, kind, words, threshold_val, thresho
             n, k, words, threshold_val, thr_ptr, BLOCK_N=block_n, BLOCK_K=block_k, **common,
         )
     return dweight, dscores, dbias
-    split = split_m_for(m, n, k, dev) if split_m is None else int(split_m)
-    split = max(1, min(split, max(m, 1)))
-    ieee, upcast = dot_flags(x.dtype)
-    thr_ptr = threshold_ptr if threshold_ptr is not None else x
-    w_arg = weight if weight is not None else x
-    common = dict(MASK_KIND=kind, THRESHOLD_FROM_PTR=threshold_ptr is not None,
-                  WRITE_DWEIGHT=dweight is not None, WRITE_DSCORES=dscores is not None, SPLIT_M=split)
-    partial = torch.empty((split, n, k), device=dev, dtype=torch.float32) if split > 1 else x
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), split)  # noqa: E731
-    linear_bwd_weight_kernel[grid](
-        dy, x, w_arg, mask_src, dweight if dweight is not None else x, dscores if dscores is not None else x, partial,
-        m, n, k, bucket(m), words, threshold_val, thr_ptr, IEEE_DOT=ieee, UPCAST_DOT=upcast, **common,
-    )
-    if split > 1:
-        block_n, block_k = (32, 32) if INTERPRET else (64, 128)
-        weight_grad_finalize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-            partial, w_arg, mask_src, dweight if dweight is not None else x, dscores if dscores is not None else x,
-            n, k, words, threshold_val, thr_ptr, BLOCK_N=block_n, BLOCK_K=block_k, **common,
-        )
-    return dweight, dscores
