@@ -488,8 +488,17 @@ def plot(rows, teachers, path, args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    main = [r for r in rows if r["variant"] == "full" and r["sample_tokens"] == args.sample_tokens and "accuracy" in r]
-    tasks = [t for t in TASKS if any(r["task"] == t for r in main)]
+    full = [r for r in rows if r["variant"] == "full" and "accuracy" in r]
+    tokens = {}  # per task, the sample size of its main comparison: the one with the most rows (ties: the larger)
+    for t in TASKS:
+        counts = {}
+        for r in full:
+            if r["task"] == t:
+                counts[r["sample_tokens"]] = counts.get(r["sample_tokens"], 0) + 1
+        if counts:
+            tokens[t] = max(counts, key=lambda n: (counts[n], n))
+    main = [r for r in full if tokens.get(r["task"]) == r["sample_tokens"]]
+    tasks = [t for t in TASKS if t in tokens]
     if not tasks:
         return
     panels = [(t, m) for t in tasks for m in (("accuracy", "f1") if main and any(
@@ -507,12 +516,12 @@ def plot(rows, teachers, path, args):
         ax.axhline(r0[f"dense_{metric}"], color="k", lw=0.9, label="dense teacher")
         base = r0["majority_accuracy"] if metric == "accuracy" else r0["constant_f1"]
         ax.axhline(base, color="gray", lw=0.9, ls="-.", label="majority" if metric == "accuracy" else "all-positive")
-        ax.set_title(f"{task} ({metric})", fontsize=10)
+        ax.set_title(f"{task} ({metric}), {tokens[task]:,}-token samples", fontsize=9)
         ax.set_xlabel("FLOPs kept")
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"MiniLM-L6, {args.sample_tokens}-token samples, mean of seeds, 95% bootstrap bands", fontsize=10)
+    fig.suptitle("MiniLM-L6, mean of sample seeds, 95% bootstrap bands", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
