@@ -117,6 +117,16 @@ double tolerance(DType out_dtype) {
   return out_dtype == DType::Float32 ? 2e-5 : (out_dtype == DType::Float16 ? 2e-3 : 1.6e-2);
 }
 
+// G = dy^T x in double on the host: the weight-gradient reference, [N, K] row-major.
+std::vector<double> host_weight_grad(const HostArray& dy, const HostArray& x, int M, int N, int K) {
+  std::vector<double> grad(size_t(N) * K, 0.0);
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n)
+      for (int k = 0; k < K; ++k)
+        grad[size_t(n) * K + k] += double(dy.values[size_t(m) * N + n]) * x.values[size_t(m) * K + k];
+  return grad;
+}
+
 // |got - want| <= tol * (|want| + scale) elementwise; scale ~ the size of the summands' noise.
 void expect_close(const char* what, const std::vector<float>& got, const std::vector<double>& want, double tol,
                   double scale) {
@@ -224,11 +234,7 @@ void run_gemm_case(DType dtype, const MaskCase& mc, int M, int N, int K) {
     CHECK_CUDA(sparsebert::cuda::masked_linear_weight_grad(dtype, ddy.ptr, dx_in.ptr, scores ? dw_in.ptr : nullptr, spec,
                                                            scores ? dscores.ptr : nullptr, dweight.ptr, M, N, K, 0));
     CHECK_CUDA(cudaDeviceSynchronize());
-    std::vector<double> grad(size_t(N) * K, 0.0);
-    for (int m = 0; m < M; ++m)
-      for (int n = 0; n < N; ++n)
-        for (int k = 0; k < K; ++k)
-          grad[size_t(n) * K + k] += double(dy.values[size_t(m) * N + n]) * x.values[size_t(m) * K + k];
+    const std::vector<double> grad = host_weight_grad(dy, x, M, N, K);
     std::vector<double> want_dw(grad.size()), want_ds(grad.size());
     for (size_t i = 0; i < grad.size(); ++i) {
       want_dw[i] = mc.keep[i] ? grad[i] : 0.0;
@@ -308,11 +314,7 @@ void run_cutlass_weight_grad_case(int M, int N, int K, bool with_scores) {
   }
   CHECK_CUDA(err);
   CHECK_CUDA(cudaDeviceSynchronize());
-  std::vector<double> grad(size_t(N) * K, 0.0);
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < N; ++n)
-      for (int k = 0; k < K; ++k)
-        grad[size_t(n) * K + k] += double(dy.values[size_t(m) * N + n]) * x.values[size_t(m) * K + k];
+  const std::vector<double> grad = host_weight_grad(dy, x, M, N, K);
   std::vector<double> want_dw(grad.size()), want_ds(grad.size());
   for (size_t i = 0; i < grad.size(); ++i) {
     want_dw[i] = scores.values[i] >= tau_bf16 ? grad[i] : 0.0;
