@@ -1,6 +1,6 @@
 """SRNet experiments at CPU scale (MiniLM backbone): run the planned sweep, then write results/srnet.
 
-    python scripts/srnet_eval.py run [--stage teacher main cecontrol highsparsity paradigms pawsqqp] [--out DIR]
+    python scripts/srnet_eval.py run [--stage teacher main cecontrol highsparsity paradigms pawsqqp longmask] [--out DIR]
     python scripts/srnet_eval.py report [--out DIR] [--report-dir results/srnet]
 
 `run` executes the runs of each stage in priority order, one at a time, in this process (one thread:
@@ -75,6 +75,9 @@ class SharedTeacherConfig(SRNetConfig):
             name += "-headunmasked"
         if self.lr_scores != MNLI["lr_scores"]:
             name += f"-lrs{self.lr_scores:g}"
+        recipe = PAWS if self.task == PAWS["task"] else MNLI
+        if self.mask_epochs != recipe["mask_epochs"]:  # a longer or shorter mask search is another run
+            name += f"-me{self.mask_epochs:g}"
         return name + f"-t{self.teacher_seed}" if self.paradigm in ("a", "b") else name
 
 
@@ -145,6 +148,9 @@ def plan(stage: str, out: str) -> List[SharedTeacherConfig]:
     if stage == "paradigms":
         return [mnli_cfg(out, paradigm="c", loss="poe", sparsity=0.5, seed=0),
                 mnli_cfg(out, paradigm="b", source="ce", loss="poe", sparsity=0.5, seed=0, mask_from="mask_training")]
+    if stage == "longmask":  # 4x the mask steps (980): does the 245-step picture change with a longer search?
+        return [mnli_cfg(out, paradigm="a", source="ce", loss=loss, sparsity=0.5, seed=seed, mask_epochs=2.0)
+                for seed in (0, 1, 2) for loss in ("poe", "ce")]
     if stage == "pawsqqp":
         return paws_plan(out)
     raise ValueError(f"--stage: expected one of {', '.join(STAGES)}, got {stage!r}")
@@ -162,7 +168,7 @@ def paws_plan(out: str, **recipe) -> List[SharedTeacherConfig]:
     return [cfg(paradigm="dense", loss="ce", seed=0)] + masks
 
 
-STAGES = ("teacher", "main", "cecontrol", "highsparsity", "paradigms", "pawsqqp")
+STAGES = ("teacher", "main", "cecontrol", "highsparsity", "paradigms", "pawsqqp", "longmask")
 
 
 def cmd_run(args) -> int:
@@ -280,7 +286,7 @@ def _group_key(run) -> tuple:
     extra = f"masks from a, rewind {c['rewind']}" if run["paradigm"] == "b" else ""
     if not c.get("include_head", True):
         extra = (extra + ", " if extra else "") + "head unmasked"
-    extra = (extra + ", " if extra else "") + f"lr_scores {c['lr_scores']:g}"
+    extra = (extra + ", " if extra else "") + f"lr_scores {c['lr_scores']:g}, {run['last']['step']} steps"
     return (run["paradigm"], f"{c['source']}->{c['loss']}" if run["paradigm"] in ("a", "b") else c["loss"],
             sched, c["sparsity"], extra)
 

@@ -164,6 +164,22 @@ def test_pawsqqp_plan_shares_one_teacher():
     assert SE.plan("teacher", "/tmp/never-written")[0].task == "mnli"  # the mnli stages are untouched
 
 
+
+def test_longmask_stage_is_its_own_run_beside_the_main_one():
+    """Stage longmask: the 50% CE-teacher mask search with 4x the steps. Its runs must never resume or be
+    mistaken for the main stage's 245-step runs (another folder, another identity), and share the teacher."""
+    main = {c.run_name: c for c in SE.plan("main", "/tmp/never-written")}
+    assert "a-ce+poe-s0.5-constant-seed0-t0" in main  # the main stage's names are unchanged
+    long = SE.plan("longmask", "/tmp/never-written")
+    assert "longmask" in SE.STAGES
+    assert [c.run_name for c in long] == [f"a-ce+{loss}-s0.5-constant-seed{s}-me2-t0"
+                                          for s in (0, 1, 2) for loss in ("poe", "ce")]
+    short = main["a-ce+poe-s0.5-constant-seed0-t0"]
+    assert long[0].mask_epochs == 4 * short.mask_epochs
+    assert run_identity(long[0]) != run_identity(short)
+    assert run_identity(long[0].dense_dependency()) == run_identity(short.dense_dependency())
+
+
 # ------------------------------------------------------------------------- a tiny end-to-end run + report
 def test_pawsqqp_stage_runs_and_reports_on_a_tiny_model(paws_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEBERT_DATA", str(paws_dir))
@@ -183,7 +199,7 @@ def test_pawsqqp_stage_runs_and_reports_on_a_tiny_model(paws_dir, tmp_path, monk
     rdir = tmp_path / "report"
     assert SE.main(["report", "--out", str(out), "--report-dir", str(rdir)]) == 0
     table = (rdir / "paws_qqp_biased_tables.md").read_text()
-    assert "| dense ce (teacher) | 1 |" in table and "| a: ce->poe, constant, lr_scores 0.0005 | 2 |" in table
+    assert "| dense ce (teacher) | 1 |" in table and "| a: ce->poe, constant, lr_scores 0.0005, 5 steps | 2 |" in table
     assert "Difference from the dense CE teacher" in table
     assert not (rdir / "mnli_tables.md").exists()  # no mnli runs: no mnli table
     rows = json.loads((rdir / "paws_qqp_biased_summary.json").read_text())
@@ -251,7 +267,7 @@ def test_report_renders_the_paws_table_beside_the_mnli_one(tmp_path):
     table = (rdir / "paws_qqp_biased_tables.md").read_text()
     assert "**ONE CLASS**: ID, OOD anti-corr., PAWS dev+test" in table
     assert "| majority class / constant predictor | - | - | 62.5 | 54.5 |" in table
-    assert "| a: ce->poe, constant, lr_scores 0.0005 | 2 | +62.5 [" in table
+    assert "| a: ce->poe, constant, lr_scores 0.0005, 5 steps | 2 | +62.5 [" in table
     assert "agrees with the label on 80.0%" in table
 
 
