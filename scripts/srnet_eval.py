@@ -306,10 +306,16 @@ def _ci(correct_per_seed, mask=None) -> Dict[str, float]:
 
 def _diff_ci(correct_per_seed, reference, mask=None, level: float = 0.95) -> Dict[str, float]:
     """Interval of mean(correct of the group) - mean(correct of the reference model), resampling the
-    group's seeds and (shared, paired) the examples."""
+    group's seeds and (shared, paired) the examples. `reference`: one model's vector, or a list with one
+    vector per seed of the group (a control run with the same seed: the seeds are resampled as pairs)."""
     import torch
     x = torch.stack([(c[mask] if mask is not None else c).double() for c in correct_per_seed])
-    ref = (reference[mask] if mask is not None else reference).double()
+    if isinstance(reference, (list, tuple)):  # one reference per seed: paired by seed and by example
+        if len(reference) != len(correct_per_seed):
+            raise ValueError(f"reference: expected {len(correct_per_seed)} per-seed vectors, got {len(reference)}")
+        ref = torch.stack([(c[mask] if mask is not None else c).double() for c in reference])
+    else:
+        ref = (reference[mask] if mask is not None else reference).double()
     d = x - ref
     g = torch.Generator().manual_seed(1)
     s, n = d.shape
@@ -340,7 +346,7 @@ def summarize_groups(runs) -> List[Dict[str, Any]]:
         t = sorted(teacher, key=lambda r: r["seed"])[0]
         ref_id = t["_id"][0] == t["_id"][1]
         ref_ood = t["_ood"][0] == t["_ood"][1]
-    rows = []
+    rows, correct = [], {}
     for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0], kv[0][3], kv[0][1], kv[0][2])):
         rs = sorted(rs, key=lambda r: r["seed"])
         id_labels, (_, ood_labels, heur) = rs[0]["_id"][1], rs[0]["_ood"]
@@ -372,8 +378,33 @@ def summarize_groups(runs) -> List[Dict[str, Any]]:
             row["vs_teacher"] = {"id": _diff_ci(id_correct, ref_id), "ood": _diff_ci(ood_correct, ref_ood),
                                  "ood_non_entailed": _diff_ci(ood_correct, ref_ood, non),
                                  "ood_entailed": _diff_ci(ood_correct, ref_ood, ent)}
+        correct[key] = ({r["seed"]: c for r, c in zip(rs, id_correct)}, {r["seed"]: c for r, c in zip(rs, ood_correct)},
+                        ent, non)
         rows.append(row)
+    for row, key in zip(rows, list(correct)):
+        control = _ce_control_key(key)
+        if control is None or control not in correct:
+            continue
+        (ids, oods, ent, non), (cids, coods, _, _) = correct[key], correct[control]
+        seeds = sorted(set(ids) & set(cids))
+        if not seeds:
+            continue
+        x_id, c_id = [ids[s] for s in seeds], [cids[s] for s in seeds]
+        x_ood, c_ood = [oods[s] for s in seeds], [coods[s] for s in seeds]
+        row["vs_ce_mask"] = {"control": _label(control), "seeds": seeds, "id": _diff_ci(x_id, c_id),
+                             "ood": _diff_ci(x_ood, c_ood), "ood_entailed": _diff_ci(x_ood, c_ood, ent),
+                             "ood_non_entailed": _diff_ci(x_ood, c_ood, non)}
     return rows
+
+
+def _ce_control_key(key):
+    """The CE mask-training group that controls a debiased one: same paradigm, teacher, schedule, sparsity,
+    steps and head rule, loss ce (what the mask search alone does, without the debiasing loss)."""
+    paradigm, loss, sched, sparsity, extra = key
+    if paradigm != "a" or "->" not in loss:
+        return None
+    source, mask_loss = loss.split("->")
+    return None if mask_loss == "ce" else (paradigm, f"{source}->ce", sched, sparsity, extra)
 
 
 def _pct(ci) -> str:
@@ -404,21 +435,30 @@ def markdown_tables(rows) -> str:
     diff = [r for r in rows if "vs_teacher" in r]
     if diff:
         lines += ["", "## Difference from the dense CE teacher (points, 95% interval; paired over examples)", "",
-                  "| model | seeds | ID | HANS-style | ent. | non-ent. |", "|---|---|---|---|---|---|"]
+                  "| model | seeds | sparsity | ID | HANS-style | ent. | non-ent. |", "|---|---|---|---|---|---|---|"]
         for r in diff:
             v = r["vs_teacher"]
-            lines.append(f"| {r['group']} | {len(r['seeds'])} | {_signed(v['id'])} | {_signed(v['ood'])} | "
-                         f"{_signed(v['ood_entailed'])} | {_signed(v['ood_non_entailed'])} |")
+            lines.append(f"| {r['group']} | {len(r['seeds'])} | {r['target_sparsity']:g} | {_signed(v['id'])} | "
+                         f"{_signed(v['ood'])} | {_signed(v['ood_entailed'])} | {_signed(v['ood_non_entailed'])} |")
+    ctrl = [r for r in rows if "vs_ce_mask" in r]
+    if ctrl:
+        lines += ["", "## Debiasing loss vs CE mask training (the control: same teacher, sparsity, steps; points, 95% "
+                  "interval; paired by seed and example)", "",
+                  "| model | seeds | sparsity | ID | HANS-style | ent. | non-ent. |", "|---|---|---|---|---|---|---|"]
+        for r in ctrl:
+            v = r["vs_ce_mask"]
+            lines.append(f"| {r['group']} | {len(v['seeds'])} | {r['target_sparsity']:g} | {_signed(v['id'])} | "
+                         f"{_signed(v['ood'])} | {_signed(v['ood_entailed'])} | {_signed(v['ood_non_entailed'])} |")
     lines += ["", "## HANS-style accuracy by heuristic (mean over seeds; entailed / non-entailed)", "",
-              "| model | " + " | ".join(sorted(rows[0]["by_heuristic"])) + " |" if rows else "",
-              "|---|" + "---|" * (len(rows[0]["by_heuristic"]) if rows else 0)]
+              "| model | sparsity | " + " | ".join(sorted(rows[0]["by_heuristic"])) + " |" if rows else "",
+              "|---|---|" + "---|" * (len(rows[0]["by_heuristic"]) if rows else 0)]
     for r in rows:
         cells = [f"{100 * v['entailed']:.0f} / {100 * v['non_entailed']:.0f}" for _, v in sorted(r["by_heuristic"].items())]
-        lines.append(f"| {r['group']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['group']} | {r['target_sparsity']:g} | " + " | ".join(cells) + " |")
     lines += ["", "## Predicted class counts per seed (ID: entailment/neutral/contradiction; HANS-style: ent./non-ent.)", "",
-              "| model | ID | HANS-style |", "|---|---|---|"]
+              "| model | sparsity | ID | HANS-style |", "|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['group']} | {r['id_pred_counts']} | {r['ood_pred_counts']} |")
+        lines.append(f"| {r['group']} | {r['target_sparsity']:g} | {r['id_pred_counts']} | {r['ood_pred_counts']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -579,7 +619,7 @@ def summarize_paws(runs) -> List[Dict[str, Any]]:
         groups[_group_key(r)].append(r)
     teacher = groups.get(("dense", "ce", "", 0.0, ""))
     ref = sorted(teacher, key=lambda r: r["seed"])[0]["_splits"] if teacher else None
-    rows = []
+    rows, correct = [], {}
     for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0], kv[0][3], kv[0][1], kv[0][2])):
         rs = sorted(rs, key=lambda r: r["seed"])
         bias = rs[0].get("data", {}).get("bias_split", {})

@@ -271,6 +271,44 @@ def test_report_renders_the_paws_table_beside_the_mnli_one(tmp_path):
     assert "agrees with the label on 80.0%" in table
 
 
+
+def test_mnli_report_compares_debiased_masks_with_the_ce_mask_control(tmp_path):
+    """The control table pairs each debiased group with the CE mask-training group of the same sparsity and
+    steps, seed by seed; a group without its control (or the teacher) gets none."""
+    out, rdir = tmp_path / "runs", tmp_path / "report"
+    heur = ["lexical_overlap", "subsequence"] * 2
+    id_lab, ood_lab = [0, 1, 2, 1], [0, 1, 1, 0]
+    def splits(id_pred, ood_pred):
+        return {"id_dev": (id_pred, id_lab, heur), "id_test": (id_pred, id_lab, heur),
+                "ood_dev": (ood_pred, ood_lab, heur), "ood_test": (ood_pred, ood_lab, heur)}
+    mnli = out / "mnli"
+    _fake_run(mnli / "dense-ce-seed0", run="dense-ce-seed0", paradigm="dense", loss="ce", seed=0,
+              splits=splits([0, 1, 2, 0], [0, 0, 0, 0]))
+    for seed in (0, 1):
+        # poe: ID 2/4 right, OOD 4/4 right; ce control: ID 3/4 seed 0 and 4/4 seed 1, OOD 2/4 (all entailment)
+        _fake_run(mnli / f"poe{seed}", run=f"poe{seed}", paradigm="a", loss="poe", seed=seed,
+                  splits=splits([0, 1, 0, 0], [0, 2, 1, 0]))
+        _fake_run(mnli / f"ce{seed}", run=f"ce{seed}", paradigm="a", loss="ce", seed=seed,
+                  splits=splits([0, 1, 2, 0] if seed == 0 else [0, 1, 2, 1], [0, 0, 0, 0]))
+    _fake_run(mnli / "reweight0", run="reweight0", paradigm="a", loss="reweight", seed=2,  # no ce run with seed 2
+              splits=splits([0, 1, 2, 1], [0, 0, 0, 0]))
+    assert SE.main(["report", "--out", str(out), "--report-dir", str(rdir)]) == 0
+    rows = {r["loss"]: r for r in json.loads((rdir / "mnli_summary.json").read_text())}
+    v = rows["ce->poe"]["vs_ce_mask"]
+    assert v["seeds"] == [0, 1] and v["control"] == "a: ce->ce, constant, lr_scores 0.0005, 5 steps"
+    assert v["id"]["mean"] == pytest.approx((2 / 4 - 3 / 4 + 2 / 4 - 1) / 2)
+    assert v["ood"]["mean"] == pytest.approx(0.5) and v["ood_non_entailed"]["mean"] == pytest.approx(1.0)
+    assert v["ood_entailed"]["mean"] == pytest.approx(0.0)
+    assert v["id"]["low"] <= v["id"]["mean"] <= v["id"]["high"]
+    assert "vs_ce_mask" not in rows["ce->reweight"] and "vs_ce_mask" not in rows["ce->ce"]
+    table = (rdir / "mnli_tables.md").read_text()
+    assert "## Debiasing loss vs CE mask training" in table
+    assert "| a: ce->poe, constant, lr_scores 0.0005, 5 steps | 2 | 0.5 | -37.5 [" in table
+    with pytest.raises(ValueError, match="reference: expected 2 per-seed vectors, got 1"):
+        import torch
+        SE._diff_ci([torch.ones(3, dtype=torch.bool)] * 2, [torch.ones(3, dtype=torch.bool)])
+
+
 def test_run_skips_a_run_another_process_holds(tmp_path, monkeypatch, capsys):
     """Two `run` processes can share a stage: a run whose folder lock is held is skipped, not fatal."""
     from sparsebert.runs import RunLocked
