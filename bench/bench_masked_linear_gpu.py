@@ -8,11 +8,12 @@ with triton.testing.do_bench (median), in one run:
   fused    sparsebert.ops.score_masked_linear, the public op with its autograd (what a user gets):
            forward kernel; backward = bwd_input + ONE bwd_weight_scores GEMM writing dscores and dW,
            plus db = dy.sum(0).
-  fused-tiles / fused-persistent  (forward only, where the Triton kernels run) the Triton forward
-           called directly (sparsebert.kernels.score_masked_linear_fwd, no op dispatch) on each grid
-           schedule: one program per (tile, K split), and the persistent grid of min(items, #SMs)
-           programs with TMA loads of x and W where available (issue 10 item 2: the two rows compare
-           the schedules; split_k_for's split in both).
+  fused-tiles / fused-persistent / fused-streamk  (forward only, where the Triton kernels run) the
+           Triton forward called directly (sparsebert.kernels.score_masked_linear_fwd, no op dispatch)
+           on each grid schedule: one program per (tile, K split), the persistent grid of min(items,
+           #SMs) programs with TMA loads of x and W where available, and stream-K (#SMs programs sharing
+           all tiles' K-iterations, plus its fixup launch) (issue 10 item 2: the rows compare the
+           schedules; split_k_for's split in the first two, stream-K splits K itself).
 for the forward alone and forward + backward, with the bytes each version moves (counted analytically:
 every tensor each launched kernel reads or writes, once) and the H200 roofline time of those bytes and
 FLOPs beside its time; forward rows at <= 64 tokens are also timed as CUDA-graph replays. Prints a
@@ -59,7 +60,7 @@ def bytes_moved(version, mode, t, k, n, e, s):
     if version == "dense":
         fwd = x + w + b + y
         bwd = (y + w + x) + (y + x + w) + (y + b)  # dx = dy W; dW = dy^T x; db = sum(dy)
-    elif version in ("fused", "fused-tiles", "fused-persistent"):
+    elif version in ("fused", "fused-tiles", "fused-persistent", "fused-streamk"):
         fwd = x + w + sc + b + y
         # bwd_input; bwd_weight_scores with db reduced from the dY tiles it already loads (only db's write)
         bwd = (y + w + sc + x) + (y + x + w + sc + sc + w) + b
@@ -103,7 +104,7 @@ def run_case(t, k, n, dtype, scores_dtype, sparsity, cuda, backend):
         ("fused", "fwd+bwd"): lambda: ops.score_masked_linear(xg, wg, bg, sg, tau, backend=backend).backward(dy),
     }
     if cuda or (INTERPRET and backend == "triton"):  # the Triton forward on each grid schedule, called directly
-        for schedule in ("tiles", "persistent"):
+        for schedule in ("tiles", "persistent", "streamk"):
             fns[(f"fused-{schedule}", "fwd")] = lambda schedule=schedule: score_masked_linear_fwd(
                 x, w, b, scores, tau, schedule=schedule)
 

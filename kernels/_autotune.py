@@ -3,8 +3,8 @@
 SPARSEBERT_AUTOTUNE (read at import time):
     full   (default) every GPU config of a kernel is a candidate; the autotuner compiles and times each
     quick  one or two configs per kernel (the ones its module names), so a test run compiles little
-SPARSEBERT_FWD_SCHEDULE (read at import time): the masked-linear forward's grid, "tiles" (default) or
-    "persistent" (see FWD_SCHEDULES below).
+SPARSEBERT_FWD_SCHEDULE (read at import time): the masked-linear forward's grid, "tiles" (default),
+    "persistent" or "streamk" (see FWD_SCHEDULES below).
 
 Under the interpreter (TRITON_INTERPRET=1) a kernel gets its single interpreter config either way.
 `select` also records, per kernel module, how many GPU configs each mode would give; `CompileCounter`
@@ -23,9 +23,11 @@ if MODE not in MODES:
     raise ValueError(f"SPARSEBERT_AUTOTUNE must be one of {MODES}, got {MODE!r}")
 
 # The masked-linear forward's grid (kernels/_gemm.py `fwd(schedule=None)`): "tiles", one program per
-# (output tile, K split), or "persistent", min(items, #SMs) programs looping over them (TMA loads of x
-# and W where available). "tiles" stays the default until a GPU run measures the persistent schedule.
-FWD_SCHEDULES = ("tiles", "persistent")
+# (output tile, K split), "persistent", min(items, #SMs) programs looping over them (TMA loads of x
+# and W where available), or "streamk", min(K-iterations, #SMs) programs sharing all tiles' K-iterations
+# evenly, plus a fixup launch summing the shared tiles. "tiles" stays the default until a GPU run
+# measures the other two.
+FWD_SCHEDULES = ("tiles", "persistent", "streamk")
 FWD_SCHEDULE = os.environ.get("SPARSEBERT_FWD_SCHEDULE", "tiles").strip().lower() or "tiles"
 if FWD_SCHEDULE not in FWD_SCHEDULES:
     raise ValueError(f"SPARSEBERT_FWD_SCHEDULE must be one of {FWD_SCHEDULES}, got {FWD_SCHEDULE!r}")

@@ -14,6 +14,9 @@ Kernels (block names: BLOCK_M x BLOCK_N is the output tile, BLOCK_K the reductio
     linear_fwd_kernel          y  = x @ (W * m)^T + bias       (M, N), reduce over K  (tile of y^T)
     linear_fwd_persistent_kernel  the same on a persistent grid (programs loop over tiles), x and W
                                optionally through TMA tensor descriptors (`fwd(schedule=, tma=)`)
+    linear_fwd_streamk_kernel  the same on a stream-K grid (programs share all tiles' K-iterations evenly;
+                               `fwd(schedule="streamk")`), with linear_fwd_streamk_fixup_kernel summing
+                               the tiles shared by several programs in a fixed order
     linear_bwd_input_kernel    dx = dy @ (W * m)                (M, K), reduce over N  (tile of dx^T)
     linear_bwd_weight_kernel   G  = dy^T @ x                    (N, K), reduce over M (optionally split),
                                epilogue: dweight = G * m and/or dscores = G * W; optionally
@@ -190,27 +193,18 @@ def mma(a, b, acc, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
 # operand, which Hopper's wgmma reads from registers, so masking it costs no extra shared-memory trip.
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def fwd_tile(
-    x_ptr, w_ptr, x_desc, w_desc, bias_ptr, mask_ptr, y_ptr, partial_ptr,
-    pid_m, pid_n, split, M, N, K, words_per_row, tau,
-    MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
+def fwd_tile_acc(
+    x_ptr, w_ptr, x_desc, w_desc, mask_ptr, pid_m, pid_n, k_start, k_end, M, N, K, words_per_row, tau,
+    MASK_KIND: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Output tile (pid_m, pid_n) over K chunk `split`: the masked K loop and its epilogue (see
-    linear_fwd_kernel). USE_TMA: the x and W tiles come through the tensor descriptors x_desc (M, K) and
-    w_desc (N, K) (TMA on sm_90; out-of-range rows and columns read as zeros), else through pointers."""
+    """The masked K loop of output tile (pid_m, pid_n) over K in [k_start, k_end) (k_start a multiple of
+    BLOCK_K, k_end <= K): its fp32 y^T tile (BLOCK_N, BLOCK_M). USE_TMA: the x and W tiles come through the
+    tensor descriptors x_desc (M, K) and w_desc (N, K) (TMA on sm_90; out-of-range rows and columns read as
+    zeros), else through pointers."""
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # tokens; int64: M * N may pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
     offs_k = tl.arange(0, BLOCK_K)
-    if SPLIT_K == 1:
-        k_start = 0
-        k_end = K
-    else:
-        chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-        k_start = split * chunk
-        k_end = min(k_start + chunk, K)
-
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k  # chunks are BLOCK_K-aligned: ks < K is the only bound needed
@@ -230,13 +224,46 @@ def fwd_tile(
             xt = tl.load(x_ptr + offs_m[None, :] * K + ks[:, None], mask=(ks[:, None] < K) & (offs_m[None, :] < M),
                          other=0.0)
         acc = mma(tl.where(keep, w, 0.0).to(xt.dtype), xt, acc, IEEE_DOT, UPCAST_DOT)
+    return acc
 
+
+@triton.jit
+def store_tile(acc, pid_m, pid_n, bias_ptr, y_ptr, M, N, HAS_BIAS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The forward's epilogue: y tile (pid_m, pid_n) = acc (the fp32 y^T tile) + bias, rounded to y's dtype."""
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
     y_mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def fwd_tile(
+    x_ptr, w_ptr, x_desc, w_desc, bias_ptr, mask_ptr, y_ptr, partial_ptr,
+    pid_m, pid_n, split, M, N, K, words_per_row, tau,
+    MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Output tile (pid_m, pid_n) over K chunk `split`: the masked K loop (`fwd_tile_acc`) and its epilogue
+    (see linear_fwd_kernel)."""
     if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        k_start = 0
+        k_end = K
     else:
+        chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_start = split * chunk
+        k_end = min(k_start + chunk, K)
+    acc = fwd_tile_acc(x_ptr, w_ptr, x_desc, w_desc, mask_ptr, pid_m, pid_n, k_start, k_end, M, N, K,
+                       words_per_row, tau, MASK_KIND, IEEE_DOT, UPCAST_DOT, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+    if SPLIT_K == 1:
+        store_tile(acc, pid_m, pid_n, bias_ptr, y_ptr, M, N, HAS_BIAS, BLOCK_M, BLOCK_N)
+    else:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        y_mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
         split_base = partial_ptr + split.to(tl.int64) * M * N
         tl.store(split_base + offs_m[None, :] * N + offs_n[:, None], acc, mask=y_mask)
 
@@ -282,9 +309,10 @@ def _set_tma_blocks(nargs):
         nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-def _persistent_configs():
+def _tma_tile_configs(kernel_name):
     # the tiles of linear_fwd_kernel (quick: 128x128x64 and 64x64x64), each setting its TMA block shapes
-    return select("_gemm.linear_fwd_persistent_kernel", [
+    # (the persistent and stream-K forwards)
+    return select(kernel_name, [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
                       pre_hook=_set_tma_blocks)
         for bm, bn, bk, w, s in _GPU_TILES
@@ -292,7 +320,7 @@ def _persistent_configs():
                       pre_hook=_set_tma_blocks)], quick=(2, 6))
 
 
-@triton.autotune(configs=_persistent_configs(), key=["M_BUCKET", "N", "K", "SPLIT_K", "USE_TMA"],
+@triton.autotune(configs=_tma_tile_configs("_gemm.linear_fwd_persistent_kernel"), key=["M_BUCKET", "N", "K", "SPLIT_K", "USE_TMA"],
                  prune_configs_by=None if INTERPRET else {
                      "early_config_prune": _pruner("M", "N", "x_ptr", "mask_ptr")})
 @triton.jit
@@ -354,6 +382,112 @@ def linear_fwd_reduce_kernel(partial_ptr, bias_ptr, y_ptr, M, N,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.autotune(configs=_tma_tile_configs("_gemm.linear_fwd_streamk_kernel"), key=["M_BUCKET", "N", "K", "USE_TMA"],
+                 prune_configs_by=None if INTERPRET else {
+                     "early_config_prune": _pruner("M", "N", "x_ptr", "mask_ptr")})
+@triton.jit
+def linear_fwd_streamk_kernel(
+    x_ptr, w_ptr, bias_ptr, mask_ptr, y_ptr, partial_ptr, x_desc, w_desc,
+    M, N, K, M_BUCKET, words_per_row, threshold, threshold_ptr,
+    MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, THRESHOLD_FROM_PTR: tl.constexpr,
+    IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The forward on a stream-K grid, the variant with a separate fixup reduction (no atomics, no flags).
+
+    The P = tl.num_programs(0) programs share the I = #tiles * cdiv(K, BLOCK_K) K-iterations (tiles in
+    grouped order, each tile's iterations consecutive): program p runs [p * I // P, (p + 1) * I // P), which
+    may start and end inside tiles, so it touches at most two partial tiles (its first and its last). A
+    tile whose iterations all lie in one program is finished there (`store_tile`: bias, rounding, y);
+    otherwise the program stores its fp32 partial tile, valid elements only, in workspace slot 2 * p (the
+    program's first tile) or 2 * p + 1 (its last), and linear_fwd_streamk_fixup_kernel later sums the
+    tile's slots in program order (deterministic). The launcher `fwd(schedule="streamk")` caps P at I.
+
+    Worked example (H200: 132 SMs; quick tile 64x64x64, the one a <= 64-token launch keeps), bf16, K=768,
+    M=8 or 64, N=3072: 48 tiles x 12 iterations = 576 iterations over 132 programs: 4 or 5 each (4.36);
+    every tile is shared by 3 or 4 programs (168 partial slots in all, no tile finished in place).
+    Predicted against the other schedules (not timed: no GPU here), mainloop critical path in K-iterations
+    of one 64x64x64 tile per SM, and the extra fp32 traffic (written once, read once):
+        N=3072, K=768 : tiles, split 1: 48 CTAs x 12 = 12 on 36% of the SMs; split-K 4 (split_k_for):
+                        192 CTAs x 3 in 1.45 waves = 6, partials 4 * M * N * 4 B = 3.1 MB at M=64;
+                        stream-K: 5, 168 slots x M_valid * 64 * 4 B = 2.8 MB at M=64, 0.34 MB at M=8.
+        N=768,  K=768 : split-K 4: 48 CTAs x 3 = 3 (36% of the SMs), 0.79 MB; stream-K: 144 iterations
+                        over 132 programs = 2, but 132 slots = 2.2 MB at M=64 (0.27 MB at M=8).
+        N=768,  K=3072: split-K 16: 192 CTAs x 3, 1.45 waves = 6, 3.1 MB; stream-K: 576 over 132 = 5,
+                        132 slots = 2.2 MB.
+      W (the dominant DRAM stream: 1.2 MB at N=K=768, 4.7 MB at N=3072 or K=3072) is read once by every
+      schedule; all partials fit in the 50 MB L2. So stream-K predicts ~1/6 fewer mainloop steps on the
+      critical path than split-K where split-K's CTAs spill into a second wave, and 1/3 fewer at N=K=768 at
+      three times split-K's partial bytes; both pay a second launch (split-K's reduction, stream-K's fixup
+      of #tiles programs), which at these sizes (a few microseconds of GEMM) can eat the gain: a GPU run
+      must decide, so "tiles" stays the default.
+    """
+    tau = 0.0
+    if MASK_KIND == 3:
+        tau = load_threshold(threshold, threshold_ptr, mask_ptr, THRESHOLD_FROM_PTR)
+    iters_per_tile = tl.cdiv(K, BLOCK_K).to(tl.int64)  # int64: #tiles * iterations * P may pass 2**31
+    total = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N) * iters_per_tile
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * total // tl.num_programs(0)
+    end = (pid + 1).to(tl.int64) * total // tl.num_programs(0)
+    first_tile = (start // iters_per_tile).to(tl.int32)
+    for tile in range(first_tile, ((end - 1) // iters_per_tile).to(tl.int32) + 1):
+        tile_start = tile * iters_per_tile  # (a plain int under the interpreter: no .to on loop indices)
+        lo = (max(start, tile_start) - tile_start).to(tl.int32)  # this program's iterations of the tile
+        hi = (min(end, tile_start + iters_per_tile) - tile_start).to(tl.int32)
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = fwd_tile_acc(x_ptr, w_ptr, x_desc, w_desc, mask_ptr, pid_m, pid_n, lo * BLOCK_K,
+                           min(hi * BLOCK_K, K), M, N, K, words_per_row, tau,
+                           MASK_KIND, IEEE_DOT, UPCAST_DOT, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+        if (lo == 0) & (hi == iters_per_tile):
+            store_tile(acc, pid_m, pid_n, bias_ptr, y_ptr, M, N, HAS_BIAS, BLOCK_M, BLOCK_N)
+        else:
+            slot = (tile != first_tile).to(tl.int64) + 2 * pid
+            streamk_slot_store(partial_ptr, slot, acc, pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def streamk_slot_offsets(slot, pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets of a y^T tile (BLOCK_N, BLOCK_M) in stream-K workspace slot `slot`, and its valid elements."""
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    return slot * (BLOCK_M * BLOCK_N) + local, (offs_n[:, None] < N) & (offs_m[None, :] < M)
+
+
+@triton.jit
+def streamk_slot_store(partial_ptr, slot, acc, pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stores the valid elements of a partial y^T tile in stream-K workspace slot `slot` (fp32)."""
+    offs, valid = streamk_slot_offsets(slot, pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    tl.store(partial_ptr + offs, acc, mask=valid)
+
+
+@triton.jit
+def linear_fwd_streamk_fixup_kernel(partial_ptr, bias_ptr, y_ptr, M, N, K, NUM_PROGRAMS,
+                                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program = tile (linear_fwd_streamk_kernel's order; NUM_PROGRAMS and the blocks as in its launch).
+    A tile shared by programs p0 < ... < p1 gets y = (slot of p0 + ... + slot of p1, in that order) + bias;
+    a tile finished in place is left alone. Program p of iteration i is the largest p with
+    p * I // P <= i, i.e. ((i + 1) * P - 1) // I."""
+    tile = tl.program_id(0)
+    iters_per_tile = tl.cdiv(K, BLOCK_K).to(tl.int64)
+    total = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N) * iters_per_tile
+    tile_start = tile * iters_per_tile
+    p_first = ((tile_start + 1) * NUM_PROGRAMS - 1) // total
+    p_last = ((tile_start + iters_per_tile) * NUM_PROGRAMS - 1) // total
+    if p_first != p_last:
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for p in range(p_first.to(tl.int32), p_last.to(tl.int32) + 1):
+            # slot 2p: the tile is p's first; 2p + 1: p started in an earlier tile
+            p_start = p * total // NUM_PROGRAMS
+            slot = (p_start < tile_start).to(tl.int64) + 2 * p
+            offs, valid = streamk_slot_offsets(slot, pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+            acc += tl.load(partial_ptr + offs, mask=valid, other=0.0)
+        store_tile(acc, pid_m, pid_n, bias_ptr, y_ptr, M, N, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -659,17 +793,49 @@ def tma_unsupported(x, weight):
     return None
 
 
+def _operand_descs(x, weight, tma):
+    """(use_tma, (x_desc, w_desc)) for the persistent and stream-K kernels: TMA descriptors when tma is True
+    (ValueError when `tma_unsupported`) or None and supported, else the pointers themselves."""
+    why_not = tma_unsupported(x, weight) if tma is not False else None
+    if tma and why_not:
+        raise ValueError(f"tma=True but {why_not}")
+    if tma is False or why_not is not None:
+        return False, (x, weight)
+    (m, k), n = x.shape, weight.shape[0]  # block shapes: placeholders, set per config by _set_tma_blocks
+    return True, (TensorDescriptor(x, [m, k], [k, 1], [32, 32]), TensorDescriptor(weight, [n, k], [k, 1], [32, 32]))
+
+
+def streamk_programs(m, n, k, block_m, block_n, block_k, programs):
+    """The stream-K grid: min(programs, #tiles * cdiv(K, BLOCK_K)) (no program without an iteration)."""
+    return min(programs, triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * triton.cdiv(k, block_k))
+
+
+def _streamk_workspace_shape(m, n, k, x, mask_src, programs):
+    """(slots, fp32 elements per slot) of the stream-K workspace: two slots per program and BLOCK_M * BLOCK_N
+    elements each, the largest of any config the autotuner may launch for this shape (its early pruning,
+    run here on the same arguments)."""
+    configs = linear_fwd_streamk_kernel.configs
+    if not INTERPRET and len(configs) > 1:
+        configs = _pruner("M", "N", "x_ptr", "mask_ptr")(configs, {"M": m, "N": n, "x_ptr": x, "mask_ptr": mask_src})
+    blocks = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in configs]
+    return (2 * max(streamk_programs(m, n, k, *b, programs) for b in blocks), max(bm * bn for bm, bn, _ in blocks))
+
+
 def fwd(x, weight, bias, mask_src, kind, words, threshold_val, threshold_ptr, split_k=None,
         schedule=None, tma=None, num_sms=None):
     """y = x @ (W * m)^T + bias. split_k: K chunks reduced separately into an fp32 workspace and summed in
     a fixed order (None = split_k_for's choice; any value gives the same result up to fp32 rounding).
 
-    schedule: "tiles" (linear_fwd_kernel, one program per item) or "persistent"
-    (linear_fwd_persistent_kernel, min(items, num_sms) programs); None = SPARSEBERT_FWD_SCHEDULE.
-    tma (persistent only): True = x and W through TMA descriptors (ValueError when `tma_unsupported`),
-    False = pointers, None = TMA where supported. num_sms: the persistent grid's cap (None = the device's
-    SM count on CUDA, DEFAULT_SMS otherwise). With the same config both schedules do the same arithmetic
-    per tile (bitwise equal under the interpreter; tests/test_fused_forward_persistent.py)."""
+    schedule: "tiles" (linear_fwd_kernel, one program per item), "persistent"
+    (linear_fwd_persistent_kernel, min(items, num_sms) programs) or "streamk" (linear_fwd_streamk_kernel,
+    min(K-iterations, num_sms) programs sharing the K-iterations of all tiles, then
+    linear_fwd_streamk_fixup_kernel; it splits K itself, so split_k must be None or 1, and K == 0 takes
+    the tiles kernel); None = SPARSEBERT_FWD_SCHEDULE.
+    tma (persistent, streamk): True = x and W through TMA descriptors (ValueError when `tma_unsupported`),
+    False = pointers, None = TMA where supported. num_sms: the grid's cap (None = the device's SM count on
+    CUDA, DEFAULT_SMS otherwise). With the same config the tiles and persistent schedules do the same
+    arithmetic per tile (bitwise equal under the interpreter; tests/test_fused_forward_persistent.py);
+    stream-K sums a tile's K-ranges in a fixed order (deterministic; tests/test_fused_forward_streamk.py)."""
     schedule = FWD_SCHEDULE if schedule is None else schedule
     if schedule not in FWD_SCHEDULES:
         raise ValueError(f"schedule must be one of {FWD_SCHEDULES} or None, got {schedule!r}")
@@ -678,13 +844,20 @@ def fwd(x, weight, bias, mask_src, kind, words, threshold_val, threshold_ptr, sp
     if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
         raise ValueError(f"num_sms must be a positive int or None, got {num_sms!r}")
     if schedule == "tiles" and (tma or num_sms is not None):
-        raise ValueError("tma and num_sms apply to schedule='persistent' only")
+        raise ValueError("tma and num_sms apply to schedule='streamk' and schedule='persistent' only")
+    if schedule == "streamk" and split_k not in (None, 1):
+        raise ValueError(f"split_k applies to schedule='tiles' and 'persistent'; schedule='streamk' splits K "
+                         f"itself (split_k must be None or 1), got split_k={split_k!r}")
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
+    if schedule == "streamk" and k > 0:
+        return _fwd_streamk(x, weight, bias, mask_src, kind, words, threshold_val, threshold_ptr, y, tma, num_sms)
     split = split_k_for(m, n, k, x.device) if split_k is None else split_k
+    if schedule == "streamk":  # K == 0: no K-iteration to share; y = bias (or 0) from the tiles kernel
+        schedule, split = "tiles", 1
     if isinstance(split, bool) or not isinstance(split, int) or split < 1:
         raise ValueError(f"split_k must be a positive int, got {split!r}")
     split = min(split, max(1, triton.cdiv(k, 32)))  # more splits than 32-wide K steps would be empty
@@ -698,15 +871,8 @@ def fwd(x, weight, bias, mask_src, kind, words, threshold_val, threshold_ptr, sp
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
         linear_fwd_kernel[grid](*args, *scalars, **flags)
     else:
-        why_not = tma_unsupported(x, weight) if tma is not False else None
-        if tma and why_not:
-            raise ValueError(f"tma=True but {why_not}")
-        use_tma = tma is not False and why_not is None
+        use_tma, descs = _operand_descs(x, weight, tma)
         programs = sm_count(x.device) if num_sms is None else num_sms
-        if use_tma:  # block shapes: placeholders, set per config by _set_tma_blocks
-            descs = (TensorDescriptor(x, [m, k], [k, 1], [32, 32]), TensorDescriptor(weight, [n, k], [k, 1], [32, 32]))
-        else:
-            descs = (x, weight)
         def grid(meta):
             return (min(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]) * split, programs),)
         linear_fwd_persistent_kernel[grid](*args, *descs, *scalars, programs, USE_TMA=use_tma, **flags)
@@ -716,6 +882,38 @@ def fwd(x, weight, bias, mask_src, kind, words, threshold_val, threshold_ptr, sp
             partial, bias if bias is not None else y, y, m, n,
             HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n,
         )
+    return y
+
+
+def _fwd_streamk(x, weight, bias, mask_src, kind, words, threshold_val, threshold_ptr, y, tma, num_sms):
+    """`fwd(schedule="streamk")` for M, N, K > 0: linear_fwd_streamk_kernel, then the fixup of the shared
+    tiles (its grid and blocks from the config the autotuner launched: host state, no sync)."""
+    (m, k), n = x.shape, weight.shape[0]
+    use_tma, descs = _operand_descs(x, weight, tma)
+    programs = sm_count(x.device) if num_sms is None else num_sms
+    slots, slot_elems = _streamk_workspace_shape(m, n, k, x, mask_src, programs)
+    partial = torch.empty((slots, slot_elems), device=x.device, dtype=torch.float32)
+    ieee, upcast = dot_flags(x.dtype)
+    bias_arg = bias if bias is not None else weight
+
+    def grid(meta):
+        return (streamk_programs(m, n, k, meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], programs),)
+
+    linear_fwd_streamk_kernel[grid](
+        x, weight, bias_arg, mask_src, y, partial, *descs,
+        m, n, k, bucket(m), words, threshold_val, threshold_ptr if threshold_ptr is not None else x,
+        MASK_KIND=kind, HAS_BIAS=bias is not None, THRESHOLD_FROM_PTR=threshold_ptr is not None,
+        IEEE_DOT=ieee, UPCAST_DOT=upcast, USE_TMA=use_tma)
+    cfg = linear_fwd_streamk_kernel.best_config.kwargs
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    launched = streamk_programs(m, n, k, bm, bn, bk, programs)
+    if bm * bn > slot_elems or 2 * launched > slots:  # _streamk_workspace_shape disagrees with the autotuner
+        raise RuntimeError(f"stream-K config {bm}x{bn}x{bk} on {launched} programs outgrew its workspace "
+                           f"({slots} slots of {slot_elems} elements)")
+    linear_fwd_streamk_fixup_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
+        partial, bias_arg, y, m, n, k, launched,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+        num_warps=1 if INTERPRET else 4)
     return y
 
 

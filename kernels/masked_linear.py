@@ -25,8 +25,8 @@ def _check_weight_side(weight, mask, packed, k=None, dtype=None):
 
 def masked_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
                       packed: bool, *, schedule: Optional[str] = None) -> torch.Tensor:
-    """y = x @ (weight * mask).T + bias, shape (M, N), x's dtype. schedule: the forward's grid, "tiles" or
-    "persistent" (None = SPARSEBERT_FWD_SCHEDULE; see `_gemm.fwd`)."""
+    """y = x @ (weight * mask).T + bias, shape (M, N), x's dtype. schedule: the forward's grid, "tiles",
+    "persistent" or "streamk" (None = SPARSEBERT_FWD_SCHEDULE; see `_gemm.fwd`)."""
     _gemm.check_matrix("x", x)
     mask, kind, words = _check_weight_side(weight, mask, packed, x.shape[1], x.dtype)
     _check_bias(bias, weight.shape[0])

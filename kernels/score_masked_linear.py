@@ -33,7 +33,7 @@ def _check_weight_scores(weight, scores, k=None, dtype=None):
 def score_masked_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scores: torch.Tensor,
                             threshold: Threshold, *, schedule: Optional[str] = None) -> torch.Tensor:
     """y = x @ (weight * (scores >= threshold)).T + bias, shape (M, N), x's dtype. schedule: the forward's
-    grid, "tiles" or "persistent" (None = SPARSEBERT_FWD_SCHEDULE; see `_gemm.fwd`)."""
+    grid, "tiles", "persistent" or "streamk" (None = SPARSEBERT_FWD_SCHEDULE; see `_gemm.fwd`)."""
     _gemm.check_matrix("x", x)
     _check_weight_scores(weight, scores, x.shape[1], x.dtype)
     _check_bias(bias, weight.shape[0])

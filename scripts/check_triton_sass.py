@@ -16,8 +16,8 @@ tile) from registers, and no shared-memory store (PTX st.shared/stmatrix, SASS S
 the first and the last MMA; mask-words-once, for the packed-mask GEMMs: the bytes per thread loaded through
 mask_ptr (traced in the PTX) stay within one word tile (BLOCK_N * BLOCK_K / 8 bytes) per pipeline stage, not
 one int32 per weight element; tma-loads, for launches with TMA tensor descriptors (the persistent forward's
-"persistent+TMA" rows, descriptors typed tensordesc<bf16[BLOCK_M, BLOCK_K]> / [BLOCK_N, BLOCK_K]): the
-PTX holds cp.async.bulk.tensor copies (cp.async column "bulk:N"). Entries of KNOWN are expected failures:
+"persistent+TMA" rows and the stream-K forward's "streamk+TMA" rows, descriptors typed
+tensordesc<bf16[BLOCK_M, BLOCK_K]> / [BLOCK_N, BLOCK_K]): the PTX holds cp.async.bulk.tensor copies (cp.async column "bulk:N"). Entries of KNOWN are expected failures:
 reported, not failing the run, and flagged when they pass (then delete the entry: the check becomes required).
 Exit status: 0 all required checks pass, 1 a check failed or a kernel did not compile, 2 no ptxas.
 """
@@ -198,6 +198,16 @@ def _per_config(kernel, name, variant, types, div16, constexprs, matmul, masked_
 KNOWN: dict = {}
 
 
+def _fwd_operand_types(c, use_tma) -> dict:
+    """Argument types of the persistent / stream-K forward's pointers: x and W also as TMA descriptors whose
+    block shapes are the config's tiles when use_tma."""
+    descs = ({"x_desc": f"tensordesc<bf16[{c['BLOCK_M']}, {c['BLOCK_K']}]>",
+              "w_desc": f"tensordesc<bf16[{c['BLOCK_N']}, {c['BLOCK_K']}]>"} if use_tma
+             else {"x_desc": "*bf16", "w_desc": "*bf16"})
+    return {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "mask_ptr": "*i32", "y_ptr": "*bf16",
+            "partial_ptr": "*fp32", **descs, "threshold_ptr": "*fp32"}
+
+
 def _persistent_fwd_launches(_gemm, gemm_scalars, div, bf16_dot) -> list[Launch]:
     """The persistent forward (issue 10 item 2) per quick config: packed mask with pointer loads, packed
     mask with TMA descriptors for x and W (block shapes = the config's tiles), and TMA with split-K 4."""
@@ -207,15 +217,32 @@ def _persistent_fwd_launches(_gemm, gemm_scalars, div, bf16_dot) -> list[Launch]
                                     ("persistent+TMA, packed, split-K 4", True, 4)):
         for cfg in configs:
             c = cfg.kwargs
-            descs = ({"x_desc": f"tensordesc<bf16[{c['BLOCK_M']}, {c['BLOCK_K']}]>",
-                      "w_desc": f"tensordesc<bf16[{c['BLOCK_N']}, {c['BLOCK_K']}]>"} if use_tma
-                     else {"x_desc": "*bf16", "w_desc": "*bf16"})
-            types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "mask_ptr": "*i32", "y_ptr": "*bf16",
-                     "partial_ptr": "*fp32", **descs, "threshold_ptr": "*fp32", **gemm_scalars, "NUM_PROGRAMS": "i32"}
+            types = {**_fwd_operand_types(c, use_tma), **gemm_scalars, "NUM_PROGRAMS": "i32"}
             constexprs = {"MASK_KIND": _gemm.MASK_PACKED, "HAS_BIAS": True, "THRESHOLD_FROM_PTR": False,
                           "SPLIT_K": split_k, "USE_TMA": use_tma, **bf16_dot, **c}
             out.append(Launch("_gemm.linear_fwd_persistent_kernel", label, fn, types, div, constexprs, cfg.num_warps,
                               cfg.num_stages, True, masked_tile=True, packed_mask=True, tma=use_tma))
+    return out
+
+
+def _streamk_fwd_launches(_gemm, gemm_scalars, div, bf16_dot) -> list[Launch]:
+    """The stream-K forward (issue 10 item 2) per quick config: packed mask with pointer loads and with TMA
+    descriptors for x and W, and its fixup kernel at the same tiles."""
+    fn, configs = _jit(_gemm.linear_fwd_streamk_kernel)
+    out = []
+    for label, use_tma in (("streamk, packed", False), ("streamk+TMA, packed", True)):
+        for cfg in configs:
+            c = cfg.kwargs
+            types = {**_fwd_operand_types(c, use_tma), **gemm_scalars}
+            constexprs = {"MASK_KIND": _gemm.MASK_PACKED, "HAS_BIAS": True, "THRESHOLD_FROM_PTR": False,
+                          "USE_TMA": use_tma, **bf16_dot, **c}
+            out.append(Launch("_gemm.linear_fwd_streamk_kernel", label, fn, types, div, constexprs, cfg.num_warps,
+                              cfg.num_stages, True, masked_tile=True, packed_mask=True, tma=use_tma))
+    for cfg in configs:  # launched with num_warps=4 (kernels/_gemm.py `_fwd_streamk`), default num_stages
+        out.append(Launch("_gemm.linear_fwd_streamk_fixup_kernel", "bias", _gemm.linear_fwd_streamk_fixup_kernel,
+                          {"partial_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
+                           "K": "i32", "NUM_PROGRAMS": "i32"}, ("M", "N", "K"),
+                          {"HAS_BIAS": True, **cfg.kwargs}, 4, 3, False))
     return out
 
 
@@ -246,6 +273,7 @@ def launches() -> list[Launch]:
                                {"MASK_KIND": kind, "THRESHOLD_FROM_PTR": kind == _gemm.MASK_SCORES, **bf16_dot},
                                True, masked_tile, packed)
     out += _persistent_fwd_launches(_gemm, gemm_scalars, div, bf16_dot)
+    out += _streamk_fwd_launches(_gemm, gemm_scalars, div, bf16_dot)
     out.append(Launch("_gemm.linear_fwd_reduce_kernel", "split-K 4, bias", _gemm.linear_fwd_reduce_kernel,
                       {"partial_ptr": "*fp32", "bias_ptr": bf16, "y_ptr": bf16, "M": i32, "N": i32}, ("M", "N"),
                       {"HAS_BIAS": True, "SPLIT_K": 4, "BLOCK_M": 32, "BLOCK_N": 128}, 4, 3, False))

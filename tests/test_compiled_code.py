@@ -127,7 +127,8 @@ def test_every_kernel_compiles_for_sm90a_within_budget(tmp_path):
                           timeout=1200, cwd=ROOT)
     assert proc.returncode == 0, f"compiled-code checks failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     table = out.read_text()
-    for kernel in ("linear_fwd_kernel", "linear_fwd_persistent_kernel",
+    for kernel in ("linear_fwd_kernel", "linear_fwd_persistent_kernel", "linear_fwd_streamk_kernel",
+                   "linear_fwd_streamk_fixup_kernel",
                    "linear_bwd_input_kernel", "linear_bwd_weight_kernel",
                    "weight_grad_finalize_kernel", "_radix_histogram_kernel", "_radix_select_kernel",
                    "_bitmask_linear_kernel", "_bitmask_spmm_kernel", "_bsr_linear_kernel", "_gathered_linear_kernel",

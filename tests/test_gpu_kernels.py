@@ -8,6 +8,7 @@ References and tolerances are those of the CPU kernel tests, imported from them:
 test_pruned_kernels (pruned FFN / attention).
 """
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -82,9 +83,10 @@ def test_masked_linear_kernels(device, m, k, n, dtype):
         assert (dw[~keep] == 0).all()
 
 
-# split-K and the persistent grid (issue 10 item 2) compiled: small token counts at BERT-base widths, where
-# split_k_for splits K, plus tails; persistent with and without TMA (K=769 rows are not 16-byte multiples:
-# the pointer fallback). The CPU runs of the same paths are in tests/test_fused_forward_persistent.py.
+# split-K, the persistent grid and stream-K (issue 10 item 2) compiled: small token counts at BERT-base
+# widths, where split_k_for splits K, plus tails; persistent and stream-K with and without TMA (K=769 rows
+# are not 16-byte multiples: the pointer fallback). The CPU runs of the same paths are in
+# tests/test_fused_forward_persistent.py and tests/test_fused_forward_streamk.py.
 SPLIT_K_GPU_SHAPES = [(8, 768, 768), (64, 768, 3072), (63, 3072, 768), (300, 769, 129)]
 
 
@@ -107,6 +109,15 @@ def test_masked_linear_fwd_split_k_and_persistent(device, m, k, n, dtype):
     with deterministic():
         runs = [_gemm.fwd(x, w, b, packed, _gemm.MASK_PACKED, words, 0.0, None, split_k=split_k,
                           schedule="persistent") for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    for tma in (None, False):  # stream-K: the device's SM count, and 3 programs (ranges end mid-tile)
+        for num_sms in (None, 3):
+            y = _gemm.fwd(x, w, b, packed, _gemm.MASK_PACKED, words, 0.0, None, schedule="streamk", tma=tma,
+                          num_sms=num_sms)
+            assert_close_to_exact(y, *want, k, dtype)
+    with deterministic():
+        runs = [_gemm.fwd(x, w, b, packed, _gemm.MASK_PACKED, words, 0.0, None, schedule="streamk")
+                for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
 
 
@@ -299,20 +310,23 @@ def _gemm_fwd(dtype, device):
     return run
 
 
-def _gemm_fwd_persistent(dtype, device):
-    """The persistent forward at the tail shape with K rounded up to a multiple of 8 (TMA-eligible rows),
-    split-K 2, on a 3-program grid (so every config's programs loop)."""
-    M_TAIL, K_TAIL, N_TAIL = TAIL[device]
-    k = -(-K_TAIL // 8) * 8
-    x, w, b, _ = linear_inputs(M_TAIL, k, N_TAIL, dtype, device)
-    keep = torch.rand(N_TAIL, k, device=device) < 0.4
+def _gemm_fwd_scheduled(schedule, split_k):
+    """The persistent / stream-K forward at the tail shape with K rounded up to a multiple of 8 (TMA-eligible
+    rows), on a 3-program grid: every config's persistent programs loop (here with split-K 2), and stream-K
+    ranges start and end inside tiles."""
+    def problem(dtype, device):
+        M_TAIL, K_TAIL, N_TAIL = TAIL[device]
+        k = -(-K_TAIL // 8) * 8
+        x, w, b, _ = linear_inputs(M_TAIL, k, N_TAIL, dtype, device)
+        keep = torch.rand(N_TAIL, k, device=device) < 0.4
 
-    def run():
-        for tma in (None, False):
-            y = _gemm.fwd(x, w, b, pack_bits(keep), _gemm.MASK_PACKED, (k + 31) // 32, 0.0, None, split_k=2,
-                          schedule="persistent", tma=tma, num_sms=3)
-            assert_close_to_exact(y, *exact_fwd(x, w, keep, b), k, dtype)
-    return run
+        def run():
+            for tma in (None, False):
+                y = _gemm.fwd(x, w, b, pack_bits(keep), _gemm.MASK_PACKED, (k + 31) // 32, 0.0, None,
+                              split_k=split_k, schedule=schedule, tma=tma, num_sms=3)
+                assert_close_to_exact(y, *exact_fwd(x, w, keep, b), k, dtype)
+        return run
+    return problem
 
 
 def _gemm_bwd_input(dtype, device):
@@ -406,7 +420,12 @@ def _attention(dtype, device):
 # name -> (autotuner, its module's config function, problem builder returning a checked call)
 AUTOTUNED = {
     "gemm_fwd": (_gemm.linear_fwd_kernel, _gemm._configs, _gemm_fwd),
-    "gemm_fwd_persistent": (_gemm.linear_fwd_persistent_kernel, _gemm._persistent_configs, _gemm_fwd_persistent),
+    "gemm_fwd_persistent": (_gemm.linear_fwd_persistent_kernel,
+                            functools.partial(_gemm._tma_tile_configs, "_gemm.linear_fwd_persistent_kernel"),
+                            _gemm_fwd_scheduled("persistent", split_k=2)),
+    "gemm_fwd_streamk": (_gemm.linear_fwd_streamk_kernel,
+                         functools.partial(_gemm._tma_tile_configs, "_gemm.linear_fwd_streamk_kernel"),
+                         _gemm_fwd_scheduled("streamk", split_k=None)),
     "gemm_bwd_input": (_gemm.linear_bwd_input_kernel, _gemm._configs, _gemm_bwd_input),
     "gemm_bwd_weight": (_gemm.linear_bwd_weight_kernel, _gemm._configs, _gemm_bwd_weight),
     "bitmask_linear": (bitmask_mod._bitmask_linear_kernel, bitmask_mod._configs, _bitmask),
@@ -445,7 +464,9 @@ def test_every_autotune_config_on_a_tail_shape(device, kernel):
 
 
 # ------------------------------------------------------------------ CUTLASS sm90 path of the CUDA C++ backend
-# (csrc/cuda/cutlass_masked_gemm.cu via cuda_ops_bind.cpp, docs/CUTLASS.md): bf16, N and K multiples of 8.
+# (csrc/cuda/cutlass_masked_gemm.cu via cuda_ops_bind.cpp, docs/CUTLASS.md): bf16 and fp16 for every op (N and K
+# multiples of 8); fp32 for the forward and input grad only, on tf32 tensor cores, and only when the caller allows
+# tf32 (N and K multiples of 4).
 def _cutlass_skip_reason():
     from sparsebert.ops import _ext
     if not torch.cuda.is_available():
@@ -460,6 +481,8 @@ def _cutlass_skip_reason():
 
 
 CUTLASS_SHAPES = [(1, 8, 8), (77, 200, 136), (333, 264, 776), (1000, 768, 3072)]  # (M, N, K), partial tiles
+# tf32 keeps 10 of an fp32 operand's 23 mantissa bits (truncated): each product is off by < 2 * 2^-10 + 2^-20
+TF32_PRODUCT_REL_ERR = 2 * 2.0**-10 + 2.0**-20
 
 
 def _cuda_kernel_names(fn):
@@ -470,30 +493,50 @@ def _cuda_kernel_names(fn):
     return [e.name for e in prof.events()]
 
 
-def _cutlass_ops_check(m, n, k, expect_cutlass):
-    """Every masked-linear op of the CUDA C++ backend on bf16 data against fp64 math; `expect_cutlass`: whether
-    the CUTLASS kernels (and only they, for the GEMMs) ran."""
+@contextlib.contextmanager
+def _allow_tf32(allow):
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _cutlass_ops_check(m, n, k, expect_cutlass, dt=torch.bfloat16, scores_dt=None, tf32=False):
+    """Every masked-linear op of the CUDA C++ backend on `dt` data (scores in `scores_dt`, default `dt`) against
+    fp64 math. `expect_cutlass`: whether the CUTLASS kernels (and only they, for the GEMMs) ran, one bool for
+    every op or a dict {"fwd", "bwd_input", "bwd_weight", "bwd_weight_scores"} -> bool. `tf32`: the forward and
+    input grad may run on tf32 tensor cores, so their bound adds the tf32 operand rounding."""
     ns = torch.ops.sparsebert_ext
-    dt = torch.bfloat16
+    scores_dt = scores_dt or dt
     x, w, b, dy = linear_inputs(m, k, n, dt, "cuda")
     keep = torch.rand(n, k, device="cuda") < 0.6
-    scores = torch.randn(n, k, device="cuda", dtype=dt)
+    scores = torch.randn(n, k, device="cuda", dtype=scores_dt)
     tau = scores.flatten()[5].float()  # a score: ties at tau are kept
-    skeep = scores >= tau.to(dt)
+    skeep = scores >= tau.to(scores_dt)
     g, g_abs = matmul_exact(dy.t(), x)
+
+    def close_linear(out, exact, abs_sum, reduce_len):
+        if tf32:  # the tf32 rounding of the operands on top of the fp32 bound
+            err = (out.double() - exact).abs()
+            assert (err <= torch.finfo(dt).eps * exact.abs() + ((reduce_len + 2) * torch.finfo(torch.float32).eps
+                                                                + TF32_PRODUCT_REL_ERR) * abs_sum).all()
+            assert out.dtype == dt and torch.isfinite(out).all()
+        else:
+            assert_close_to_exact(out, exact, abs_sum, reduce_len, dt)
+
     for mask, packed in ((keep.to(torch.uint8), False), (pack_bits(keep), True)):
-        assert_close_to_exact(ns.masked_linear_fwd(x, w, b, mask, packed), *exact_fwd(x, w, keep, b), k, dt)
-        assert_close_to_exact(ns.masked_linear_fwd(x, w, None, mask, packed), *exact_fwd(x, w, keep, None), k, dt)
-        assert_close_to_exact(ns.masked_linear_bwd_input(dy, w, mask, packed), *matmul_exact(dy, w.double() * keep),
-                              n, dt)
+        close_linear(ns.masked_linear_fwd(x, w, b, mask, packed), *exact_fwd(x, w, keep, b), k)
+        close_linear(ns.masked_linear_fwd(x, w, None, mask, packed), *exact_fwd(x, w, keep, None), k)
+        close_linear(ns.masked_linear_bwd_input(dy, w, mask, packed), *matmul_exact(dy, w.double() * keep), n)
         dw = ns.masked_linear_bwd_weight(dy, x, mask, packed)
         assert_close_to_exact(dw, g * keep, g_abs, m, dt)
         assert (dw[~keep] == 0).all()
-    assert_close_to_exact(ns.score_masked_linear_fwd.tensor(x, w, b, scores, tau), *exact_fwd(x, w, skeep, b), k, dt)
-    assert_close_to_exact(ns.score_masked_linear_bwd_input.tensor(dy, w, scores, tau),
-                          *matmul_exact(dy, w.double() * skeep), n, dt)
+    close_linear(ns.score_masked_linear_fwd.tensor(x, w, b, scores, tau), *exact_fwd(x, w, skeep, b), k)
+    close_linear(ns.score_masked_linear_bwd_input.tensor(dy, w, scores, tau), *matmul_exact(dy, w.double() * skeep), n)
     dscores, dweight = ns.score_masked_linear_bwd_weight_scores.tensor(dy, x, w, scores, tau, True)
-    assert_close_to_exact(dscores, g * w.double(), g_abs * w.double().abs(), m, dt)
+    assert_close_to_exact(dscores, g * w.double(), g_abs * w.double().abs(), m, scores_dt)
     assert_close_to_exact(dweight, g * skeep, g_abs, m, dt)
     dscores_only, none = ns.score_masked_linear_bwd_weight_scores(dy, x, w, scores, float(tau.cpu()), False)
     assert none is None and torch.equal(dscores_only, dscores)
@@ -504,21 +547,51 @@ def _cutlass_ops_check(m, n, k, expect_cutlass):
         "bwd_weight_scores": lambda: ns.score_masked_linear_bwd_weight_scores.tensor(dy, x, w, scores, tau, True),
     }
     for name, fn in ops.items():
+        expect = expect_cutlass[name] if isinstance(expect_cutlass, dict) else expect_cutlass
         ran = any("cutlass" in kernel for kernel in _cuda_kernel_names(fn))
-        assert ran == expect_cutlass, f"{name}: CUTLASS kernel ran = {ran}, expected {expect_cutlass}"
+        assert ran == expect, f"{name} ({dt}): CUTLASS kernel ran = {ran}, expected {expect}"
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(_cutlass_skip_reason() is not None, reason=str(_cutlass_skip_reason()))
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("m,n,k", CUTLASS_SHAPES, ids=str)
-def test_cutlass_bound_path(m, n, k):
-    _cutlass_ops_check(m, n, k, expect_cutlass=True)
+def test_cutlass_bound_path(m, n, k, dt):
+    _cutlass_ops_check(m, n, k, expect_cutlass=True, dt=dt)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(_cutlass_skip_reason() is not None, reason=str(_cutlass_skip_reason()))
-def test_cutlass_path_falls_back(monkeypatch):
+@pytest.mark.parametrize("m,n,k", CUTLASS_SHAPES + [(5, 12, 20)], ids=str)
+def test_cutlass_fp32_only_with_tf32(m, n, k):
+    """fp32 runs on CUTLASS (tf32 tensor cores) only when the caller allows tf32, and only the forward and input
+    grad (no fp32 weight-gradient instantiation); torch's default (no tf32) keeps the fp32 WMMA kernels."""
+    with _allow_tf32(False):
+        _cutlass_ops_check(m, n, k, expect_cutlass=False, dt=torch.float32)
+    with _allow_tf32(True):
+        _cutlass_ops_check(m, n, k, dt=torch.float32, tf32=True,
+                           expect_cutlass={"fwd": True, "bwd_input": True, "bwd_weight": False,
+                                           "bwd_weight_scores": False})
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_cutlass_skip_reason() is not None, reason=str(_cutlass_skip_reason()))
+@pytest.mark.parametrize("dt,scores_dt", [(torch.float16, torch.float32), (torch.bfloat16, torch.float16)], ids=str)
+def test_cutlass_mixed_scores_dtype_falls_back(dt, scores_dt):
+    """Scores of another dtype than the weight: the EVT reads them in the weight's type, so the score weight grad
+    runs the WMMA kernels; the GEMMs on the masked weight (forward, input grad, mask weight grad) stay on CUTLASS."""
+    _cutlass_ops_check(77, 200, 136, dt=dt, scores_dt=scores_dt,
+                       expect_cutlass={"fwd": True, "bwd_input": True, "bwd_weight": True,
+                                       "bwd_weight_scores": False})
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_cutlass_skip_reason() is not None, reason=str(_cutlass_skip_reason()))
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=str)
+def test_cutlass_path_falls_back(monkeypatch, dt):
     """K not a multiple of 8, or SPARSEBERT_CUTLASS_DISPATCH=0: the WMMA kernels run, with the same results."""
-    _cutlass_ops_check(77, 200, 70, expect_cutlass=False)
+    _cutlass_ops_check(77, 200, 70, expect_cutlass=False, dt=dt)
     monkeypatch.setenv("SPARSEBERT_CUTLASS_DISPATCH", "0")
-    _cutlass_ops_check(77, 200, 136, expect_cutlass=False)
+    _cutlass_ops_check(77, 200, 136, expect_cutlass=False, dt=dt)
+    with _allow_tf32(True):
+        _cutlass_ops_check(77, 200, 136, expect_cutlass=False, dt=torch.float32, tf32=True)

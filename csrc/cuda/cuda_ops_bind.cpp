@@ -88,27 +88,89 @@ at::Tensor fill_threshold(double threshold, const at::Tensor& ref) {
 }
 
 // ---- CUTLASS sm90 path (csrc/cuda/cutlass_masked_gemm.cu, docs/CUTLASS.md) --------------------------------
-// Taken when the extension has the CUTLASS GEMMs (built for sm_90a), the device is compute capability 9.0, the
-// data bf16, M, N, K > 0 with N and K multiples of 8, and every operand 16-byte aligned (TMA); otherwise the
-// WMMA kernels run. SPARSEBERT_CUTLASS_DISPATCH=0 in the environment (read at each call) turns it off, to
-// compare the two.
+// Taken when the extension has the CUTLASS GEMMs (built for sm_90a), the device is compute capability 9.0,
+// M, N, K > 0, and every operand (the scores included) has one dtype the op is instantiated for:
+//   bf16, fp16   all three GEMMs; N and K multiples of 8 (16-byte TMA rows)
+//   fp32         forward and input grad only, and only when the caller allows tf32 matmuls
+//                (torch.backends.cuda.matmul.allow_tf32 = True, or set_float32_matmul_precision("high")):
+//                the CUTLASS fp32 GEMMs use tf32 tensor cores, less precise than torch's default fp32 matmul;
+//                N and K multiples of 4
+// and every operand pointer is 16-byte aligned (TMA); otherwise (mixed dtypes, e.g. fp32 scores with bf16
+// weights, included) the WMMA kernels run. SPARSEBERT_CUTLASS_DISPATCH=0 in the environment (read at each
+// call) turns it off, to compare the two.
 bool cutlass_dispatch_enabled() {
   const char* v = std::getenv("SPARSEBERT_CUTLASS_DISPATCH");
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
-bool use_cutlass(int64_t M, int64_t N, int64_t K, std::initializer_list<const at::Tensor*> operands) {
-  if (!cuda::cutlass_sm90_built() || !cutlass_dispatch_enabled()) return false;
-  if (M <= 0 || N <= 0 || K <= 0 || N % 8 != 0 || K % 8 != 0) return false;
+enum class CutlassOp { Linear, WeightGrad };  // Linear: forward and input grad
+
+// The dtype the CUTLASS kernels run the call in, or nullopt when the WMMA kernels must run (rules above).
+std::optional<DType> cutlass_dtype(CutlassOp op, int64_t M, int64_t N, int64_t K,
+                                   std::initializer_list<const at::Tensor*> operands) {
+  if (!cuda::cutlass_sm90_built() || !cutlass_dispatch_enabled()) return std::nullopt;
+  const at::ScalarType st = (*operands.begin())->scalar_type();
+  DType dtype;
+  switch (st) {
+    case at::kBFloat16: dtype = DType::BFloat16; break;
+    case at::kHalf: dtype = DType::Float16; break;
+    case at::kFloat:
+      if (op != CutlassOp::Linear || !at::globalContext().allowTF32CuBLAS()) return std::nullopt;
+      dtype = DType::Float32;
+      break;
+    default: return std::nullopt;
+  }
+  const int64_t align = 16 / static_cast<int64_t>(c10::elementSize(st));  // elements per 16-byte TMA row unit
+  if (M <= 0 || N <= 0 || K <= 0 || N % align != 0 || K % align != 0) return std::nullopt;
   for (const at::Tensor* t : operands) {
     if (t == nullptr) continue;
-    if (t->scalar_type() != at::kBFloat16 || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+    if (t->scalar_type() != st || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return std::nullopt;
   }
   const int device = (*operands.begin())->get_device();
   int major = 0, minor = 0;  // attribute queries, no synchronization
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major == 9 && minor == 0;
+  if (major != 9 || minor != 0) return std::nullopt;
+  return dtype;
+}
+
+// The CUTLASS entry points of `dtype` (one cutlass_dtype returned for the op).
+cudaError_t cutlass_forward(DType dtype, const void* x, const void* wm, const void* bias, void* y, int M, int N, int K,
+                            cudaStream_t stream) {
+  switch (dtype) {
+    case DType::BFloat16: return cuda::cutlass_masked_linear_forward_bf16(x, wm, bias, y, M, N, K, stream);
+    case DType::Float16: return cuda::cutlass_masked_linear_forward_fp16(x, wm, bias, y, M, N, K, stream);
+    case DType::Float32: return cuda::cutlass_masked_linear_forward_tf32(x, wm, bias, y, M, N, K, stream);
+  }
+  TORCH_CHECK(false, "CUTLASS forward: unknown dtype");
+  return cudaErrorInvalidValue;  // unreachable
+}
+
+cudaError_t cutlass_input_grad(DType dtype, const void* dy, const void* wm, void* dx, int M, int N, int K,
+                               cudaStream_t stream) {
+  switch (dtype) {
+    case DType::BFloat16: return cuda::cutlass_masked_linear_input_grad_bf16(dy, wm, dx, M, N, K, stream);
+    case DType::Float16: return cuda::cutlass_masked_linear_input_grad_fp16(dy, wm, dx, M, N, K, stream);
+    case DType::Float32: return cuda::cutlass_masked_linear_input_grad_tf32(dy, wm, dx, M, N, K, stream);
+  }
+  TORCH_CHECK(false, "CUTLASS input grad: unknown dtype");
+  return cudaErrorInvalidValue;  // unreachable
+}
+
+cudaError_t cutlass_weight_grad(DType dtype, const void* dy, const void* x, const void* weight, const void* scores,
+                                const float* threshold, void* dscores, void* dweight, int M, int N, int K,
+                                cudaStream_t stream) {
+  switch (dtype) {
+    case DType::BFloat16:
+      return cuda::cutlass_masked_linear_weight_grad_bf16(dy, x, weight, scores, threshold, dscores, dweight, M, N, K,
+                                                          stream);
+    case DType::Float16:
+      return cuda::cutlass_masked_linear_weight_grad_fp16(dy, x, weight, scores, threshold, dscores, dweight, M, N, K,
+                                                          stream);
+    case DType::Float32: break;
+  }
+  TORCH_CHECK(false, "the CUTLASS weight gradient is bf16 / fp16 only (no float32 instantiation)");
+  return cudaErrorInvalidValue;  // unreachable: cutlass_dtype never picks fp32 for the weight gradient
 }
 
 // The keep-mask (N, K) as a bool tensor: bytes != 0, unpacked bits, or scores >= threshold (a 0-dim fp32 tensor:
@@ -151,11 +213,11 @@ at::Tensor linear_fwd(const at::Tensor& x, const at::Tensor& weight, const std::
     bias_ptr = bias->data_ptr();
   }
   at::Tensor y = at::empty({M, N}, x.options());
-  if (use_cutlass(M, N, K, {&x, &weight, bias.has_value() ? &*bias : nullptr})) {
+  const at::Tensor* bias_t = bias.has_value() ? &*bias : nullptr;
+  if (const auto dtype = cutlass_dtype(CutlassOp::Linear, M, N, K, {&x, &weight, bias_t})) {
     const at::Tensor wm = masked_weight(weight, spec, mask_or_scores, threshold);
-    C10_CUDA_CHECK(cuda::cutlass_masked_linear_forward_bf16(x.data_ptr(), wm.data_ptr(), bias_ptr, y.data_ptr(),
-                                                            static_cast<int>(M), static_cast<int>(N),
-                                                            static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cutlass_forward(*dtype, x.data_ptr(), wm.data_ptr(), bias_ptr, y.data_ptr(), static_cast<int>(M),
+                                   static_cast<int>(N), static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
     return y;
   }
   C10_CUDA_CHECK(cuda::masked_linear_forward(device_dtype(x, "x"), x.data_ptr(), weight.data_ptr(), bias_ptr, spec,
@@ -184,11 +246,10 @@ at::Tensor linear_bwd_input(const at::Tensor& dy, const at::Tensor& weight, cons
                             const at::Tensor& mask_or_scores, const at::Tensor* threshold) {
   const int64_t M = dy.size(0), N = weight.size(0), K = weight.size(1);
   at::Tensor dx = at::empty({M, K}, dy.options());
-  if (use_cutlass(M, N, K, {&dy, &weight})) {
+  if (const auto dtype = cutlass_dtype(CutlassOp::Linear, M, N, K, {&dy, &weight})) {
     const at::Tensor wm = masked_weight(weight, spec, mask_or_scores, threshold);
-    C10_CUDA_CHECK(cuda::cutlass_masked_linear_input_grad_bf16(dy.data_ptr(), wm.data_ptr(), dx.data_ptr(),
-                                                               static_cast<int>(M), static_cast<int>(N),
-                                                               static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cutlass_input_grad(*dtype, dy.data_ptr(), wm.data_ptr(), dx.data_ptr(), static_cast<int>(M),
+                                      static_cast<int>(N), static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
     return dx;
   }
   C10_CUDA_CHECK(cuda::masked_linear_input_grad(device_dtype(dy, "dy"), dy.data_ptr(), weight.data_ptr(), spec,
@@ -227,13 +288,13 @@ at::Tensor masked_linear_bwd_weight_cuda(const at::Tensor& dy, const at::Tensor&
   const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
   const MaskSpec spec = mask_spec(mask, packed, N, K, dy);
   at::Tensor dweight = at::empty({N, K}, x.options());
-  if (use_cutlass(M, N, K, {&dy, &x})) {
-    // the CUTLASS EVT's 0/1-mask form: the keep-mask as bf16 "scores" against a threshold of 0.5, no dscores
-    const at::Tensor keep = keep_mask(spec, mask, nullptr, N, K).to(at::kBFloat16);
+  if (const auto dtype = cutlass_dtype(CutlassOp::WeightGrad, M, N, K, {&dy, &x})) {
+    // the CUTLASS EVT's 0/1-mask form: the keep-mask as "scores" of x's dtype, threshold 0.5, no dscores
+    const at::Tensor keep = keep_mask(spec, mask, nullptr, N, K).to(x.scalar_type());
     const at::Tensor half = at::full({}, 0.5, dy.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(cuda::cutlass_masked_linear_weight_grad_bf16(
-        dy.data_ptr(), x.data_ptr(), nullptr, keep.data_ptr(), half.data_ptr<float>(), nullptr, dweight.data_ptr(),
-        static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cutlass_weight_grad(
+        *dtype, dy.data_ptr(), x.data_ptr(), nullptr, keep.data_ptr(), half.data_ptr<float>(), nullptr,
+        dweight.data_ptr(), static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
     return dweight;
   }
   C10_CUDA_CHECK(cuda::masked_linear_weight_grad(device_dtype(x, "x"), dy.data_ptr(), x.data_ptr(), nullptr, spec,
@@ -286,12 +347,12 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight
   const MaskSpec spec = score_spec(scores, thr, N, K, dy);
   at::Tensor dscores = at::empty({N, K}, scores.options());
   at::Tensor dweight = need_dweight ? at::empty({N, K}, weight.options()) : at::Tensor();
-  if (use_cutlass(M, N, K, {&dy, &x, &weight, &scores})) {
+  if (const auto dtype = cutlass_dtype(CutlassOp::WeightGrad, M, N, K, {&dy, &x, &weight, &scores})) {
     // the EVT always stores dweight (its D): without need_dweight it goes to a scratch tensor
     if (!need_dweight) dweight = at::empty({N, K}, weight.options());
-    C10_CUDA_CHECK(cuda::cutlass_masked_linear_weight_grad_bf16(
-        dy.data_ptr(), x.data_ptr(), weight.data_ptr(), scores.data_ptr(), thr.data_ptr<float>(), dscores.data_ptr(),
-        dweight.data_ptr(), static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+    C10_CUDA_CHECK(cutlass_weight_grad(
+        *dtype, dy.data_ptr(), x.data_ptr(), weight.data_ptr(), scores.data_ptr(), thr.data_ptr<float>(),
+        dscores.data_ptr(), dweight.data_ptr(), static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
         c10::cuda::getCurrentCUDAStream()));
     return std::make_tuple(dscores, need_dweight ? std::optional<at::Tensor>(dweight) : std::nullopt);
   }

@@ -3,11 +3,14 @@
 //   input grad:  dx = dy @ Wm          dy (M, N), dx (M, K)
 // and the weight gradient G = dyᵀ @ x (N, K) with an epilogue visitor tree (EVT) that reads W and the scores:
 //   dweight = G ⊙ [scores >= tau]      dscores = G ⊙ W   (straight-through estimator)
-// bf16 in and out, fp32 accumulation. Each is the TMA warp-specialized kernel from the collective builder
-// (cooperative schedule: two consumer warpgroups per 128x128 tile; StageCountAuto); the forward bias is
-// the LinCombPerColBias epilogue (a row broadcast in the epilogue visitor tree). Torch-free. Built only
-// with -DSPARSEBERT_WITH_CUTLASS (the CUTLASS include dirs on the path) and for sm_90a; otherwise, and on a
-// device that is not compute capability 9.0, every entry point returns cudaErrorNotSupported.
+// One element type in and out (every operand, the scores included), fp32 accumulation: bf16 and fp16 for all
+// three, fp32 for the forward and input grad only (the `_tf32` entry points: fp32 data, tf32 tensor-core
+// products, which keep 10 of the operands' 23 mantissa bits; why no fp32 weight grad: MaskedWeightGradGemm).
+// Each is the TMA warp-specialized kernel from the collective builder (cooperative schedule: two consumer
+// warpgroups per 128x128 tile, 128 bytes of K per stage; StageCountAuto); the forward bias is the
+// LinCombPerColBias epilogue (a row broadcast in the epilogue visitor tree). Torch-free. Built only with
+// -DSPARSEBERT_WITH_CUTLASS (the CUTLASS include dirs on the path) and for sm_90a; otherwise, and on a device
+// that is not compute capability 9.0, every entry point returns cudaErrorNotSupported.
 #include <cuda_runtime_api.h>
 
 #include "launchers.cuh"
@@ -40,21 +43,31 @@ namespace {
 
 using namespace cute;
 
-using Element = cutlass::bfloat16_t;
 using ElementAcc = float;
-constexpr int kAlign = 16 / sizeof(Element);  // 8 elements: TMA needs 16-byte aligned rows
-using TileShape = Shape<_128, _128, _64>;
 using ClusterShape = Shape<_1, _1, _1>;
+namespace fusion = cutlass::epilogue::fusion;
+namespace epi_detail = cutlass::epilogue::collective::detail;
+using EpiSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+using RoundNearest = std::integral_constant<cutlass::FloatRoundStyle, cutlass::FloatRoundStyle::round_to_nearest>;
+
+// TMA needs 16-byte aligned rows: 8 bf16 / fp16 elements, 4 fp32 ones.
+template <class Element>
+inline constexpr int kAlignment = 16 / static_cast<int>(sizeof(Element));
+// 128x128 output tiles, 128 bytes of K per stage (64 bf16 / fp16, 32 fp32: one 128-byte swizzle row).
+template <class Element>
+using TileShapeFor = Shape<_128, _128, Int<128 / static_cast<int>(sizeof(Element))>>;
 
 // D (M, N) row-major = A · B, A an (M, K) tensor of layout LayoutA, B an (N, K) tensor of layout LayoutB.
-template <class LayoutA, class LayoutB, class FusionOp>
+template <class Element, class LayoutA, class LayoutB, class FusionOp>
 struct Sm90Gemm {
+  static constexpr int kAlign = kAlignment<Element>;
+  using TileShape = TileShapeFor<Element>;
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementAcc,
       void, cutlass::layout::RowMajor, kAlign,      // no C source
       Element, cutlass::layout::RowMajor, kAlign,   // D
-      cutlass::epilogue::TmaWarpSpecializedCooperative, FusionOp>::CollectiveOp;
+      EpiSchedule, FusionOp>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
@@ -70,65 +83,77 @@ struct Sm90Gemm {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-using BiasOp = cutlass::epilogue::fusion::LinCombPerColBias<Element, ElementAcc, Element, void, ElementAcc, kAlign>;
-using PlainOp = cutlass::epilogue::fusion::LinearCombination<Element, ElementAcc, void, ElementAcc>;
-// forward: B(n, k) = Wm[n, k] (K contiguous: ColumnMajor B); input grad: B(k, n) = Wm[n, k] (RowMajor B)
-using ForwardGemm = Sm90Gemm<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, BiasOp>::Gemm;
-using InputGradGemm = Sm90Gemm<cutlass::layout::RowMajor, cutlass::layout::RowMajor, PlainOp>::Gemm;
-
-// ---- weight gradient: G (N, K) = dyᵀ · x, GEMM with m := N, n := K, k := M (the tokens) ----------------------
-// A(n, m) = dy[m, n] (M-major: ColumnMajor A), B(k, m) = x[m, k] (N-major: RowMajor B). Its EVT:
-//   D      = dweight = G ⊙ [float(scores) >= float(bf16(tau))]   (torch.where(scores >= tau, G, 0), bf16)
-//   aux    = dscores = G · float(W)                                (bf16; not stored when its pointer is null)
-// tau is a scalar broadcast read from a device pointer (no host sync), rounded to the scores' dtype (bf16) as
-// torch's `scores >= tau` does; W is an aux load skipped (read as zeros) when its pointer is null.
-namespace fusion = cutlass::epilogue::fusion;
-namespace epi_detail = cutlass::epilogue::collective::detail;
-using EpiSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-// The same epilogue tile and stage counts the collective builder derives (C void, D bf16, cooperative).
-using EpiDesc = epi_detail::EpilogueDescriptor<TileShape, cutlass::epilogue::collective::EpilogueTileAuto, void,
-                                               Element, EpiSchedule>;
-using AuxLoadDesc = epi_detail::AuxLoadDescriptor<EpiDesc, cutlass::layout::RowMajor, Element>;
-using AuxStoreDesc = epi_detail::AuxStoreDescriptor<EpiDesc, cutlass::layout::RowMajor, Element>;
-using AuxLoadOp = fusion::Sm90AuxLoad<AuxLoadDesc::Stages, typename EpiDesc::EpilogueTile, Element,
-                                      typename AuxLoadDesc::Stride, typename AuxLoadDesc::SmemLayoutAtom,
-                                      typename AuxLoadDesc::CopyOpS2R, kAlign, /*EnableNullptr=*/true>;
-using AuxStoreOp = fusion::Sm90AuxStore<AuxStoreDesc::Stages, typename EpiDesc::EpilogueTile, Element,
-                                        cutlass::FloatRoundStyle::round_to_nearest, typename AuxStoreDesc::Stride,
-                                        typename AuxStoreDesc::SmemLayoutAtom, typename AuxStoreDesc::CopyOpR2S,
-                                        kAlign, /*EnableNullptr=*/true>;
-using TauOp = fusion::Sm90ScalarBroadcast<ElementAcc>;
-
-// g where float(s) >= float(bf16(tau)), else 0 (a select, as torch.where: no 0 * inf = nan).
-template <class T>
+// g where float(s) >= float(ScoresElement(tau)), else 0 (a select, as torch.where: no 0 * inf = nan). tau is
+// rounded to the scores' element type first, as torch's `scores >= tau` does.
+template <class ScoresElement>
 struct KeepOrZero {
-  CUTLASS_HOST_DEVICE T operator()(T g, T s, T tau) const {
-    return s >= static_cast<T>(Element(tau)) ? g : T(0);
-  }
-};
-template <class T, int N>
-struct KeepOrZero<cutlass::Array<T, N>> {
-  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& g, cutlass::Array<T, N> const& s,
-                                                      cutlass::Array<T, N> const& tau) const {
-    const T t = static_cast<T>(Element(tau[0]));
-    cutlass::Array<T, N> out;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) out[i] = s[i] >= t ? g[i] : T(0);
-    return out;
-  }
+  template <class T>
+  struct Fn {
+    CUTLASS_HOST_DEVICE T operator()(T g, T s, T tau) const {
+      return s >= static_cast<T>(ScoresElement(tau)) ? g : T(0);
+    }
+  };
+  template <class T, int N>
+  struct Fn<cutlass::Array<T, N>> {
+    CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& g, cutlass::Array<T, N> const& s,
+                                                        cutlass::Array<T, N> const& tau) const {
+      const T t = static_cast<T>(ScoresElement(tau[0]));
+      cutlass::Array<T, N> out;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < N; ++i) out[i] = s[i] >= t ? g[i] : T(0);
+      return out;
+    }
+  };
 };
 
-using RoundNearest = std::integral_constant<cutlass::FloatRoundStyle, cutlass::FloatRoundStyle::round_to_nearest>;
-using DweightTree = fusion::Sm90EVT<
-    fusion::Sm90Compute<KeepOrZero, ElementAcc, ElementAcc, RoundNearest::value>,
-    fusion::Sm90AccFetch, AuxLoadOp /*scores*/, TauOp>;
-using DscoresTree = fusion::Sm90EVT<
-    AuxStoreOp,
-    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, ElementAcc, ElementAcc, RoundNearest::value>,
-                    fusion::Sm90AccFetch, AuxLoadOp /*W*/>>;
-// The accumulator feeds both trees; the aux tree (dscores) is visited before the output tree (D = dweight).
-using WeightGradEvt = fusion::Sm90SplitTreeVisitor<fusion::Sm90AccFetch, DweightTree, DscoresTree>;
-using WeightGradGemm = Sm90Gemm<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, WeightGradEvt>::Gemm;
+// The forward and input-gradient GEMMs of one element type.
+template <class Element>
+struct MaskedLinearGemms {
+  static constexpr int kAlign = kAlignment<Element>;
+  using BiasOp = fusion::LinCombPerColBias<Element, ElementAcc, Element, void, ElementAcc, kAlign>;
+  using PlainOp = fusion::LinearCombination<Element, ElementAcc, void, ElementAcc>;
+  // forward: B(n, k) = Wm[n, k] (K contiguous: ColumnMajor B); input grad: B(k, n) = Wm[n, k] (RowMajor B)
+  using Forward = typename Sm90Gemm<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, BiasOp>::Gemm;
+  using InputGrad = typename Sm90Gemm<Element, cutlass::layout::RowMajor, cutlass::layout::RowMajor, PlainOp>::Gemm;
+};
+
+// The weight-gradient GEMM of one element type (bf16 and fp16 only: for fp32 the epilogue below, two fp32 aux
+// loads of 4 stages and two stores, takes about 193 KiB of shared memory and leaves the mainloop under 2 stages).
+template <class Element>
+struct MaskedWeightGradGemm {
+  static constexpr int kAlign = kAlignment<Element>;
+  using TileShape = TileShapeFor<Element>;
+  // ---- weight gradient: G (N, K) = dyᵀ · x, GEMM with m := N, n := K, k := M (the tokens) --------------------
+  // A(n, m) = dy[m, n] (M-major: ColumnMajor A), B(k, m) = x[m, k] (N-major: RowMajor B). Its EVT:
+  //   D   = dweight = G ⊙ [float(scores) >= float(Element(tau))]   (torch.where(scores >= tau, G, 0))
+  //   aux = dscores = G · float(W)                                  (not stored when its pointer is null)
+  // tau is a scalar broadcast read from a device pointer (no host sync); W is an aux load skipped (read as
+  // zeros) when its pointer is null. W, scores, dweight and dscores are all of type Element.
+  // The same epilogue tile and stage counts the collective builder derives (C void, D Element, cooperative).
+  using EpiDesc = epi_detail::EpilogueDescriptor<TileShape, cutlass::epilogue::collective::EpilogueTileAuto, void,
+                                                 Element, EpiSchedule>;
+  using AuxLoadDesc = epi_detail::AuxLoadDescriptor<EpiDesc, cutlass::layout::RowMajor, Element>;
+  using AuxStoreDesc = epi_detail::AuxStoreDescriptor<EpiDesc, cutlass::layout::RowMajor, Element>;
+  using AuxLoadOp = fusion::Sm90AuxLoad<AuxLoadDesc::Stages, typename EpiDesc::EpilogueTile, Element,
+                                        typename AuxLoadDesc::Stride, typename AuxLoadDesc::SmemLayoutAtom,
+                                        typename AuxLoadDesc::CopyOpS2R, kAlign, /*EnableNullptr=*/true>;
+  using AuxStoreOp = fusion::Sm90AuxStore<AuxStoreDesc::Stages, typename EpiDesc::EpilogueTile, Element,
+                                          cutlass::FloatRoundStyle::round_to_nearest, typename AuxStoreDesc::Stride,
+                                          typename AuxStoreDesc::SmemLayoutAtom, typename AuxStoreDesc::CopyOpR2S,
+                                          kAlign, /*EnableNullptr=*/true>;
+  using TauOp = fusion::Sm90ScalarBroadcast<ElementAcc>;
+  using DweightTree = fusion::Sm90EVT<
+      fusion::Sm90Compute<KeepOrZero<Element>::template Fn, ElementAcc, ElementAcc, RoundNearest::value>,
+      fusion::Sm90AccFetch, AuxLoadOp /*scores*/, TauOp>;
+  using DscoresTree = fusion::Sm90EVT<
+      AuxStoreOp,
+      fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, ElementAcc, ElementAcc, RoundNearest::value>,
+                      fusion::Sm90AccFetch, AuxLoadOp /*W*/>>;
+  // The accumulator feeds both trees; the aux tree (dscores) is visited before the output tree (D = dweight).
+  using WeightGradEvt = fusion::Sm90SplitTreeVisitor<fusion::Sm90AccFetch, DweightTree, DscoresTree>;
+  using Gemm =
+      typename Sm90Gemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, WeightGradEvt>::Gemm;
+};
 
 cudaError_t device_check() {
   int dev = 0, major = 0, minor = 0;
@@ -151,10 +176,11 @@ cutlass::KernelHardwareInfo hardware_info() {
 template <class Gemm>
 cudaError_t launch(typename Gemm::Arguments& args, cudaStream_t stream);
 
-// Runs D (M, N) = A (M, K) · B; a_ptr / b_ptr / d_ptr device pointers, strides from the layouts.
-template <class Gemm>
+// Runs D (M, N) = A (M, K) · B; a_ptr / b_ptr / d_ptr device pointers of Element, strides from the layouts.
+template <class Element, class Gemm>
 cudaError_t run_gemm(const void* a_ptr, const void* b_ptr, const void* bias, void* d_ptr, int M, int N, int K,
                      cudaStream_t stream) {
+  constexpr int kAlign = kAlignment<Element>;
   if (M <= 0 || N <= 0 || K <= 0 || N % kAlign || K % kAlign) return cudaErrorInvalidValue;
   for (const void* p : {a_ptr, b_ptr, bias, static_cast<const void*>(d_ptr)})
     if (reinterpret_cast<uintptr_t>(p) % 16) return cudaErrorInvalidValue;  // TMA: 16-byte aligned bases
@@ -173,15 +199,18 @@ cudaError_t run_gemm(const void* a_ptr, const void* b_ptr, const void* bias, voi
       hardware_info()};
   args.epilogue.thread.alpha = 1.0f;
   args.epilogue.thread.beta = 0.0f;
-  if constexpr (std::is_same_v<Gemm, ForwardGemm>) {
+  if constexpr (std::is_same_v<Gemm, typename MaskedLinearGemms<Element>::Forward>) {
     args.epilogue.thread.bias_ptr = static_cast<const Element*>(bias);  // null: the row broadcast reads zeros
   }
   return launch<Gemm>(args, stream);
 }
 
-// G = dyᵀ · x with the EVT above; dy (M, N), x (M, K), weight / scores / dscores / dweight (N, K), all row-major.
+// G = dyᵀ · x with the EVT above; dy (M, N), x (M, K), weight / scores / dscores / dweight (N, K), all row-major
+// and all of type Element.
+template <class Element>
 cudaError_t run_weight_grad(const void* dy, const void* x, const void* weight, const void* scores, const float* tau,
                             void* dscores, void* dweight, int M, int N, int K, cudaStream_t stream) {
+  constexpr int kAlign = kAlignment<Element>;
   if (M <= 0 || N <= 0 || K <= 0 || N % kAlign || K % kAlign) return cudaErrorInvalidValue;
   if (dy == nullptr || x == nullptr || scores == nullptr || tau == nullptr || dweight == nullptr) return cudaErrorInvalidValue;
   if ((dscores == nullptr) != (weight == nullptr)) return cudaErrorInvalidValue;  // dscores = G ⊙ W needs W
@@ -190,15 +219,16 @@ cudaError_t run_weight_grad(const void* dy, const void* x, const void* weight, c
   if (reinterpret_cast<uintptr_t>(tau) % alignof(float)) return cudaErrorInvalidValue;
   cudaError_t err = device_check();
   if (err != cudaSuccess) return err;
-  using Gemm = WeightGradGemm;
+  using Gemms = MaskedWeightGradGemm<Element>;
+  using Gemm = typename Gemms::Gemm;
   using GK = typename Gemm::GemmKernel;
   // GEMM (m, n, k) = (N, K, M)
   auto stride_a = cutlass::make_cute_packed_stride(typename GK::StrideA{}, make_shape(N, M, 1));
   auto stride_b = cutlass::make_cute_packed_stride(typename GK::StrideB{}, make_shape(K, M, 1));
   auto stride_c = cutlass::make_cute_packed_stride(typename GK::StrideC{}, make_shape(N, K, 1));
   auto stride_d = cutlass::make_cute_packed_stride(typename GK::StrideD{}, make_shape(N, K, 1));
-  auto stride_aux = cutlass::make_cute_packed_stride(typename AuxLoadDesc::Stride{}, make_shape(N, K, 1));
-  auto stride_aux_out = cutlass::make_cute_packed_stride(typename AuxStoreDesc::Stride{}, make_shape(N, K, 1));
+  auto stride_aux = cutlass::make_cute_packed_stride(typename Gemms::AuxLoadDesc::Stride{}, make_shape(N, K, 1));
+  auto stride_aux_out = cutlass::make_cute_packed_stride(typename Gemms::AuxStoreDesc::Stride{}, make_shape(N, K, 1));
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {N, K, M, 1},
@@ -236,22 +266,33 @@ cudaError_t launch(typename Gemm::Arguments& args, cudaStream_t stream) {
 
 bool cutlass_sm90_built() { return true; }
 
-cudaError_t cutlass_masked_linear_forward_bf16(const void* x, const void* weight_masked, const void* bias, void* y,
-                                               int M, int N, int K, cudaStream_t stream) {
-  return run_gemm<ForwardGemm>(x, weight_masked, bias, y, M, N, K, stream);
-}
+#define SPARSEBERT_CUTLASS_ENTRY_POINTS(SUFFIX, ELEMENT)                                                           \
+  cudaError_t cutlass_masked_linear_forward_##SUFFIX(const void* x, const void* weight_masked, const void* bias,   \
+                                                     void* y, int M, int N, int K, cudaStream_t stream) {          \
+    return run_gemm<ELEMENT, MaskedLinearGemms<ELEMENT>::Forward>(x, weight_masked, bias, y, M, N, K, stream);     \
+  }                                                                                                                \
+  /* dx (M, K) = dy (M, N) · Wm (N, K): GEMM with n := K and k := N */                                             \
+  cudaError_t cutlass_masked_linear_input_grad_##SUFFIX(const void* dy, const void* weight_masked, void* dx, int M, \
+                                                        int N, int K, cudaStream_t stream) {                       \
+    return run_gemm<ELEMENT, MaskedLinearGemms<ELEMENT>::InputGrad>(dy, weight_masked, nullptr, dx, M, K, N,       \
+                                                                    stream);                                       \
+  }
+#define SPARSEBERT_CUTLASS_WEIGHT_GRAD_ENTRY_POINT(SUFFIX, ELEMENT)                                                \
+  cudaError_t cutlass_masked_linear_weight_grad_##SUFFIX(const void* dy, const void* x, const void* weight,        \
+                                                         const void* scores, const float* threshold,               \
+                                                         void* dscores, void* dweight, int M, int N, int K,        \
+                                                         cudaStream_t stream) {                                    \
+    return run_weight_grad<ELEMENT>(dy, x, weight, scores, threshold, dscores, dweight, M, N, K, stream);          \
+  }
 
-cudaError_t cutlass_masked_linear_input_grad_bf16(const void* dy, const void* weight_masked, void* dx, int M, int N,
-                                                  int K, cudaStream_t stream) {
-  // dx (M, K) = dy (M, N) · Wm (N, K): GEMM with n := K and k := N
-  return run_gemm<InputGradGemm>(dy, weight_masked, nullptr, dx, M, K, N, stream);
-}
-
-cudaError_t cutlass_masked_linear_weight_grad_bf16(const void* dy, const void* x, const void* weight,
-                                                   const void* scores, const float* threshold, void* dscores,
-                                                   void* dweight, int M, int N, int K, cudaStream_t stream) {
-  return run_weight_grad(dy, x, weight, scores, threshold, dscores, dweight, M, N, K, stream);
-}
+// cutlass_masked_linear_{forward,input_grad}_{bf16,fp16,tf32} and cutlass_masked_linear_weight_grad_{bf16,fp16}
+SPARSEBERT_CUTLASS_ENTRY_POINTS(bf16, cutlass::bfloat16_t)
+SPARSEBERT_CUTLASS_ENTRY_POINTS(fp16, cutlass::half_t)
+SPARSEBERT_CUTLASS_ENTRY_POINTS(tf32, float)
+SPARSEBERT_CUTLASS_WEIGHT_GRAD_ENTRY_POINT(bf16, cutlass::bfloat16_t)
+SPARSEBERT_CUTLASS_WEIGHT_GRAD_ENTRY_POINT(fp16, cutlass::half_t)
+#undef SPARSEBERT_CUTLASS_ENTRY_POINTS
+#undef SPARSEBERT_CUTLASS_WEIGHT_GRAD_ENTRY_POINT
 
 }  // namespace cuda
 }  // namespace sparsebert
@@ -263,19 +304,28 @@ namespace cuda {
 
 bool cutlass_sm90_built() { return false; }
 
-cudaError_t cutlass_masked_linear_forward_bf16(const void*, const void*, const void*, void*, int, int, int,
-                                               cudaStream_t) {
-  return cudaErrorNotSupported;
-}
+#define SPARSEBERT_CUTLASS_ENTRY_POINTS(SUFFIX)                                                                     \
+  cudaError_t cutlass_masked_linear_forward_##SUFFIX(const void*, const void*, const void*, void*, int, int, int,  \
+                                                     cudaStream_t) {                                               \
+    return cudaErrorNotSupported;                                                                                  \
+  }                                                                                                                \
+  cudaError_t cutlass_masked_linear_input_grad_##SUFFIX(const void*, const void*, void*, int, int, int,            \
+                                                        cudaStream_t) {                                            \
+    return cudaErrorNotSupported;                                                                                  \
+  }
+#define SPARSEBERT_CUTLASS_WEIGHT_GRAD_ENTRY_POINT(SUFFIX)                                                          \
+  cudaError_t cutlass_masked_linear_weight_grad_##SUFFIX(const void*, const void*, const void*, const void*,       \
+                                                         const float*, void*, void*, int, int, int, cudaStream_t) { \
+    return cudaErrorNotSupported;                                                                                  \
+  }
 
-cudaError_t cutlass_masked_linear_input_grad_bf16(const void*, const void*, void*, int, int, int, cudaStream_t) {
-  return cudaErrorNotSupported;
-}
-
-cudaError_t cutlass_masked_linear_weight_grad_bf16(const void*, const void*, const void*, const void*, const float*,
-                                                   void*, void*, int, int, int, cudaStream_t) {
-  return cudaErrorNotSupported;
-}
+SPARSEBERT_CUTLASS_ENTRY_POINTS(bf16)
+SPARSEBERT_CUTLASS_ENTRY_POINTS(fp16)
+SPARSEBERT_CUTLASS_ENTRY_POINTS(tf32)
+SPARSEBERT_CUTLASS_WEIGHT_GRAD_ENTRY_POINT(bf16)
+SPARSEBERT_CUTLASS_WEIGHT_GRAD_ENTRY_POINT(fp16)
+#undef SPARSEBERT_CUTLASS_ENTRY_POINTS
+#undef SPARSEBERT_CUTLASS_WEIGHT_GRAD_ENTRY_POINT
 
 }  // namespace cuda
 }  // namespace sparsebert

@@ -73,22 +73,36 @@ cudaError_t bitmask_spmm_forward(DType dtype, const BitmaskSpmmPlan& plan, const
                                  const int32_t* tile_offsets, const void* bias, void* y, float* partials,
                                  int32_t* tickets, int M, int N, int K, cudaStream_t stream);
 
-// CUTLASS sm90 GEMMs on an already-masked weight Wm (cutlass_masked_gemm.cu, docs/CUTLASS.md); bf16 only.
+// CUTLASS sm90 GEMMs on an already-masked weight Wm (cutlass_masked_gemm.cu, docs/CUTLASS.md), one set per
+// element type: _bf16 (bfloat16), _fp16 (float16) and _tf32 (float32 data, tf32 tensor-core products: less
+// precise than an fp32 GEMM, for callers that allow tf32). Every operand, the scores included, has that type.
 // Built only with CUTLASS for sm_90a: otherwise, or on a device that is not compute capability 9.0, they return
-// cudaErrorNotSupported. M, N, K > 0; N and K multiples of 8 (16-byte TMA rows), else cudaErrorInvalidValue.
+// cudaErrorNotSupported. M, N, K > 0; N and K multiples of 16 bytes of elements (8 for bf16 / fp16, 4 for fp32:
+// TMA rows) and every pointer 16-byte aligned, else cudaErrorInvalidValue.
 bool cutlass_sm90_built();
 // y = x @ Wmᵀ + bias (bias may be null)
 cudaError_t cutlass_masked_linear_forward_bf16(const void* x, const void* weight_masked, const void* bias, void* y,
                                                int M, int N, int K, cudaStream_t stream);
+cudaError_t cutlass_masked_linear_forward_fp16(const void* x, const void* weight_masked, const void* bias, void* y,
+                                               int M, int N, int K, cudaStream_t stream);
+cudaError_t cutlass_masked_linear_forward_tf32(const void* x, const void* weight_masked, const void* bias, void* y,
+                                               int M, int N, int K, cudaStream_t stream);
 // dx = dy @ Wm
 cudaError_t cutlass_masked_linear_input_grad_bf16(const void* dy, const void* weight_masked, void* dx, int M, int N,
                                                   int K, cudaStream_t stream);
-// G = dyᵀ @ x (N, K), one GEMM over the M tokens, then in its epilogue visitor tree:
-//   dweight = G ⊙ [scores >= tau]  (a select, bf16; tau = *threshold rounded to bf16, read on the device)
-//   dscores = G ⊙ weight           (bf16; weight and dscores both null: not computed)
-// scores (N, K) bf16 and threshold (one fp32, device) are required; for a 0/1 mask pass it as bf16 scores
-// with *threshold = 0.5. The bias gradient (column sums of dy) is not computed here (see docs/CUTLASS.md).
+cudaError_t cutlass_masked_linear_input_grad_fp16(const void* dy, const void* weight_masked, void* dx, int M, int N,
+                                                  int K, cudaStream_t stream);
+cudaError_t cutlass_masked_linear_input_grad_tf32(const void* dy, const void* weight_masked, void* dx, int M, int N,
+                                                  int K, cudaStream_t stream);
+// G = dyᵀ @ x (N, K), one GEMM over the M tokens, then in its epilogue visitor tree (bf16 and fp16 only):
+//   dweight = G ⊙ [scores >= tau]  (a select; tau = *threshold rounded to the element type, read on the device)
+//   dscores = G ⊙ weight           (weight and dscores both null: not computed)
+// scores (N, K) and threshold (one fp32, device) are required; for a 0/1 mask pass it as scores of the element
+// type with *threshold = 0.5. The bias gradient (column sums of dy) is not computed here (see docs/CUTLASS.md).
 cudaError_t cutlass_masked_linear_weight_grad_bf16(const void* dy, const void* x, const void* weight,
+                                                   const void* scores, const float* threshold, void* dscores,
+                                                   void* dweight, int M, int N, int K, cudaStream_t stream);
+cudaError_t cutlass_masked_linear_weight_grad_fp16(const void* dy, const void* x, const void* weight,
                                                    const void* scores, const float* threshold, void* dscores,
                                                    void* dweight, int M, int N, int K, cudaStream_t stream);
 

@@ -250,27 +250,52 @@ void run_gemm_case(DType dtype, const MaskCase& mc, int M, int N, int K) {
   }
 }
 
-// CUTLASS sm90 GEMMs on an already-masked bf16 weight (cutlass_masked_gemm.cu): y = x Wm^T + b, dx = dy Wm.
-// Skipped (not failed) when the build has no CUTLASS or the device is not compute capability 9.0.
-void run_cutlass_case(int M, int N, int K, bool with_bias) {
-  const DType bf = DType::BFloat16;
-  HostArray x = random_array(bf, size_t(M) * K), w = random_array(bf, size_t(N) * K), bias = random_array(bf, N),
-            dy = random_array(bf, size_t(M) * N);
+// The CUTLASS entry points of one dtype (Float32: the tf32 ones; no fp32 weight gradient).
+cudaError_t cutlass_forward(DType dt, const void* x, const void* wm, const void* bias, void* y, int M, int N, int K) {
+  if (dt == DType::BFloat16) return sparsebert::cuda::cutlass_masked_linear_forward_bf16(x, wm, bias, y, M, N, K, 0);
+  if (dt == DType::Float16) return sparsebert::cuda::cutlass_masked_linear_forward_fp16(x, wm, bias, y, M, N, K, 0);
+  return sparsebert::cuda::cutlass_masked_linear_forward_tf32(x, wm, bias, y, M, N, K, 0);
+}
+cudaError_t cutlass_input_grad(DType dt, const void* dy, const void* wm, void* dx, int M, int N, int K) {
+  if (dt == DType::BFloat16) return sparsebert::cuda::cutlass_masked_linear_input_grad_bf16(dy, wm, dx, M, N, K, 0);
+  if (dt == DType::Float16) return sparsebert::cuda::cutlass_masked_linear_input_grad_fp16(dy, wm, dx, M, N, K, 0);
+  return sparsebert::cuda::cutlass_masked_linear_input_grad_tf32(dy, wm, dx, M, N, K, 0);
+}
+cudaError_t cutlass_weight_grad(DType dt, const void* dy, const void* x, const void* w, const void* scores,
+                                const float* tau, void* dscores, void* dweight, int M, int N, int K) {
+  if (dt == DType::BFloat16)
+    return sparsebert::cuda::cutlass_masked_linear_weight_grad_bf16(dy, x, w, scores, tau, dscores, dweight, M, N, K, 0);
+  return sparsebert::cuda::cutlass_masked_linear_weight_grad_fp16(dy, x, w, scores, tau, dscores, dweight, M, N, K, 0);
+}
+
+// Relative tolerance of one CUTLASS output element. bf16 / fp16: tolerance() (output rounding; the products
+// are exact in the fp32 accumulator). fp32 runs on tf32 tensor cores, which keep 10 of each operand's 23
+// mantissa bits: a product error of up to 2 * 2^-10 relative, random in sign across the K terms, so the sum's
+// error grows as ~1.1 * 2^-10 * sqrt(K) (one sigma; the scale argument of expect_close is sqrt(K)); 8 * 2^-10
+// keeps > 5 sigma of margin over the ~10^5 elements of a case.
+double cutlass_tolerance(DType dt) { return dt == DType::Float32 ? 8.0 / 1024.0 : tolerance(dt); }
+
+// CUTLASS sm90 GEMMs on an already-masked weight (cutlass_masked_gemm.cu): y = x Wm^T + b, dx = dy Wm, in dtype
+// dt (Float32: tf32). Skipped (not failed) when the build has no CUTLASS or the device is not compute capability 9.0.
+void run_cutlass_case(DType dt, int M, int N, int K, bool with_bias) {
+  HostArray x = random_array(dt, size_t(M) * K), w = random_array(dt, size_t(N) * K), bias = random_array(dt, N),
+            dy = random_array(dt, size_t(M) * N);
   std::bernoulli_distribution keep(0.6);
   for (float& v : w.values)
     if (!keep(g_rng)) v = 0.0f;  // the weight pass writes W*m; here the masked weight is the input
-  DeviceBuffer dx_in(x.bytes()), dw_in(w.bytes()), dbias(bias.bytes()), ddy(dy.bytes()), y(size_t(M) * N * 2),
-      dxo(size_t(M) * K * 2);
+  const size_t es = x.elem_size();
+  DeviceBuffer dx_in(x.bytes()), dw_in(w.bytes()), dbias(bias.bytes()), ddy(dy.bytes()), y(size_t(M) * N * es),
+      dxo(size_t(M) * K * es);
   char label[160];
-  cudaError_t err = sparsebert::cuda::cutlass_masked_linear_forward_bf16(dx_in.ptr, dw_in.ptr, with_bias ? dbias.ptr : nullptr,
-                                                                        y.ptr, M, N, K, 0);
+  cudaError_t err = cutlass_forward(dt, dx_in.ptr, dw_in.ptr, with_bias ? dbias.ptr : nullptr, y.ptr, M, N, K);
   if (err == cudaErrorNotSupported) {
     cudaGetLastError();
-    std::printf("skip cutlass sm90 M=%d N=%d K=%d (not built with CUTLASS, or not a 9.0 device)\n", M, N, K);
+    std::printf("skip cutlass sm90 %s M=%d N=%d K=%d (not built with CUTLASS, or not a 9.0 device)\n", dtype_name(dt),
+                M, N, K);
     return;
   }
   CHECK_CUDA(err);
-  CHECK_CUDA(sparsebert::cuda::cutlass_masked_linear_input_grad_bf16(ddy.ptr, dw_in.ptr, dxo.ptr, M, N, K, 0));
+  CHECK_CUDA(cutlass_input_grad(dt, ddy.ptr, dw_in.ptr, dxo.ptr, M, N, K));
   CHECK_CUDA(cudaDeviceSynchronize());
   std::vector<double> want_y(size_t(M) * N), want_dx(size_t(M) * K, 0.0);
   for (int m = 0; m < M; ++m)
@@ -282,34 +307,50 @@ void run_cutlass_case(int M, int N, int K, bool with_bias) {
       }
       want_y[size_t(m) * N + n] = acc;
     }
-  std::snprintf(label, sizeof label, "cutlass fwd  bf16 %-11s M=%d N=%d K=%d", with_bias ? "bias" : "no bias", M, N, K);
-  expect_close(label, to_floats(bf, y.download(), want_y.size()), want_y, tolerance(bf), std::sqrt(double(K)));
-  std::snprintf(label, sizeof label, "cutlass dx   bf16 %-11s M=%d N=%d K=%d", "", M, N, K);
-  expect_close(label, to_floats(bf, dxo.download(), want_dx.size()), want_dx, tolerance(bf), std::sqrt(double(N)));
+  std::snprintf(label, sizeof label, "cutlass fwd  %-4s %-11s M=%d N=%d K=%d", dtype_name(dt),
+                with_bias ? "bias" : "no bias", M, N, K);
+  expect_close(label, to_floats(dt, y.download(), want_y.size()), want_y, cutlass_tolerance(dt), std::sqrt(double(K)));
+  std::snprintf(label, sizeof label, "cutlass dx   %-4s %-11s M=%d N=%d K=%d", dtype_name(dt), "", M, N, K);
+  expect_close(label, to_floats(dt, dxo.download(), want_dx.size()), want_dx, cutlass_tolerance(dt),
+               std::sqrt(double(N)));
+  // bad input is refused before any launch: K not a multiple of 16 bytes of elements
+  const int align = 16 / int(es);
+  const bool refused = cutlass_forward(dt, dx_in.ptr, dw_in.ptr, nullptr, y.ptr, M, N, K - align / 2) ==
+                           cudaErrorInvalidValue &&
+                       cutlass_input_grad(dt, ddy.ptr, dw_in.ptr, dxo.ptr, M, N + align / 2, K) == cudaErrorInvalidValue;
+  std::printf("%-4s cutlass fwd/dx %-4s bad input refused M=%d N=%d K=%d\n", refused ? "ok" : "FAIL", dtype_name(dt), M,
+              N, K);
+  if (!refused) ++g_failures;
 }
 
-// CUTLASS sm90 weight gradient (cutlass_masked_gemm.cu): G = dy^T x; dweight = G * [scores >= bf16(tau)],
-// dscores = G * W. with_scores = false runs the 0/1-mask form (bf16 mask as scores, tau 0.5, no dscores).
+// CUTLASS sm90 weight gradient (cutlass_masked_gemm.cu), bf16 or fp16: G = dy^T x; dweight = G * [scores >= dt(tau)],
+// dscores = G * W. with_scores = false runs the 0/1-mask form (the mask as scores of dtype dt, tau 0.5, no dscores).
 // Skipped (not failed) when the build has no CUTLASS or the device is not compute capability 9.0.
-void run_cutlass_weight_grad_case(int M, int N, int K, bool with_scores) {
-  const DType bf = DType::BFloat16;
-  HostArray x = random_array(bf, size_t(M) * K), w = random_array(bf, size_t(N) * K), dy = random_array(bf, size_t(M) * N),
-            scores = random_array(bf, size_t(N) * K);
-  // 0.2995 rounds down to the bf16 0.298828125: scores equal to that are kept only when tau is rounded first
-  const float tau = with_scores ? 0.2995f : 0.5f, tau_bf16 = round_to(bf, tau);
+void run_cutlass_weight_grad_case(DType dt, int M, int N, int K, bool with_scores) {
+  HostArray x = random_array(dt, size_t(M) * K), w = random_array(dt, size_t(N) * K), dy = random_array(dt, size_t(M) * N),
+            scores = random_array(dt, size_t(N) * K);
+  // a tau that rounds DOWN in dt (bf16: 0.2995 -> 0.298828125, fp16: 0.2994 -> 0.29931640625): scores equal to
+  // the rounded tau are kept only when tau is rounded first, as torch's `scores >= tau` does
+  const float tau = with_scores ? (dt == DType::BFloat16 ? 0.2995f : 0.2994f) : 0.5f, tau_r = round_to(dt, tau);
+  if (with_scores && !(tau_r < tau)) {
+    std::printf("FAIL cutlass dW   %-4s tau %g does not round down\n", dtype_name(dt), tau);
+    ++g_failures;
+  }
   std::bernoulli_distribution keep(0.6);
   for (size_t i = 0; i < scores.values.size(); ++i) {
     if (!with_scores) scores.values[i] = keep(g_rng) ? 1.0f : 0.0f;
-    else if (i % 7 == 0) scores.values[i] = tau_bf16;
+    else if (i % 7 == 0) scores.values[i] = tau_r;
   }
+  const size_t es = x.elem_size();
   DeviceBuffer dx_in(x.bytes()), dw_in(w.bytes()), ddy(dy.bytes()), dscores_in(scores.bytes()),
-      dtau(std::vector<float>{tau}), dweight(size_t(N) * K * 2), dscores(size_t(N) * K * 2);
-  cudaError_t err = sparsebert::cuda::cutlass_masked_linear_weight_grad_bf16(
-      ddy.ptr, dx_in.ptr, with_scores ? dw_in.ptr : nullptr, dscores_in.ptr, static_cast<const float*>(dtau.ptr),
-      with_scores ? dscores.ptr : nullptr, dweight.ptr, M, N, K, 0);
+      dtau(std::vector<float>{tau}), dweight(size_t(N) * K * es), dscores(size_t(N) * K * es);
+  const float* dtau_ptr = static_cast<const float*>(dtau.ptr);
+  cudaError_t err = cutlass_weight_grad(dt, ddy.ptr, dx_in.ptr, with_scores ? dw_in.ptr : nullptr, dscores_in.ptr,
+                                        dtau_ptr, with_scores ? dscores.ptr : nullptr, dweight.ptr, M, N, K);
   if (err == cudaErrorNotSupported) {
     cudaGetLastError();
-    std::printf("skip cutlass sm90 weight grad M=%d N=%d K=%d (not built with CUTLASS, or not a 9.0 device)\n", M, N, K);
+    std::printf("skip cutlass sm90 weight grad %s M=%d N=%d K=%d (not built with CUTLASS, or not a 9.0 device)\n",
+                dtype_name(dt), M, N, K);
     return;
   }
   CHECK_CUDA(err);
@@ -317,25 +358,24 @@ void run_cutlass_weight_grad_case(int M, int N, int K, bool with_scores) {
   const std::vector<double> grad = host_weight_grad(dy, x, M, N, K);
   std::vector<double> want_dw(grad.size()), want_ds(grad.size());
   for (size_t i = 0; i < grad.size(); ++i) {
-    want_dw[i] = scores.values[i] >= tau_bf16 ? grad[i] : 0.0;
+    want_dw[i] = scores.values[i] >= tau_r ? grad[i] : 0.0;
     want_ds[i] = grad[i] * w.values[i];
   }
   char label[160];
-  std::snprintf(label, sizeof label, "cutlass dW   bf16 %-11s M=%d N=%d K=%d", with_scores ? "scores" : "mask", M, N, K);
-  expect_close(label, to_floats(bf, dweight.download(), grad.size()), want_dw, tolerance(bf), std::sqrt(double(M)));
+  std::snprintf(label, sizeof label, "cutlass dW   %-4s %-11s M=%d N=%d K=%d", dtype_name(dt),
+                with_scores ? "scores" : "mask", M, N, K);
+  expect_close(label, to_floats(dt, dweight.download(), grad.size()), want_dw, tolerance(dt), std::sqrt(double(M)));
   if (with_scores) {
-    std::snprintf(label, sizeof label, "cutlass dS   bf16 %-11s M=%d N=%d K=%d", "scores", M, N, K);
-    expect_close(label, to_floats(bf, dscores.download(), grad.size()), want_ds, tolerance(bf), std::sqrt(double(M)));
+    std::snprintf(label, sizeof label, "cutlass dS   %-4s %-11s M=%d N=%d K=%d", dtype_name(dt), "scores", M, N, K);
+    expect_close(label, to_floats(dt, dscores.download(), grad.size()), want_ds, tolerance(dt), std::sqrt(double(M)));
   }
   // bad input is refused before any launch: K not a multiple of 8, dscores without weight
-  const bool refused =
-      sparsebert::cuda::cutlass_masked_linear_weight_grad_bf16(ddy.ptr, dx_in.ptr, nullptr, dscores_in.ptr,
-                                                               static_cast<const float*>(dtau.ptr), nullptr, dweight.ptr,
-                                                               M, N, K - 1, 0) == cudaErrorInvalidValue &&
-      sparsebert::cuda::cutlass_masked_linear_weight_grad_bf16(ddy.ptr, dx_in.ptr, nullptr, dscores_in.ptr,
-                                                               static_cast<const float*>(dtau.ptr), dscores.ptr,
-                                                               dweight.ptr, M, N, K, 0) == cudaErrorInvalidValue;
-  std::printf("%-4s cutlass dW   bad input refused M=%d N=%d K=%d\n", refused ? "ok" : "FAIL", M, N, K);
+  const bool refused = cutlass_weight_grad(dt, ddy.ptr, dx_in.ptr, nullptr, dscores_in.ptr, dtau_ptr, nullptr,
+                                           dweight.ptr, M, N, K - 1) == cudaErrorInvalidValue &&
+                       cutlass_weight_grad(dt, ddy.ptr, dx_in.ptr, nullptr, dscores_in.ptr, dtau_ptr, dscores.ptr,
+                                           dweight.ptr, M, N, K) == cudaErrorInvalidValue;
+  std::printf("%-4s cutlass dW   %-4s bad input refused M=%d N=%d K=%d\n", refused ? "ok" : "FAIL", dtype_name(dt), M, N,
+              K);
   if (!refused) ++g_failures;
 }
 
@@ -511,10 +551,14 @@ int main() {
   }
 
   // N, K multiples of 8 (16-byte TMA rows); M free; tiles are 128x128x64, so these cover partial tiles
-  for (const auto& s : {std::array<int, 3>{1, 8, 8}, {77, 200, 136}, {300, 264, 776}})
-    for (bool with_bias : {true, false}) run_cutlass_case(s[0], s[1], s[2], with_bias);
-  for (const auto& s : {std::array<int, 3>{1, 8, 8}, {77, 200, 136}, {333, 264, 776}})
-    for (bool with_scores : {true, false}) run_cutlass_weight_grad_case(s[0], s[1], s[2], with_scores);
+  // (fp32 / tf32: multiples of 4, so 1x4x12 too)
+  for (DType dt : {DType::BFloat16, DType::Float16, DType::Float32})
+    for (const auto& s : {std::array<int, 3>{1, 8, 8}, {77, 200, 136}, {300, 264, 776}, {3, 4, 12}})
+      if (dt == DType::Float32 || (s[1] % 8 == 0 && s[2] % 8 == 0))
+        for (bool with_bias : {true, false}) run_cutlass_case(dt, s[0], s[1], s[2], with_bias);
+  for (DType dt : {DType::BFloat16, DType::Float16})
+    for (const auto& s : {std::array<int, 3>{1, 8, 8}, {77, 200, 136}, {333, 264, 776}})
+      for (bool with_scores : {true, false}) run_cutlass_weight_grad_case(dt, s[0], s[1], s[2], with_scores);
 
   std::printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "PASSED", g_failures);
   return g_failures ? 1 : 0;
