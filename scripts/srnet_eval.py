@@ -150,7 +150,7 @@ def plan(stage: str, out: str) -> List[SharedTeacherConfig]:
                 mnli_cfg(out, paradigm="b", source="ce", loss="poe", sparsity=0.5, seed=0, mask_from="mask_training")]
     if stage == "longmask":  # 4x the mask steps (980): does the 245-step picture change with a longer search?
         return [mnli_cfg(out, paradigm="a", source="ce", loss=loss, sparsity=0.5, seed=seed, mask_epochs=2.0)
-                for seed in (0, 1, 2) for loss in ("poe", "ce")]
+                for seed in (0, 1, 2) for loss in ("poe", "ce", "reweight")]
     if stage == "pawsqqp":
         return paws_plan(out)
     raise ValueError(f"--stage: expected one of {', '.join(STAGES)}, got {stage!r}")

@@ -173,7 +173,7 @@ def test_longmask_stage_is_its_own_run_beside_the_main_one():
     long = SE.plan("longmask", "/tmp/never-written")
     assert "longmask" in SE.STAGES
     assert [c.run_name for c in long] == [f"a-ce+{loss}-s0.5-constant-seed{s}-me2-t0"
-                                          for s in (0, 1, 2) for loss in ("poe", "ce")]
+                                          for s in (0, 1, 2) for loss in ("poe", "ce", "reweight")]
     short = main["a-ce+poe-s0.5-constant-seed0-t0"]
     assert long[0].mask_epochs == 4 * short.mask_epochs
     assert run_identity(long[0]) != run_identity(short)
