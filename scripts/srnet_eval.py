@@ -346,7 +346,7 @@ def summarize_groups(runs) -> List[Dict[str, Any]]:
         t = sorted(teacher, key=lambda r: r["seed"])[0]
         ref_id = t["_id"][0] == t["_id"][1]
         ref_ood = t["_ood"][0] == t["_ood"][1]
-    rows, correct = [], {}
+    rows, per_seed = [], {}
     for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0], kv[0][3], kv[0][1], kv[0][2])):
         rs = sorted(rs, key=lambda r: r["seed"])
         id_labels, (_, ood_labels, heur) = rs[0]["_id"][1], rs[0]["_ood"]
@@ -375,26 +375,24 @@ def summarize_groups(runs) -> List[Dict[str, Any]]:
             row["by_heuristic"][h] = {"entailed": _ci(ood_correct, in_h & ent)["mean"],
                                       "non_entailed": _ci(ood_correct, in_h & non)["mean"]}
         if ref_id is not None and key[0] != "dense":
-            row["vs_teacher"] = {"id": _diff_ci(id_correct, ref_id), "ood": _diff_ci(ood_correct, ref_ood),
-                                 "ood_non_entailed": _diff_ci(ood_correct, ref_ood, non),
-                                 "ood_entailed": _diff_ci(ood_correct, ref_ood, ent)}
-        correct[key] = ({r["seed"]: c for r, c in zip(rs, id_correct)}, {r["seed"]: c for r, c in zip(rs, ood_correct)},
-                        ent, non)
+            row["vs_teacher"] = _diffs(id_correct, ood_correct, ref_id, ref_ood, ent, non)
+        per_seed[key] = (row, {r["seed"]: (i, o) for r, i, o in zip(rs, id_correct, ood_correct)}, ent, non)
         rows.append(row)
-    for row, key in zip(rows, list(correct)):
-        control = _ce_control_key(key)
-        if control is None or control not in correct:
-            continue
-        (ids, oods, ent, non), (cids, coods, _, _) = correct[key], correct[control]
-        seeds = sorted(set(ids) & set(cids))
-        if not seeds:
-            continue
-        x_id, c_id = [ids[s] for s in seeds], [cids[s] for s in seeds]
-        x_ood, c_ood = [oods[s] for s in seeds], [coods[s] for s in seeds]
-        row["vs_ce_mask"] = {"control": _label(control), "seeds": seeds, "id": _diff_ci(x_id, c_id),
-                             "ood": _diff_ci(x_ood, c_ood), "ood_entailed": _diff_ci(x_ood, c_ood, ent),
-                             "ood_non_entailed": _diff_ci(x_ood, c_ood, non)}
+    for key, (row, by_seed, ent, non) in per_seed.items():
+        control = per_seed.get(_ce_control_key(key))
+        seeds = sorted(by_seed.keys() & control[1].keys()) if control else []
+        if seeds:
+            ctrl = control[1]
+            row["vs_ce_mask"] = {"control": control[0]["group"], "seeds": seeds, **_diffs(
+                [by_seed[s][0] for s in seeds], [by_seed[s][1] for s in seeds],
+                [ctrl[s][0] for s in seeds], [ctrl[s][1] for s in seeds], ent, non)}
     return rows
+
+
+def _diffs(id_correct, ood_correct, ref_id, ref_ood, ent, non) -> Dict[str, Dict[str, float]]:
+    """ID, HANS-style and its entailed / non-entailed halves: group minus reference (`_diff_ci`)."""
+    return {"id": _diff_ci(id_correct, ref_id), "ood": _diff_ci(ood_correct, ref_ood),
+            "ood_entailed": _diff_ci(ood_correct, ref_ood, ent), "ood_non_entailed": _diff_ci(ood_correct, ref_ood, non)}
 
 
 def _ce_control_key(key):
@@ -432,23 +430,20 @@ def markdown_tables(rows) -> str:
         lines.append(f"| majority class / constant predictor | - | - | {100 * r['id_majority_accuracy']:.1f} | - | "
                      f"{100 * r['ood_majority_accuracy']:.1f} | - | - | {100 * r['ood_constant_f1']:.1f} | - |")
         lines += ["", f"n: ID {r['n_id']} pairs, HANS-style {r['n_ood']} pairs."]
-    diff = [r for r in rows if "vs_teacher" in r]
-    if diff:
-        lines += ["", "## Difference from the dense CE teacher (points, 95% interval; paired over examples)", "",
+    for field, title in (("vs_teacher", "Difference from the dense CE teacher (points, 95% interval; paired over "
+                                        "examples)"),
+                         ("vs_ce_mask", "Debiasing loss vs CE mask training (the control: same teacher, sparsity, "
+                                        "steps; points, 95% interval; paired by seed and example)")):
+        diff = [r for r in rows if field in r]
+        if not diff:
+            continue
+        lines += ["", f"## {title}", "",
                   "| model | seeds | sparsity | ID | HANS-style | ent. | non-ent. |", "|---|---|---|---|---|---|---|"]
         for r in diff:
-            v = r["vs_teacher"]
-            lines.append(f"| {r['group']} | {len(r['seeds'])} | {r['target_sparsity']:g} | {_signed(v['id'])} | "
-                         f"{_signed(v['ood'])} | {_signed(v['ood_entailed'])} | {_signed(v['ood_non_entailed'])} |")
-    ctrl = [r for r in rows if "vs_ce_mask" in r]
-    if ctrl:
-        lines += ["", "## Debiasing loss vs CE mask training (the control: same teacher, sparsity, steps; points, 95% "
-                  "interval; paired by seed and example)", "",
-                  "| model | seeds | sparsity | ID | HANS-style | ent. | non-ent. |", "|---|---|---|---|---|---|---|"]
-        for r in ctrl:
-            v = r["vs_ce_mask"]
-            lines.append(f"| {r['group']} | {len(v['seeds'])} | {r['target_sparsity']:g} | {_signed(v['id'])} | "
-                         f"{_signed(v['ood'])} | {_signed(v['ood_entailed'])} | {_signed(v['ood_non_entailed'])} |")
+            v = r[field]
+            lines.append(f"| {r['group']} | {len(v.get('seeds', r['seeds']))} | {r['target_sparsity']:g} | "
+                         f"{_signed(v['id'])} | {_signed(v['ood'])} | {_signed(v['ood_entailed'])} | "
+                         f"{_signed(v['ood_non_entailed'])} |")
     lines += ["", "## HANS-style accuracy by heuristic (mean over seeds; entailed / non-entailed)", "",
               "| model | sparsity | " + " | ".join(sorted(rows[0]["by_heuristic"])) + " |" if rows else "",
               "|---|---|" + "---|" * (len(rows[0]["by_heuristic"]) if rows else 0)]
@@ -619,7 +614,7 @@ def summarize_paws(runs) -> List[Dict[str, Any]]:
         groups[_group_key(r)].append(r)
     teacher = groups.get(("dense", "ce", "", 0.0, ""))
     ref = sorted(teacher, key=lambda r: r["seed"])[0]["_splits"] if teacher else None
-    rows, correct = [], {}
+    rows = []
     for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0], kv[0][3], kv[0][1], kv[0][2])):
         rs = sorted(rs, key=lambda r: r["seed"])
         bias = rs[0].get("data", {}).get("bias_split", {})
