@@ -238,13 +238,13 @@ class SparseLinear(nn.Linear):
         if self.mode == "mask":
             return masked_linear(x, self.weight, self.bias, self.mask, backend=self.backend)
         if self._structured():
-            V.assert_no_nan(f"the scores of SparseLinear({self.in_features}, {self.out_features})", self.scores.detach())
+            V.assert_no_nan(f"the scores of SparseLinear({self.in_features}, {self.out_features})", self.scores)
             # Value m (0/1) with the gradient of the scores: the fused kernel at threshold 0.5 is the STE.
             m = self._group_mask().to(self.scores.dtype)
             surrogate = self.scores + (m - self.scores).detach()
             return score_masked_linear(x, self.weight, self.bias, surrogate, 0.5, backend=self.backend)
         if not self._has_target:  # (with a target, topk_threshold refuses NaN scores itself)
-            V.assert_no_nan(f"the scores of SparseLinear({self.in_features}, {self.out_features})", self.scores.detach())
+            V.assert_no_nan(f"the scores of SparseLinear({self.in_features}, {self.out_features})", self.scores)
         return score_masked_linear(x, self.weight, self.bias, self.scores, self.current_threshold(),
                                    backend=self.backend)
 

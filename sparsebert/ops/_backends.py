@@ -74,11 +74,28 @@ def available_backends(device: torch.device | str = "cpu") -> List[str]:
     return list(_AVAILABLE[key])
 
 
+# resolve_backend's answers by (name, device, supports, SPARSEBERT_BACKEND, TRITON_INTERPRET): it runs on
+# every op call (twice: in the wrapper and where the op runs), where re-deriving the answer cost ~15 us.
+_RESOLVED: Dict[tuple, str] = {}
+
+
 def resolve_backend(name: str, device: torch.device | str, supports: Optional[Iterable[str]] = None) -> str:
     """Turn "auto" (or an explicit name) into a backend that runs on `device`, or raise ValueError.
 
     supports: the backends the op has (default: all); an op without a C++ kernel passes ("triton", "torch").
     """
+    if isinstance(name, str):
+        key = (name, device if isinstance(device, str) else str(device),
+               None if supports is None else tuple(supports), os.environ.get("SPARSEBERT_BACKEND", "auto"),
+               _interpreting())
+        hit = _RESOLVED.get(key)
+        if hit is None:
+            hit = _RESOLVED[key] = _resolve_backend(name, device, supports)
+        return hit
+    return _resolve_backend(name, device, supports)
+
+
+def _resolve_backend(name: str, device: torch.device | str, supports: Optional[Iterable[str]] = None) -> str:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}, got {type(name).__name__}")
     usable = [b for b in available_backends(device) if supports is None or b in supports]

@@ -1,6 +1,8 @@
 """Input checks shared by the ops: clear errors that name the argument, raised before any kernel runs."""
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -93,26 +95,68 @@ def check_scores(scores, weight: Tensor) -> None:
     if scores.shape != weight.shape:
         raise ValueError(f"scores must have the weight's shape {tuple(weight.shape)}, got {tuple(scores.shape)}")
     check_same_device("scores", scores, "weight", weight)
-    assert_no_nan("scores", scores.detach())
+    assert_no_nan("scores", scores)
+
+
+# Value checks (NaN) cost kernels: on a GPU an isnan, a reduction and an assert per checked tensor per call,
+# which the first GPU run measured as most of an op's GPU time at <= 64 tokens. A tensor whose values were
+# checked is remembered by identity and version counter (bumped by every in-place write, as autograd's
+# saved-tensor checks rely on): the check runs again only after the values changed. Writes through `.data`
+# bypass the version counter, for these checks as for autograd's. Never while tracing (torch.compile keeps
+# the checks in its graph).
+_CHECKED: "OrderedDict[int, tuple]" = OrderedDict()
+_CHECKED_MAX = 4096
+_FLOAT_THRESHOLDS: "OrderedDict[tuple, Tensor]" = OrderedDict()
+
+
+def _checked_before(t: Tensor) -> bool:
+    if torch.compiler.is_compiling() or type(t) not in (Tensor, torch.nn.Parameter):
+        return False
+    entry = _CHECKED.get(id(t))
+    return entry is not None and entry[0]() is t and entry[1] == t._version
+
+
+def _remember_checked(t: Tensor) -> None:
+    if torch.compiler.is_compiling() or type(t) not in (Tensor, torch.nn.Parameter):
+        return
+    try:
+        ref = weakref.ref(t)
+    except TypeError:
+        return
+    _CHECKED[id(t)] = (ref, t._version)
+    _CHECKED.move_to_end(id(t))
+    while len(_CHECKED) > _CHECKED_MAX:
+        _CHECKED.popitem(last=False)
 
 
 def as_threshold(threshold, device: torch.device) -> Tensor:
     """A float or 0-dim tensor -> 0-dim fp32 tensor on `device`; NaN is refused.
 
-    No host sync: a Python float is checked on the host and written by a fill kernel (no host-to-device
-    copy); a tensor is checked on the device (`torch._assert_async`: an error on the CPU, a device-side
-    assert on a GPU)."""
+    No host sync: a Python float is checked on the host and written once per (value, device) by a fill
+    kernel (no host-to-device copy; the 0-dim tensor is then reused, never written); a tensor is checked on
+    the device (`torch._assert_async`: an error on the CPU, a device-side assert on a GPU), once per version
+    of its values (see _CHECKED)."""
     if isinstance(threshold, Tensor):
         if threshold.numel() != 1:
             raise ValueError(f"threshold must be a scalar or a 1-element tensor, got shape {tuple(threshold.shape)}")
         t = threshold.detach().reshape(()).to(device=device, dtype=torch.float32)
-        device_check(~torch.isnan(t), "threshold is NaN; a mask cannot be taken from it")
+        if not _checked_before(threshold):
+            device_check(~torch.isnan(t), "threshold is NaN; a mask cannot be taken from it")
+            _remember_checked(threshold)
         return t
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"threshold must be a float or a 0-dim tensor, got {type(threshold).__name__}")
     if threshold != threshold:
         raise ValueError("threshold is NaN; a mask cannot be taken from it")
-    return torch.full((), threshold, dtype=torch.float32, device=device)
+    if torch.compiler.is_compiling() or not isinstance(threshold, (int, float)):
+        return torch.full((), threshold, dtype=torch.float32, device=device)
+    key = (float(threshold), str(device))
+    t = _FLOAT_THRESHOLDS.get(key)
+    if t is None:
+        t = _FLOAT_THRESHOLDS[key] = torch.full((), threshold, dtype=torch.float32, device=device)
+        while len(_FLOAT_THRESHOLDS) > 256:
+            _FLOAT_THRESHOLDS.popitem(last=False)
+    return t
 
 
 def device_check(ok: Tensor, message: str) -> None:
@@ -129,8 +173,12 @@ def device_check(ok: Tensor, message: str) -> None:
 
 
 def assert_no_nan(name: str, t: Tensor) -> None:
-    """Refuses NaN in `t` (see `device_check`); the message names `name`."""
-    device_check(~torch.isnan(t).any(), f"{name} contains NaN; a NaN score has no rank (refused)")
+    """Refuses NaN in `t` (see `device_check`), once per version of its values (see _CHECKED); the message
+    names `name`."""
+    if _checked_before(t):
+        return
+    device_check(~torch.isnan(t.detach()).any(), f"{name} contains NaN; a NaN score has no rank (refused)")
+    _remember_checked(t)
 
 
 def check_sparsity(sparsity, name: str = "sparsity") -> float:

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._fastpath import custom_op
 from . import _ext
 from . import reference_formats as ref
 from ._backends import op_backend, resolve_backend
@@ -45,7 +46,7 @@ def _resolve(backend: str, x: Tensor) -> str:
     return resolve_backend(backend, x.device, supports)
 
 
-@torch.library.custom_op("sparsebert::bitmask_spmm", mutates_args=())
+@custom_op("sparsebert::bitmask_spmm", mutates_args=())
 def _bitmask_spmm_op(x: Tensor, data: Tensor, tile_offsets: Tensor, bias: Optional[Tensor], out_features: int,
                      in_features: int, split_k: int, backend: str) -> Tensor:
     backend = _resolve(backend, x)

@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._fastpath import custom_op
 from . import _crossover
 from . import _validate as V
 from ._backends import available_backends, impl, op_backend, resolve_backend
@@ -27,7 +28,7 @@ from ._backends import available_backends, impl, op_backend, resolve_backend
 PASS_BACKENDS = ("triton", "torch")  # the kernels of the elementwise weight pass
 
 
-@torch.library.custom_op("sparsebert::masked_linear", mutates_args=())
+@custom_op("sparsebert::masked_linear", mutates_args=())
 def _masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, packed: bool, backend: str) -> Tensor:
     return impl(resolve_backend(backend, x.device)).masked_linear_fwd(x, weight, bias, mask, packed)
 
@@ -37,7 +38,7 @@ def _(x, weight, bias, mask, packed, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("sparsebert::masked_linear_bwd_input", mutates_args=())
+@custom_op("sparsebert::masked_linear_bwd_input", mutates_args=())
 def _masked_linear_bwd_input(dy: Tensor, weight: Tensor, mask: Tensor, packed: bool, backend: str) -> Tensor:
     return impl(resolve_backend(backend, dy.device)).masked_linear_bwd_input(dy, weight, mask, packed)
 
@@ -47,7 +48,7 @@ def _(dy, weight, mask, packed, backend):
     return dy.new_empty(dy.shape[0], weight.shape[1])
 
 
-@torch.library.custom_op("sparsebert::masked_linear_bwd_weight", mutates_args=())
+@custom_op("sparsebert::masked_linear_bwd_weight", mutates_args=())
 def _masked_linear_bwd_weight(dy: Tensor, x: Tensor, mask: Tensor, packed: bool, need_dbias: bool,
                               backend: str) -> Tuple[Tensor, Tensor]:
     """(dW, db) from one backend call; db is an empty tensor when not asked for."""
@@ -84,7 +85,7 @@ def _backward(ctx, dy):
 _masked_linear.register_autograd(_backward, setup_context=_setup)
 
 
-@torch.library.custom_op("sparsebert::masked_weight", mutates_args=())
+@custom_op("sparsebert::masked_weight", mutates_args=())
 def _masked_weight(weight: Tensor, mask: Tensor, packed: bool, backend: str) -> Tensor:
     """W * m (masked-dense: a pruned entry is 0 even where W is NaN/inf), one elementwise pass."""
     if backend == "triton":

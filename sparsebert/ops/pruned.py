@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._fastpath import custom_op
 from . import reference as R
 from ._backends import resolve_backend
 from ._validate import device_check
@@ -46,7 +47,7 @@ def _check_x(x, d, name="x"):
         raise ValueError(f"{name} must have {d} features in its last dim, got {x.shape[-1]}")
 
 
-@torch.library.custom_op("sparsebert::pruned_ffn", mutates_args=())
+@custom_op("sparsebert::pruned_ffn", mutates_args=())
 def _pruned_ffn(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
                 keep: Tensor, backend: str) -> Tensor:
     if backend == "torch":
@@ -60,7 +61,7 @@ def _(x, w_in, b_in, w_out, b_out, keep, backend):
     return x.new_empty(x.shape[0], w_out.shape[0])
 
 
-@torch.library.custom_op("sparsebert::pruned_attention", mutates_args=())
+@custom_op("sparsebert::pruned_attention", mutates_args=())
 def _pruned_attention(x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor], wv: Tensor,
                       bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor], heads: Tensor, head_size: int,
                       key_mask: Tensor, backend: str) -> Tensor:

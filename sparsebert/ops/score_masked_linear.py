@@ -19,6 +19,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._fastpath import custom_op
 from . import _validate as V
 from ._backends import impl, op_backend, resolve_backend
 from .masked_linear import PASS_BACKENDS, _auto_takes_weight_pass, pass_backend
@@ -30,7 +31,7 @@ def _tau(threshold: Tensor, backend: str) -> Tensor:
     return threshold
 
 
-@torch.library.custom_op("sparsebert::score_masked_linear", mutates_args=())
+@custom_op("sparsebert::score_masked_linear", mutates_args=())
 def _score_masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, threshold: Tensor,
                          backend: str) -> Tensor:
     backend = resolve_backend(backend, x.device)
@@ -42,7 +43,7 @@ def _(x, weight, bias, scores, threshold, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("sparsebert::score_masked_linear_bwd_input", mutates_args=())
+@custom_op("sparsebert::score_masked_linear_bwd_input", mutates_args=())
 def _score_masked_linear_bwd_input(dy: Tensor, weight: Tensor, scores: Tensor, threshold: Tensor, backend: str) -> Tensor:
     backend = resolve_backend(backend, dy.device)
     return impl(backend).score_masked_linear_bwd_input(dy, weight, scores, _tau(threshold, backend))
@@ -53,7 +54,7 @@ def _(dy, weight, scores, threshold, backend):
     return dy.new_empty(dy.shape[0], weight.shape[1])
 
 
-@torch.library.custom_op("sparsebert::score_masked_linear_bwd_weight_scores", mutates_args=())
+@custom_op("sparsebert::score_masked_linear_bwd_weight_scores", mutates_args=())
 def _score_masked_linear_bwd_weight_scores(dy: Tensor, x: Tensor, weight: Tensor, scores: Tensor, threshold: Tensor,
                                            need_dweight: bool, need_dbias: bool,
                                            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
@@ -99,7 +100,7 @@ def _backward(ctx, dy):
 _score_masked_linear.register_autograd(_backward, setup_context=_setup)
 
 
-@torch.library.custom_op("sparsebert::score_masked_weight", mutates_args=())
+@custom_op("sparsebert::score_masked_weight", mutates_args=())
 def _score_masked_weight(weight: Tensor, scores: Tensor, threshold: Tensor, backend: str) -> Tensor:
     """W * [scores >= tau] (masked-dense), one elementwise pass; tau read on the device."""
     if backend == "triton":
@@ -114,7 +115,7 @@ def _(weight, scores, threshold, backend):
     return torch.empty_like(weight)
 
 
-@torch.library.custom_op("sparsebert::score_masked_weight_grad", mutates_args=())
+@custom_op("sparsebert::score_masked_weight_grad", mutates_args=())
 def _score_masked_weight_grad(grad: Tensor, weight: Tensor, scores: Tensor, threshold: Tensor, need_dscores: bool,
                               need_dweight: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """From G = dY^T X: (dscores = G * W in the scores' dtype, dweight = G * m in the weight's dtype), one pass;

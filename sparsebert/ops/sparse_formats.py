@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._fastpath import custom_op
 from . import reference_formats as ref
 from . import _ext
 from ._backends import op_backend, resolve_backend
@@ -211,7 +212,7 @@ def validate_bsr_format(values: Tensor, crow_indices: Tensor, col_indices: Tenso
 
 
 # ------------------------------------------------------------------------------------------ bitmask_linear
-@torch.library.custom_op("sparsebert::bitmask_linear", mutates_args=())
+@custom_op("sparsebert::bitmask_linear", mutates_args=())
 def _bitmask_linear_op(x: Tensor, values: Tensor, bitmask: Tensor, tile_offsets: Tensor, bias: Optional[Tensor],
                        in_features: int, tile_n: int, tile_k: int, backend: str) -> Tensor:
     backend = resolve_format_backend("bitmask_linear", backend, x.device)
@@ -255,7 +256,7 @@ def bitmask_linear(x: Tensor, values: Tensor, bitmask: Tensor, tile_offsets: Ten
 
 
 # ---------------------------------------------------------------------------------------------- bsr_linear
-@torch.library.custom_op("sparsebert::bsr_linear", mutates_args=())
+@custom_op("sparsebert::bsr_linear", mutates_args=())
 def _bsr_linear_op(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, bias: Optional[Tensor],
                    in_features: int, backend: str) -> Tensor:
     backend = resolve_format_backend("bsr_linear", backend, x.device)

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._fastpath import custom_op
 from . import _ext
 from . import reference_formats as ref
 from ._backends import op_backend, resolve_backend
@@ -86,7 +87,7 @@ def validate_sparse_rows_format(values: Tensor, col_indices: Tensor, row_offsets
                          f"{int(col[i])} follows {int(col[i - 1])} in row {int(rows[i])}")
 
 
-@torch.library.custom_op("sparsebert::sparse_rows_linear", mutates_args=())
+@custom_op("sparsebert::sparse_rows_linear", mutates_args=())
 def _sparse_rows_linear_op(x: Tensor, values: Tensor, col_indices: Tensor, row_offsets: Tensor,
                            bias: Optional[Tensor], in_features: int, backend: str) -> Tensor:
     backend = resolve_backend(backend, x.device, supports=_supports())

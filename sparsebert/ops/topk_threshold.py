@@ -15,11 +15,12 @@ from typing import List, Sequence, Union
 import torch
 from torch import Tensor
 
+from ._fastpath import custom_op
 from . import _validate as V
 from ._backends import impl, op_backend, resolve_backend
 
 
-@torch.library.custom_op("sparsebert::topk_threshold", mutates_args=())
+@custom_op("sparsebert::topk_threshold", mutates_args=())
 def _topk_threshold(scores: List[Tensor], k_prune: int, backend: str) -> Tensor:
     return impl(resolve_backend(backend, scores[0].device)).topk_threshold(scores, k_prune).reshape(()).float()
 
@@ -29,7 +30,7 @@ def _(scores, k_prune, backend):
     return scores[0].new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("sparsebert::topk_threshold_at_rank", mutates_args=())
+@custom_op("sparsebert::topk_threshold_at_rank", mutates_args=())
 def _topk_threshold_at_rank(scores: List[Tensor], k_prune: Tensor, backend: str) -> Tensor:
     return impl(resolve_backend(backend, scores[0].device)).topk_threshold(scores, k_prune).reshape(()).float()
 
@@ -50,7 +51,7 @@ def _check_scores(scores) -> List[Tensor]:
             raise ValueError(f"scores[{i}] is empty")
         V.check_same_device(f"scores[{i}]", t, "scores[0]", tensors[0])
     for i, t in enumerate(tensors):  # NaN has no rank: refused on every backend, on the device (no sync)
-        V.assert_no_nan(f"scores[{i}]" if len(tensors) > 1 else "scores", t.detach())
+        V.assert_no_nan(f"scores[{i}]" if len(tensors) > 1 else "scores", t)
     return tensors
 
 
