@@ -5,7 +5,9 @@ import statistics
 import time
 from typing import Callable, Optional, Sequence
 
-GRAPH_MAX_TOKENS = 64  # rows at 1-64 tokens are also timed as CUDA-graph replays (launch overhead dominates)
+# rows up to this many tokens are also timed as CUDA-graph replays (the GPU time without the Python launch
+# path; the first GPU run graphed only <= 64 tokens and left the kernels' own time at 512-16384 unknown)
+GRAPH_MAX_TOKENS = 16384
 
 
 def time_us(fn: Callable, cuda: bool, *, grad_to_none: Optional[Sequence] = None, reps: int = 5) -> float:

@@ -16,7 +16,7 @@ with triton.testing.do_bench (median), in one run:
            schedules; split_k_for's split in the first two, stream-K splits K itself).
 for the forward alone and forward + backward, with the bytes each version moves (counted analytically:
 every tensor each launched kernel reads or writes, once) and the H200 roofline time of those bytes and
-FLOPs beside its time; forward rows at <= 64 tokens are also timed as CUDA-graph replays. Prints a
+FLOPs beside its time; forward rows (up to --graph-max-tokens) are also timed as CUDA-graph replays. Prints a
 table, checks the issue targets (bench/targets.py), and writes bench/results/<gpu>-<date>-<sha>.{csv,json}
 via bench/_results.py.
 
@@ -81,7 +81,7 @@ def flops(mode, t, k, n):
 
 
 # --------------------------------------------------------------------------------------------------
-def run_case(t, k, n, dtype, scores_dtype, sparsity, cuda, backend):
+def run_case(t, k, n, dtype, scores_dtype, sparsity, cuda, backend, graph_max_tokens=GRAPH_MAX_TOKENS):
     """Times dense, unfused and fused forward and forward+backward at one shape; returns the rows."""
     dev = "cuda" if cuda else "cpu"
     x = torch.randn(t, k, device=dev, dtype=dtype)
@@ -133,7 +133,7 @@ def run_case(t, k, n, dtype, scores_dtype, sparsity, cuda, backend):
         fn()  # compile / autotune outside the timed region
         us = time_us(fn, cuda, grad_to_none=grads if mode == "fwd+bwd" else None)
         graph_us = float("nan")
-        if cuda and mode == "fwd" and t <= GRAPH_MAX_TOKENS:
+        if cuda and mode == "fwd" and t <= graph_max_tokens:
             graph_us = time_graph_us(fn, cuda)
         nbytes, nflops = bytes_moved(version, mode, t, k, n, e, s), flops(mode, t, k, n)
         ms = us / 1000
@@ -152,6 +152,9 @@ def run_case(t, k, n, dtype, scores_dtype, sparsity, cuda, backend):
             if r["mode"] == mode:
                 r["speedup_vs_unfused"] = by["unfused"] / r["ms"]
                 r["time_vs_dense"] = r["ms"] / by["dense"]
+    graph_dense = {r["mode"]: r["graph_ms"] for r in rows if r["version"] == "dense"}
+    for r in rows:  # NaN where not graphed (fwd+bwd rows, and above --graph-max-tokens)
+        r["graph_time_vs_dense"] = r["graph_ms"] / graph_dense[r["mode"]]
     for r in rows:
         stream_row("masked_linear", r)
     return rows
@@ -167,6 +170,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="auto", help="backend of the fused op (auto = what a user gets)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny fp32 shapes on the CPU (Triton interpreter when TRITON_INTERPRET=1): tests the script")
+    parser.add_argument("--graph-max-tokens", type=int, default=GRAPH_MAX_TOKENS,
+                        help="forward rows up to this many tokens are also timed as CUDA-graph replays")
     parser.add_argument("--no-save", action="store_true", help="print only; write no result files")
     parser.add_argument("--results-dir", default=None, help="default: bench/results")
     args = parser.parse_args(argv)
@@ -199,7 +204,7 @@ def main(argv=None) -> int:
     print("-" * len(header))
     for t in args.tokens:
         for k, n in linears:
-            case = run_case(t, k, n, dtype, scores_dtype, args.sparsity, cuda, args.backend)
+            case = run_case(t, k, n, dtype, scores_dtype, args.sparsity, cuda, args.backend, args.graph_max_tokens)
             for r in case:
                 print(f"{t:>6} {f'{k}->{n}':>10} {r['mode']:>8} {r['version']:>16} {r['ms']:>9.4f} "
                       f"{r['graph_ms']:>9.4f} {r['roofline_us'] / 1000:>9.4f} {r['tflops']:>8.2f} {r['gbps']:>7.0f} "

@@ -16,7 +16,7 @@ Sweep (module level: the compressed modules' forward, what a user gets; --launch
 End to end: a random-init BERT-base encoder (12 layers, bf16) pruned to each format's granularity,
 compressed, and timed at (batch, seq) = (1,1) (1,16) (1,64) (4,128) (32,128), eager and CUDA-graph replay.
 
-Times are medians of triton.testing.do_bench (L2 flushed between runs); rows at <= 64 tokens are also
+Times are medians of triton.testing.do_bench (L2 flushed between runs); rows up to --graph-max-tokens are also
 timed as CUDA-graph replays (do_bench_cudagraph), beside the eager numbers. Each row carries the bytes of
 the stored weight, its ratio to dense, the max error against the dense product of the same weight, the
 H200 roofline time of its bytes and FLOPs, and the environment (git SHA, GPU, driver, torch, triton,
@@ -165,7 +165,7 @@ def sweep(args, device, dtype, cuda):
             elem = torch.finfo(dtype).bits // 8
             dense_fn = lambda: F.linear(x, dense_w, bias)  # noqa: E731
             t_dense = timer(dense_fn, cuda)
-            graphs = cuda and tokens <= GRAPH_MAX_TOKENS and not args.no_graphs
+            graphs = cuda and tokens <= args.graph_max_tokens and not args.no_graphs
             g_dense = time_graph_us(dense_fn, cuda) if graphs else float("nan")
             row = dict(kind="linear", shape=f"{k}x{n}", K=k, N=n, tokens=tokens, density=1.0,
                        format="dense", time_us=t_dense, dense_time_us=t_dense, speedup=1.0,
@@ -366,7 +366,9 @@ def main(argv=None):
     p.add_argument("--tile", type=int, nargs=2, default=[32, 64], help="bitmask (TILE_N, TILE_K)")
     p.add_argument("--e2e-block", type=int, default=64, help="BSR block size of the end-to-end encoder")
     p.add_argument("--no-e2e", action="store_true")
-    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings (<= 64 tokens, end to end)")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings (linears, end to end)")
+    p.add_argument("--graph-max-tokens", type=int, default=GRAPH_MAX_TOKENS,
+                   help="linear rows up to this many tokens are also timed as CUDA-graph replays")
     p.add_argument("--launcher", action="store_true",
                    help="time the bitmask/BSR kernel launchers instead of the modules (no Python validation)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU; results go to a temp dir")
