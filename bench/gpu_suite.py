@@ -224,8 +224,8 @@ class Suite:
             return steps
         env["TORCH_CUDA_ARCH_LIST"] = self.args.arch
         env["MAX_JOBS"] = str(os.cpu_count() or 1)
-        # The CUTLASS GEMMs (csrc/cuda/cutlass_masked_gemm.cu) are one ~80 s compile unit that no op calls
-        # yet (docs/CUTLASS.md): left out of the timed build unless --cutlass asks for them.
+        # The CUTLASS GEMMs (csrc/cuda/cutlass_masked_gemm*.cu, one compile unit per element type, built side by
+        # side) take minutes, and no op calls them yet (docs/CUTLASS.md): left out unless --cutlass asks for them.
         if not self.args.cutlass:
             env["SPARSEBERT_NO_CUTLASS"] = "1"
         t0 = time.time()
