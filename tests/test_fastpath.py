@@ -126,3 +126,22 @@ def test_float_thresholds_are_cached_and_never_written():
     b = V.as_threshold(0.25, torch.device("cpu"))
     assert a is b and a.item() == 0.25 and a.dtype == torch.float32 and a.dim() == 0
     assert V.as_threshold(0.5, torch.device("cpu")).item() == 0.5
+
+
+def test_an_op_without_backward_keeps_its_contract_under_grad(monkeypatch):
+    """bitmask_linear registers no backward: with an input that requires grad it takes the registered op
+    (whose backward raises), not the body (whose output would silently carry no gradient on a GPU)."""
+    from sparsebert.ops import reference_formats as rf
+    from sparsebert.ops import sparse_formats as sf
+
+    w = torch.randn(16, 64) * (torch.rand(16, 64) < 0.3)
+    fmt = rf.bitmask_encode(w, 16, 32)
+    op = sf._bitmask_linear_op
+    c = _Counting(op.op)
+    monkeypatch.setattr(op, "op", c)
+    x = torch.randn(3, 64, requires_grad=True)
+    sf.bitmask_linear(x, *fmt, None, 64, 16, 32, backend="torch")
+    assert c.calls == 1
+    with torch.no_grad():
+        sf.bitmask_linear(x, *fmt, None, 64, 16, 32, backend="torch")
+    assert c.calls == 1

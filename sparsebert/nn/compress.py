@@ -400,9 +400,10 @@ def compress(model: nn.Module, format: str = "bitmask", *, block_size: int = 32,
     "dense" (see cpu_sparse.choose_cpu_format; `timer` replaces the clock).
     modules: names, or a predicate (name, module) -> bool; default: every linear whose effective weight
     has more than `min_sparsity` zeros (every SparseLinear that prunes anything, compressed modules too).
-    speed_check: with an explicit sparse format on CPU weights, time each new layer against dense (3 quick
-    interleaved reps per token count) and warn (SlowerThanDenseWarning) naming the layer and the ratio when
-    it is slower at some token count.
+    speed_check: with an explicit sparse format on CPU or CUDA weights, time each new layer against dense (3
+    quick interleaved reps per token count; on a GPU each call synchronized, so eager launch paths count, as
+    the first H200 run showed they must) and warn (SlowerThanDenseWarning) naming the layer and the ratio
+    when it is slower at some token count.
     The choice and the measured speedups (dense time / layer time per token count) of every layer handled
     are recorded in `model.compress_choices` {name: {"format", "speedups", "reason"}}.
     """
@@ -474,14 +475,16 @@ def compress(model: nn.Module, format: str = "bitmask", *, block_size: int = 32,
                 new = SemiStructuredLinear(w, b, policy=policy)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"cannot compress module {name!r} (weight {tuple(w.shape)}) to {fmt!r}: {exc}") from exc
-        if format in ("bitmask", "bsr", "sparse-rows") and speed_check and w.device.type == "cpu":
+        if format in ("bitmask", "bsr", "sparse-rows") and speed_check and w.device.type in ("cpu", "cuda"):
             speedups = measure_speedup(new, w, b, tokens=tokens, timer=timer or interleaved_median_timer(3, 1))
             choices[name] = {"format": fmt, "speedups": speedups, "reason": "explicit format"}
             slow = {t: r for t, r in speedups.items() if r < 1.0}
             if slow:
                 worst = min(slow, key=slow.get)
+                where = ("this CPU" if w.device.type == "cpu"
+                         else f"this GPU ({torch.cuda.get_device_name(w.device)}, eager calls)")
                 warnings.warn(f"compress(format={fmt!r}): module {name!r} {tuple(w.shape)} measured slower than "
-                              f"dense on this CPU: {slow[worst]:.2f}x dense speed at {worst} tokens (speedups by "
+                              f"dense on {where}: {slow[worst]:.2f}x dense speed at {worst} tokens (speedups by "
                               f"token count: { {t: round(r, 2) for t, r in speedups.items()} }); format='auto' "
                               f"keeps such layers dense", SlowerThanDenseWarning, stacklevel=2)
         elif format == "dense":

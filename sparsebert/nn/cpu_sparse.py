@@ -99,6 +99,9 @@ def interleaved_median_timer(reps: int = 9, warmup: int = 2) -> Timer:
         raise ValueError(f"reps must be >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
 
     def timer(candidates: Mapping[str, Callable[[], Tensor]], tokens: int) -> Dict[str, float]:
+        # On a GPU each call is timed from an idle device to its finished kernels (a measurement, not a
+        # forward pass: the synchronizations are the point), so it counts the launch path and the kernels.
+        sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
         with torch.inference_mode():
             for fn in candidates.values():
                 for _ in range(warmup):
@@ -106,8 +109,10 @@ def interleaved_median_timer(reps: int = 9, warmup: int = 2) -> Timer:
             times = {name: [] for name in candidates}
             for _ in range(reps):
                 for name, fn in candidates.items():
+                    sync()
                     t0 = time.perf_counter()
                     fn()
+                    sync()
                     times[name].append(time.perf_counter() - t0)
         return {name: statistics.median(ts) for name, ts in times.items()}
 

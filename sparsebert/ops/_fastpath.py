@@ -11,7 +11,8 @@ eager ops at 100-400 us where the kernels take 3-20 us (bench/results/README.md)
   * tracing (torch.compile, export, a dispatch or torch-function mode, a tensor subclass such as
     FakeTensor): calls the registered op, as before;
   * eager with plain tensors: calls the Python body directly, through a `torch.autograd.Function` built
-    from the same setup_context and backward when an input requires grad. The backward calls the other
+    from the same setup_context and backward when an input requires grad (an op with no backward then takes
+    the registered op, whose backward error is the op's contract). The backward calls the other
     ops of the layer, which take the same path; so eager and traced runs execute the same body and the
     same backward, and tests compare the two (tests/test_fastpath.py).
 """
@@ -88,7 +89,9 @@ class FastCustomOp:
     def __call__(self, *args):
         if not eager_with_plain_tensors(args):
             return self.op(*args)
-        if self._function is not None and torch.is_grad_enabled() and _requires_grad(args):
+        if torch.is_grad_enabled() and _requires_grad(args):
+            if self._function is None:  # no backward registered: the op's own error on backward, not a silent
+                return self.op(*args)   # no-grad output (a Triton body) or an unplanned torch-op gradient
             return self._function.apply(*args)
         return self.body(*args)
 
