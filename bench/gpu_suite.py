@@ -3,7 +3,8 @@
 Stages, each with its own time budget inside the total (default 540 s: the device's 560 s limit less a
 20 s margin), each run under `timeout`, a failed or timed-out stage never stopping the next ones:
 
-    build   TORCH_CUDA_ARCH_LIST=9.0a, all cores: `setup.py build_ext --inplace` (fallback: pip install -e)
+    build   TORCH_CUDA_ARCH_LIST=9.0a, all cores: `setup.py build_ext --inplace` (fallback: pip install -e),
+            with the CUTLASS GEMMs when their wheel is importable (fallback: without them)
     tests   SPARSEBERT_TEST_GPU=1 SPARSEBERT_AUTOTUNE=quick pytest -m cuda (JUnit XML -> pass/fail counts)
     crossover  bench/bench_crossover.py (60 s): the token count from which `auto` takes the weight pass, per
             op and dtype (bf16 first); before the benchmarks because its result is a library setting, theirs
@@ -73,6 +74,9 @@ BENCHMARKS = [
     ("op_overhead", 8, 0.03, "quick", ["bench/bench_op_overhead.py", "--calls", "300", "--repeats", "5"],
      ["bench/bench_op_overhead.py", "--smoke"]),
 ]
+
+# seconds of the build budget kept for a build without CUTLASS when the CUTLASS build fails
+CUTLASS_FALLBACK_S = 45.0
 
 # seconds between the test stage's deadline for starting tests and its kill (a started test's time to finish)
 TEST_DEADLINE_MARGIN_S = 30.0
@@ -225,19 +229,37 @@ class Suite:
         env["TORCH_CUDA_ARCH_LIST"] = self.args.arch
         env["MAX_JOBS"] = str(os.cpu_count() or 1)
         # The CUTLASS GEMMs (csrc/cuda/cutlass_masked_gemm*.cu, one compile unit per element type, built side by
-        # side) take minutes, and no op calls them yet (docs/CUTLASS.md): left out unless --cutlass asks for them.
-        if not self.args.cutlass:
-            env["SPARSEBERT_NO_CUTLASS"] = "1"
+        # side; docs/CUTLASS.md): with --cutlass on, or auto and the nvidia-cutlass headers importable (the wheel
+        # from .whl/). If that build fails or outruns its share, the extension is built again without them, so
+        # the CUDA tests still have an extension.
+        cutlass = self.cutlass_wanted()
         t0 = time.time()
-        steps.append(self.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], budget, env))
+        if cutlass:
+            share = max(1.0, budget - CUTLASS_FALLBACK_S)
+            steps.append(self.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], share, env))
+            steps[-1]["cutlass"] = True
+            if steps[-1]["rc"] == 0:
+                return steps + self._import_step(budget - (time.time() - t0), env)
+            self.log("  the CUTLASS build failed or ran out of its share: building without the CUTLASS GEMMs")
+        env["SPARSEBERT_NO_CUTLASS"] = "1"
+        steps.append(self.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                              budget - (time.time() - t0), env))
         if steps[-1]["rc"] != 0 and budget - (time.time() - t0) > 30:
             steps.append(self.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                                    "-e", "."], budget - (time.time() - t0), env))
-        left = budget - (time.time() - t0)
-        if left > 2:
-            steps.append(self.run([sys.executable, "-c", "import sparsebert._C; print('sparsebert._C', "
-                                   "sparsebert._C.__file__)"], left, env))
-        return steps
+        return steps + self._import_step(budget - (time.time() - t0), env)
+
+    def _import_step(self, left: float, env: Dict[str, str]) -> List[Dict]:
+        if left <= 2:
+            return []
+        return [self.run([sys.executable, "-c", "import sparsebert._C as C; from sparsebert.ops import _ext; "
+                          "print('sparsebert._C', C.__file__, 'cutlass', _ext.load() and _ext.has_cutlass())"],
+                         left, env)]
+
+    def cutlass_wanted(self) -> bool:
+        if self.args.cutlass == "auto":
+            return _has_module("cutlass_library")
+        return self.args.cutlass == "on"
 
     def test_steps(self, budget: float) -> List[Dict]:
         env = self.child_env("quick", count_compiles=True)
@@ -474,12 +496,12 @@ def plot_speedups(rows: List[Dict], density_png: Path, tokens_png: Path, env: Di
     plt.close(fig)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="output folder (default: $OUT, else bench/results/suite-<stamp>)")
     p.add_argument("--dry-run", action="store_true", help="CPU run of the whole pipeline: interpreter, tiny shapes")
     p.add_argument("--total", type=float, default=540.0, help="seconds for everything (the 560 s limit less 20)")
-    p.add_argument("--build-budget", type=float, default=150.0)
+    p.add_argument("--build-budget", type=float, default=180.0)
     p.add_argument("--test-budget", type=float, default=200.0)
     p.add_argument("--crossover-budget", type=float, default=60.0)
     p.add_argument("--test-workers", type=int, default=min(16, os.cpu_count() or 1),
@@ -487,13 +509,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--min-stage", type=float, default=5.0, help="a stage with less time left is skipped")
     p.add_argument("--results-copy", default=str(RESULTS_DIR), help="also copy the files here (default: bench/results)")
     p.add_argument("--arch", default="9.0a", help="TORCH_CUDA_ARCH_LIST of the build")
-    p.add_argument("--cutlass", action="store_true",
-                   help="also build the CUTLASS GEMMs (needs the nvidia-cutlass wheel in .whl/; ~80 s more build)")
+    p.add_argument("--cutlass", choices=["auto", "on", "off"], default="auto",
+                   help="build the CUTLASS GEMMs too: auto = when the nvidia-cutlass wheel is importable (from .whl/, "
+                        "scripts/gpu_wheels.sh); falls back to a build without them if that build fails")
     p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
     p.add_argument("--bench", nargs="+", choices=[b[0] for b in BENCHMARKS], help="only these benchmarks")
     p.add_argument("--bench-autotune", choices=["quick", "full"], help="override every benchmark's autotuning")
     p.add_argument("--test-args", nargs=argparse.REMAINDER, default=[],
                    help="arguments for pytest (default: the whole tests/ folder); must come last")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.total <= 0:
         p.error("--total must be positive")

@@ -241,3 +241,34 @@ def test_cli_bench_without_the_repository_bench_folder(tmp_path, monkeypatch, ca
     assert cli.main(["bench", "--suite", "gpu", "--dry-run"]) == 2
     assert "no gpu_suite.py" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("cutlass_rc", [0, 1])
+def test_build_with_cutlass_falls_back_without_it(tmp_path, monkeypatch, cutlass_rc):
+    """The GPU build (here with its commands recorded, not run): with the CUTLASS headers importable, first a
+    build with them; if it fails, one without them (SPARSEBERT_NO_CUTLASS=1), so the tests keep an extension."""
+    import gpu_suite
+
+    args = gpu_suite.build_parser().parse_args(["--out", str(tmp_path / "out"), "--results-copy", str(tmp_path / "c")])
+    suite = gpu_suite.Suite(args)
+    calls = []
+
+    def fake_run(cmd, budget, env):
+        calls.append((cmd, env.get("SPARSEBERT_NO_CUTLASS")))
+        rc = cutlass_rc if len(calls) == 1 else 0
+        return {"cmd": " ".join(cmd), "rc": rc, "status": "ok" if rc == 0 else f"failed (rc {rc})", "seconds": 1.0,
+                "cpu_seconds": 1.0, "limit_s": budget}
+
+    monkeypatch.setattr(suite, "run", fake_run)
+    monkeypatch.setattr(gpu_suite, "_has_module", lambda name: name == "cutlass_library")
+    steps = suite.build_steps(180.0)
+    builds = [c for c in calls if "build_ext" in c[0]]
+    if cutlass_rc == 0:
+        assert [flag for _, flag in builds] == [None] and steps[0]["cutlass"]
+    else:
+        assert [flag for _, flag in builds] == [None, "1"]
+    assert "import sparsebert._C" in " ".join(calls[-1][0])
+    monkeypatch.setattr(gpu_suite, "_has_module", lambda name: False)
+    calls.clear()
+    suite.build_steps(180.0)
+    assert [flag for c, flag in calls if "build_ext" in c] == ["1"]
