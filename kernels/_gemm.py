@@ -827,10 +827,24 @@ def _streamk_workspace_shape(m, n, k, x, mask_src, programs):
     elements each, the largest of any config the autotuner may launch for this shape (its early pruning,
     run here on the same arguments)."""
     configs = linear_fwd_streamk_kernel.configs
+    # the pruner reads only the shape and the element sizes / mask dtype: one answer per such key, not a
+    # pruning pass on every call (a host cost of every stream-K forward)
+    key = (m, n, k, x.element_size(), mask_src.dtype, programs,
+           tuple((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in configs))
+    hit = _STREAMK_WORKSPACE.get(key)
+    if hit is not None:
+        return hit
     if not INTERPRET and len(configs) > 1:
         configs = _pruner("M", "N", "x_ptr", "mask_ptr")(configs, {"M": m, "N": n, "x_ptr": x, "mask_ptr": mask_src})
     blocks = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in configs]
-    return (2 * max(streamk_programs(m, n, k, *b, programs) for b in blocks), max(bm * bn for bm, bn, _ in blocks))
+    shape = (2 * max(streamk_programs(m, n, k, *b, programs) for b in blocks), max(bm * bn for bm, bn, _ in blocks))
+    if len(_STREAMK_WORKSPACE) > 1024:
+        _STREAMK_WORKSPACE.clear()
+    _STREAMK_WORKSPACE[key] = shape
+    return shape
+
+
+_STREAMK_WORKSPACE = {}
 
 
 def fwd(x, weight, bias, mask_src, kind, words, threshold_val, threshold_ptr, split_k=None,
