@@ -349,7 +349,7 @@ class Suite:
         if final:
             try:
                 plot_speedups(rows, self.out / f"{self.stem}-speedup-vs-density.png",
-                              self.out / f"{self.stem}-speedup-vs-tokens.png", self.env)
+                              self.out / f"{self.stem}-speedup-vs-tokens.png", self.env, basis=self.args.plot_basis)
             except Exception as exc:  # plots are a convenience: never lose the results over one
                 self.log(f"plots failed: {type(exc).__name__}: {exc}")
         self.enforce_limits()
@@ -435,9 +435,38 @@ def parse_junit(path: Path) -> Dict:
     return {"found": True, **total, "failed_tests": failed[:50]}
 
 
-def plot_speedups(rows: List[Dict], density_png: Path, tokens_png: Path, env: Dict) -> None:
+def _speedup(row: Dict, basis: str) -> Optional[float]:
+    """A sparse-inference row's speedup over dense on `basis`: "graph" (CUDA-graph replay, the GPU time),
+    "eager", or "auto" (graph where timed, else eager); None where not measured."""
+    for key in (("graph_speedup",) if basis == "graph" else ("speedup",) if basis == "eager"
+                else ("graph_speedup", "speedup")):
+        try:
+            v = float(row.get(key) or 0)
+        except (TypeError, ValueError):
+            continue
+        if v > 0 and v == v:
+            return v
+    return None
+
+
+def _fused_speedup(row: Dict, basis: str) -> Optional[float]:
+    """A masked-linear row's speedup over dense (1 / time_vs_dense) on `basis`, as `_speedup`."""
+    for key in (("graph_time_vs_dense",) if basis == "graph" else ("time_vs_dense",) if basis == "eager"
+                else ("graph_time_vs_dense", "time_vs_dense")):
+        try:
+            v = float(row.get(key) or 0)
+        except (TypeError, ValueError):
+            continue
+        if v > 0 and v == v:
+            return 1.0 / v
+    return None
+
+
+def plot_speedups(rows: List[Dict], density_png: Path, tokens_png: Path, env: Dict, basis: str = "auto") -> None:
     """Two plots: speedup over dense vs density (sparse formats, geomean over shapes, per token count)
-    and speedup vs tokens (every format and the fused score-masked linear)."""
+    and speedup vs tokens (every format and the fused score-masked linear). basis: "graph" (GPU time,
+    CUDA-graph replays), "eager" (Python-launched calls), or "auto" (graph where a row has it, else eager;
+    the title says which)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -445,23 +474,26 @@ def plot_speedups(rows: List[Dict], density_png: Path, tokens_png: Path, env: Di
     def geomean(xs):
         return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
-    lin = [r for r in rows if r.get("bench") == "sparse_inference" and r.get("kind") == "linear"
-           and r.get("format") != "dense" and float(r.get("speedup") or 0) > 0]
-    title = f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | {env['git_sha']}"
+    lin = [(r, _speedup(r, basis)) for r in rows if r.get("bench") == "sparse_inference" and r.get("kind") == "linear"
+           and r.get("format") != "dense"]
+    lin = [(r, v) for r, v in lin if v is not None]
+    what = {"graph": "CUDA-graph replay (GPU time)", "eager": "eager calls",
+            "auto": "CUDA graph where timed, else eager"}[basis]
+    title = f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | {env['git_sha']} | {what}"
     fig, ax = plt.subplots(figsize=(6, 4))
-    for fmt in sorted({r["format"] for r in lin}):
-        for tok in sorted({r["tokens"] for r in lin}):
+    for fmt in sorted({r["format"] for r, _ in lin}):
+        for tok in sorted({r["tokens"] for r, _ in lin}):
             pts: Dict[float, list] = {}
-            for r in lin:
+            for r, v in lin:
                 if r["format"] == fmt and r["tokens"] == tok:
-                    pts.setdefault(float(r["density"]), []).append(float(r["speedup"]))
+                    pts.setdefault(float(r["density"]), []).append(v)
             if pts:
                 xs = sorted(pts)
                 ax.plot(xs, [geomean(pts[d]) for d in xs], marker="o", label=f"{fmt} t={tok}")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("density")
     ax.set_ylabel("speedup over dense (geomean of shapes)")
-    ax.set_title(title, fontsize=7)
+    ax.set_title(title, fontsize=6)
     if lin:
         ax.legend(fontsize=5, ncol=2)
     else:
@@ -472,13 +504,13 @@ def plot_speedups(rows: List[Dict], density_png: Path, tokens_png: Path, env: Di
 
     fig, ax = plt.subplots(figsize=(6, 4))
     series: Dict[str, Dict[int, list]] = {}
-    for r in lin:
-        series.setdefault(f"{r['format']} d={r['density']}", {}).setdefault(int(r["tokens"]), []).append(
-            float(r["speedup"]))
+    for r, v in lin:
+        series.setdefault(f"{r['format']} d={r['density']}", {}).setdefault(int(r["tokens"]), []).append(v)
     for r in rows:
-        if r.get("bench") == "masked_linear" and r.get("version") == "fused" and float(r.get("time_vs_dense") or 0) > 0:
-            series.setdefault(f"score-masked {r['mode']} vs dense", {}).setdefault(int(r["tokens"]), []).append(
-                1.0 / float(r["time_vs_dense"]))
+        if r.get("bench") == "masked_linear" and r.get("version") == "fused":
+            v = _fused_speedup(r, basis)
+            if v is not None:
+                series.setdefault(f"score-masked {r['mode']} vs dense", {}).setdefault(int(r["tokens"]), []).append(v)
     for label, pts in sorted(series.items()):
         xs = sorted(pts)
         ax.plot(xs, [geomean(pts[t]) for t in xs], marker="o", label=label)
@@ -486,7 +518,7 @@ def plot_speedups(rows: List[Dict], density_png: Path, tokens_png: Path, env: Di
     ax.set_xscale("log")
     ax.set_xlabel("tokens")
     ax.set_ylabel("speedup over dense (geomean of shapes)")
-    ax.set_title(title, fontsize=7)
+    ax.set_title(title, fontsize=6)
     if series:
         ax.legend(fontsize=5, ncol=2)
     else:
@@ -494,6 +526,22 @@ def plot_speedups(rows: List[Dict], density_png: Path, tokens_png: Path, env: Di
     fig.tight_layout()
     fig.savefig(tokens_png, dpi=100)
     plt.close(fig)
+
+
+def replot(json_path: Path, basis: str, out_prefix: Path) -> List[Path]:
+    """The two plots of a committed suite JSON on another basis: <out_prefix>-speedup-vs-{density,tokens}.png."""
+    doc = json.loads(Path(json_path).read_text())
+    rows = doc["rows"]
+    dense_graph = {(r.get("tokens"), r.get("shape"), r.get("mode")): r.get("graph_ms") for r in rows
+                   if r.get("bench") == "masked_linear" and r.get("version") == "dense"}
+    for r in rows:  # runs before graph_time_vs_dense was a column: derive it from graph_ms
+        if r.get("bench") == "masked_linear" and "graph_time_vs_dense" not in r:
+            d = dense_graph.get((r.get("tokens"), r.get("shape"), r.get("mode")))
+            g = r.get("graph_ms")
+            r["graph_time_vs_dense"] = g / d if d and g and d == d and g == g else float("nan")
+    paths = [Path(f"{out_prefix}-speedup-vs-density.png"), Path(f"{out_prefix}-speedup-vs-tokens.png")]
+    plot_speedups(rows, paths[0], paths[1], doc["environment"], basis=basis)
+    return paths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -515,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
     p.add_argument("--bench", nargs="+", choices=[b[0] for b in BENCHMARKS], help="only these benchmarks")
     p.add_argument("--bench-autotune", choices=["quick", "full"], help="override every benchmark's autotuning")
+    p.add_argument("--replot", metavar="SUITE_JSON",
+                   help="only redraw the two plots of a suite JSON on --plot-basis, to --out (a file prefix)")
+    p.add_argument("--plot-basis", choices=["auto", "graph", "eager"], default="auto",
+                   help="speedups the plots show: CUDA-graph (GPU time), eager, or graph where timed (default)")
     p.add_argument("--test-args", nargs=argparse.REMAINDER, default=[],
                    help="arguments for pytest (default: the whole tests/ folder); must come last")
     return p
@@ -523,6 +575,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.replot:
+        if not args.out:
+            p.error("--replot needs --out, the prefix of the two PNG files")
+        if not Path(args.replot).is_file():
+            p.error(f"--replot: no such file {args.replot!r}")
+        for path in replot(Path(args.replot), args.plot_basis, Path(args.out)):
+            print(f"wrote {path}")
+        return 0
     if args.total <= 0:
         p.error("--total must be positive")
     if not args.dry_run:

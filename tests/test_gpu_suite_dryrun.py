@@ -272,3 +272,27 @@ def test_build_with_cutlass_falls_back_without_it(tmp_path, monkeypatch, cutlass
     calls.clear()
     suite.build_steps(180.0)
     assert [flag for c, flag in calls if "build_ext" in c] == ["1"]
+
+
+def test_replot_draws_graph_speedups_of_a_suite_json(tmp_path):
+    """--replot redraws a committed run's plots on another basis; a row without a graph time is left out of
+    a "graph" plot, and masked-linear rows get their graph ratio from graph_ms when the run predates it."""
+    import gpu_suite
+
+    env = {"gpu": "G", "torch": "t", "triton": "tr", "git_sha": "abc"}
+    rows = [dict(bench="sparse_inference", kind="linear", format="bsr64", density=0.1, tokens=1, shape="768x768",
+                 speedup=0.05, graph_speedup=1.4),
+            dict(bench="sparse_inference", kind="linear", format="bitmask", density=0.1, tokens=4096,
+                 shape="768x768", speedup=0.1, graph_speedup=float("nan")),
+            dict(bench="masked_linear", version="dense", mode="fwd", tokens=8, shape="768x768", graph_ms=0.004),
+            dict(bench="masked_linear", version="fused", mode="fwd", tokens=8, shape="768x768", graph_ms=0.02,
+                 time_vs_dense=40.0)]
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps({"environment": env, "rows": rows}))
+    assert gpu_suite.main(["--replot", str(src), "--plot-basis", "graph", "--out", str(tmp_path / "g")]) == 0
+    assert (tmp_path / "g-speedup-vs-density.png").stat().st_size > 0
+    assert (tmp_path / "g-speedup-vs-tokens.png").stat().st_size > 0
+    assert gpu_suite._speedup(rows[0], "graph") == 1.4 and gpu_suite._speedup(rows[1], "graph") is None
+    assert gpu_suite._speedup(rows[1], "auto") == 0.1
+    with pytest.raises(SystemExit):
+        gpu_suite.main(["--replot", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")])
