@@ -144,6 +144,19 @@ def test_kernel_refuses_bad_contents_without_reading_out_of_bounds(simd, tokens)
     bad_c[-1] = 30000  # far past x
     with pytest.raises(RuntimeError, match="col_indices holds an index outside"):
         _kernel(x, v, bad_c, o, k, None, simd)
+    # the one range pass before any row: every position (vector body and remainder), int16 and int32,
+    # negative indices (read as unsigned), and K itself (one past the end)
+    big = rf.sparse_rows_encode(_weight(64, 50, 0.5))
+    for idx_dtype in (torch.int16, torch.int32):
+        cols = big[1].to(idx_dtype)
+        for pos in (0, 17, cols.numel() // 2, cols.numel() - 1):
+            for value in (-1, k):
+                bad = cols.clone()
+                bad[pos] = value
+                with pytest.raises(RuntimeError, match="col_indices holds an index outside"):
+                    _kernel(x, big[0], bad, big[2], k, None, simd)
+        torch.testing.assert_close(_kernel(x, big[0], cols, big[2], k, None, simd),
+                                   x @ rf.sparse_rows_decode(big[0], cols, big[2], k).t(), rtol=RTOL, atol=ATOL)
     bad_o = o.clone()
     bad_o[-1] += 1
     with pytest.raises(RuntimeError, match="row_offsets must start at 0 and end at nnz"):

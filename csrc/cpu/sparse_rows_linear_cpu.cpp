@@ -11,13 +11,15 @@
 //    (independent accumulators) to cover the FMA latency. Bias initializes the accumulators.
 //  * One at::parallel_for over output rows (torch's thread count); inside a task the token blocks are the
 //    outer loop so a block of packed x stays in L2 while the task's rows stream past.
-// Each row's column indices are range-checked right before the row is used (they are then in L1 for the
-// product); a bad index stops the op with an error naming col_indices. row_offsets is checked up front.
+// The column indices are range-checked in one pass over all of them before any row is used (AVX2: one
+// unsigned max per 16 int16 / 8 int32 indices); a bad index stops the op with an error naming col_indices,
+// and nothing is computed. The per-row checks this replaced cost 3-13% of a T = 1 call (paired
+// whole-process runs, 60k calls each: 768x768 at 80/90% sparsity and 3072x768 at 90%, one thread).
+// row_offsets is checked up front too.
 // The AVX2+FMA path is compiled with function-level target attributes and chosen at run time; a portable
 // scalar path (simd=false, or a CPU without AVX2/FMA) computes the same product.
 #include <torch/library.h>
 
-#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -39,12 +41,19 @@ constexpr int64_t kBlockTokens = 32;  // tokens per packed block: 4 AVX2 vectors
 template <typename idx_t>
 using uidx_t = std::make_unsigned_t<idx_t>;
 
-// True when every index of the row is in [0, K) (negative int16/int32 read as unsigned: >= K).
+// True when every index is in [0, K) (negative int16/int32 read as unsigned: >= K). Portable path.
 template <typename idx_t>
-inline bool row_in_range(const idx_t* cols, int64_t len, uint32_t K) {
-  uint32_t worst = 0;
-  for (int64_t j = 0; j < len; ++j) worst = std::max<uint32_t>(worst, static_cast<uidx_t<idx_t>>(cols[j]));
-  return len == 0 || worst < K;
+bool cols_in_range_scalar(const idx_t* cols, int64_t len, uint32_t K) {
+  uint32_t w0 = 0, w1 = 0, w2 = 0, w3 = 0;  // four chains
+  int64_t j = 0;
+  for (; j + 4 <= len; j += 4) {
+    w0 = std::max<uint32_t>(w0, static_cast<uidx_t<idx_t>>(cols[j]));
+    w1 = std::max<uint32_t>(w1, static_cast<uidx_t<idx_t>>(cols[j + 1]));
+    w2 = std::max<uint32_t>(w2, static_cast<uidx_t<idx_t>>(cols[j + 2]));
+    w3 = std::max<uint32_t>(w3, static_cast<uidx_t<idx_t>>(cols[j + 3]));
+  }
+  for (; j < len; ++j) w0 = std::max<uint32_t>(w0, static_cast<uidx_t<idx_t>>(cols[j]));
+  return len == 0 || std::max(std::max(w0, w1), std::max(w2, w3)) < K;
 }
 
 struct Problem {
@@ -58,11 +67,9 @@ struct Problem {
 
 // ---------------------------------------------------------------------------------------- scalar path
 template <typename idx_t>
-void rows_t1_scalar(const Problem& p, const idx_t* cols, const float* x, int64_t n0, int64_t n1,
-                    std::atomic<bool>& bad) {
+void rows_t1_scalar(const Problem& p, const idx_t* cols, const float* x, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t s = p.offs[n], e = p.offs[n + 1];
-    if (!row_in_range(cols + s, e - s, p.K)) { bad = true; return; }
     float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;  // four chains: the adds' latency overlaps
     int64_t j = s;
     for (; j + 4 <= e; j += 4) {
@@ -78,11 +85,10 @@ void rows_t1_scalar(const Problem& p, const idx_t* cols, const float* x, int64_t
 
 template <typename idx_t>
 void rows_block_scalar(const Problem& p, const idx_t* cols, const float* xb, int64_t width, int64_t t0,
-                       int64_t tcount, int64_t n0, int64_t n1, std::atomic<bool>& bad) {
+                       int64_t tcount, int64_t n0, int64_t n1) {
   float acc[kBlockTokens];
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t s = p.offs[n], e = p.offs[n + 1];
-    if (!row_in_range(cols + s, e - s, p.K)) { bad = true; return; }
     const float init = p.bias ? p.bias[n] : 0.f;
     for (int64_t i = 0; i < width; ++i) acc[i] = init;
     for (int64_t j = s; j < e; ++j) {
@@ -112,12 +118,41 @@ __attribute__((target("avx2,fma"))) inline __m256i load8_indices(const idx_t* c)
   }
 }
 
+__attribute__((target("avx2"))) inline bool cols_in_range_avx2(const int16_t* cols, int64_t len, uint32_t K) {
+  __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    m0 = _mm256_max_epu16(m0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + j)));
+    m1 = _mm256_max_epu16(m1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + j + 16)));
+  }
+  alignas(32) uint16_t lanes[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epu16(m0, m1));
+  uint32_t worst = 0;
+  for (int i = 0; i < 16; ++i) worst = std::max<uint32_t>(worst, lanes[i]);
+  for (; j < len; ++j) worst = std::max<uint32_t>(worst, static_cast<uint16_t>(cols[j]));
+  return len == 0 || worst < K;
+}
+
+__attribute__((target("avx2"))) inline bool cols_in_range_avx2(const int32_t* cols, int64_t len, uint32_t K) {
+  __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    m0 = _mm256_max_epu32(m0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + j)));
+    m1 = _mm256_max_epu32(m1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + j + 8)));
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epu32(m0, m1));
+  uint32_t worst = 0;
+  for (int i = 0; i < 8; ++i) worst = std::max(worst, lanes[i]);
+  for (; j < len; ++j) worst = std::max(worst, static_cast<uint32_t>(cols[j]));
+  return len == 0 || worst < K;
+}
+
 template <typename idx_t>
 __attribute__((target("avx2,fma"))) void rows_t1_avx2(const Problem& p, const idx_t* cols, const float* x,
-                                                      int64_t n0, int64_t n1, std::atomic<bool>& bad) {
+                                                      int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t s = p.offs[n], e = p.offs[n + 1];
-    if (!row_in_range(cols + s, e - s, p.K)) { bad = true; return; }
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t j = s;
     for (; j + 16 <= e; j += 16) {
@@ -140,13 +175,11 @@ __attribute__((target("avx2,fma"))) void rows_t1_avx2(const Problem& p, const id
 // V vectors of 8 tokens per row; U nonzeros in flight (U * V independent accumulator chains).
 template <int V, int U, typename idx_t>
 __attribute__((target("avx2,fma"))) void rows_block_avx2(const Problem& p, const idx_t* cols, const float* xb,
-                                                         int64_t t0, int64_t tcount, int64_t n0, int64_t n1,
-                                                         std::atomic<bool>& bad) {
+                                                         int64_t t0, int64_t tcount, int64_t n0, int64_t n1) {
   constexpr int64_t width = 8 * V;
   alignas(32) float out[width];
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t s = p.offs[n], e = p.offs[n + 1];
-    if (!row_in_range(cols + s, e - s, p.K)) { bad = true; return; }
     __m256 acc[U][V];
     const __m256 init = _mm256_set1_ps(p.bias ? p.bias[n] : 0.f);
     for (int v = 0; v < V; ++v) {
@@ -177,12 +210,12 @@ __attribute__((target("avx2,fma"))) void rows_block_avx2(const Problem& p, const
 
 template <typename idx_t>
 void rows_block_avx2_dispatch(const Problem& p, const idx_t* cols, const float* xb, int64_t width, int64_t t0,
-                              int64_t tcount, int64_t n0, int64_t n1, std::atomic<bool>& bad) {
+                              int64_t tcount, int64_t n0, int64_t n1) {
   switch (width / 8) {
-    case 1: return rows_block_avx2<1, 4>(p, cols, xb, t0, tcount, n0, n1, bad);
-    case 2: return rows_block_avx2<2, 4>(p, cols, xb, t0, tcount, n0, n1, bad);
-    case 3: return rows_block_avx2<3, 2>(p, cols, xb, t0, tcount, n0, n1, bad);
-    default: return rows_block_avx2<4, 2>(p, cols, xb, t0, tcount, n0, n1, bad);
+    case 1: return rows_block_avx2<1, 4>(p, cols, xb, t0, tcount, n0, n1);
+    case 2: return rows_block_avx2<2, 4>(p, cols, xb, t0, tcount, n0, n1);
+    case 3: return rows_block_avx2<3, 2>(p, cols, xb, t0, tcount, n0, n1);
+    default: return rows_block_avx2<4, 2>(p, cols, xb, t0, tcount, n0, n1);
   }
 }
 
@@ -219,9 +252,9 @@ at::Tensor pack_token_blocks(const at::Tensor& x, int64_t T, int64_t K) {
   return xp;
 }
 
+// False (nothing computed) when a column index is outside [0, K).
 template <typename idx_t>
-void run(const Problem& p, const idx_t* cols, const at::Tensor& x, int64_t T, int64_t K, int64_t nnz, bool simd,
-         std::atomic<bool>& bad) {
+bool run(const Problem& p, const idx_t* cols, const at::Tensor& x, int64_t T, int64_t K, int64_t nnz, bool simd) {
   const int64_t N = p.N;
   // Rows per task: about 64k multiply-adds, so that small layers do not pay for threads.
   const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(N, 1)) * std::max<int64_t>(T, 8);
@@ -232,32 +265,39 @@ void run(const Problem& p, const idx_t* cols, const at::Tensor& x, int64_t T, in
   const bool use_avx2 = false;
   (void)simd;
 #endif
+#if SPARSEBERT_X86
+  const bool in_range = use_avx2 ? cols_in_range_avx2(cols, nnz, p.K) : cols_in_range_scalar(cols, nnz, p.K);
+#else
+  const bool in_range = cols_in_range_scalar(cols, nnz, p.K);
+#endif
+  if (!in_range) return false;
   if (T == 1) {
     at::Tensor xc = x.reshape({K}).contiguous();
     const float* xv = xc.data_ptr<float>();
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
 #if SPARSEBERT_X86
-      if (use_avx2) return rows_t1_avx2(p, cols, xv, n0, n1, bad);
+      if (use_avx2) return rows_t1_avx2(p, cols, xv, n0, n1);
 #endif
-      rows_t1_scalar(p, cols, xv, n0, n1, bad);
+      rows_t1_scalar(p, cols, xv, n0, n1);
     });
-    return;
+    return true;
   }
   const at::Tensor xp = pack_token_blocks(x, T, K);
   const float* xpp = xp.data_ptr<float>();
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t t0 = 0; t0 < T && !bad; t0 += kBlockTokens) {
+    for (int64_t t0 = 0; t0 < T; t0 += kBlockTokens) {
       const int64_t tcount = std::min(kBlockTokens, T - t0), width = (tcount + 7) / 8 * 8;
       const float* xb = xpp + t0 * K;
 #if SPARSEBERT_X86
       if (use_avx2) {
-        rows_block_avx2_dispatch(p, cols, xb, width, t0, tcount, n0, n1, bad);
+        rows_block_avx2_dispatch(p, cols, xb, width, t0, tcount, n0, n1);
         continue;
       }
 #endif
-      rows_block_scalar(p, cols, xb, width, t0, tcount, n0, n1, bad);
+      rows_block_scalar(p, cols, xb, width, t0, tcount, n0, n1);
     }
   });
+  return true;
 }
 
 }  // namespace
@@ -302,12 +342,9 @@ at::Tensor sparse_rows_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& val
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   Problem p{values.data_ptr<float>(), offs, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), N,
             static_cast<uint32_t>(K)};
-  std::atomic<bool> bad{false};
-  if (col_indices.scalar_type() == at::kShort)
-    run(p, col_indices.data_ptr<int16_t>(), x, T, K, nnz, simd, bad);
-  else
-    run(p, col_indices.data_ptr<int32_t>(), x, T, K, nnz, simd, bad);
-  TORCH_CHECK(!bad.load(), "col_indices holds an index outside [0, in_features = ", in_features, ")");
+  const bool ok = col_indices.scalar_type() == at::kShort ? run(p, col_indices.data_ptr<int16_t>(), x, T, K, nnz, simd)
+                                                         : run(p, col_indices.data_ptr<int32_t>(), x, T, K, nnz, simd);
+  TORCH_CHECK(ok, "col_indices holds an index outside [0, in_features = ", in_features, ")");
   return y;
 }
 
