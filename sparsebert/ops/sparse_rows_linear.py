@@ -129,23 +129,35 @@ def _check_inputs(x, values, col_indices, row_offsets, bias, in_features: int) -
         check_same_device("bias", bias, "x", x)
 
 
+_CPP_FWD = []
+
+
+def _cpp_fwd():
+    """The C++ op's overload itself (torch.ops.sparsebert_ext.sparse_rows_linear_fwd.default), looked up once."""
+    if not _CPP_FWD:
+        _CPP_FWD.append(torch.ops.sparsebert_ext.sparse_rows_linear_fwd.default)
+    return _CPP_FWD[0]
+
+
 def sparse_rows_linear(x: Tensor, values: Tensor, col_indices: Tensor, row_offsets: Tensor,
                        bias: Optional[Tensor], in_features: int, *, backend: str = "auto") -> Tensor:
     """y = x @ W.T + bias, W (N, in_features) in the sparse-rows format, x (..., in_features) float32 in any
     layout. N = row_offsets.numel() - 1."""
-    if (isinstance(x, Tensor) and x.device.type == "cpu" and not torch.compiler.is_compiling() and cpp_available()
+    if (isinstance(x, Tensor) and x.is_cpu and not torch.compiler.is_compiling() and cpp_available()
             and (backend == "cpp" or (backend == "auto" and os.environ.get("SPARSEBERT_BACKEND") != "torch"))):
         # Eager CPU fast path (what resolve_backend answers for CPU tensors: "auto" is cpp unless
         # SPARSEBERT_BACKEND=torch): the C++ op directly, which checks every input itself. The Python checks
-        # and the custom_op's dispatch would cost several times the kernel at one token on a 768x768 layer.
+        # and the custom_op's dispatch would cost several times the kernel at one token on a 768x768 layer;
+        # so would the reshapes of a 2-D x (2-4 us each way) and the overload lookup of the op.
         # On a refusal the Python checks run to raise a TypeError/ValueError naming the argument.
+        flat = x.dim() == 2
         try:
-            y = torch.ops.sparsebert_ext.sparse_rows_linear_fwd(x.reshape(-1, in_features), values, col_indices,
-                                                                row_offsets, in_features, bias)
+            y = _cpp_fwd()(x if flat else x.reshape(-1, in_features), values, col_indices, row_offsets,
+                           in_features, bias)
         except RuntimeError:
             _check_inputs(x, values, col_indices, row_offsets, bias, in_features)
             raise
-        return y.reshape(*x.shape[:-1], y.shape[1])
+        return y if flat else y.reshape(*x.shape[:-1], y.shape[1])
     _check_inputs(x, values, col_indices, row_offsets, bias, in_features)
     chosen = op_backend(backend, x.device, supports=_supports())
     x2 = x.reshape(-1, in_features)  # any strides: the C++ kernel packs x itself, F.linear takes any
