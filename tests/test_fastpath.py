@@ -145,3 +145,27 @@ def test_an_op_without_backward_keeps_its_contract_under_grad(monkeypatch):
     with torch.no_grad():
         sf.bitmask_linear(x, *fmt, None, 64, 16, 32, backend="torch")
     assert c.calls == 1
+
+
+def test_value_check_caches_hold_under_threads():
+    """Many threads checking and caching at once (a served model): no error, every answer right."""
+    import threading
+
+    w = torch.randn(8, 8)
+    tensors = [torch.randn(8, 8) for _ in range(64)]
+    errors = []
+
+    def work(i):
+        try:
+            for j in range(200):
+                V.check_scores(tensors[(i + j) % len(tensors)], w)
+                assert V.as_threshold(float(j % 7), torch.device("cpu")).item() == float(j % 7)
+        except Exception as exc:  # pragma: no cover - the assertion below reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

@@ -1,6 +1,7 @@
 """Input checks shared by the ops: clear errors that name the argument, raised before any kernel runs."""
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from typing import Optional
@@ -107,6 +108,7 @@ def check_scores(scores, weight: Tensor) -> None:
 _CHECKED: "OrderedDict[int, tuple]" = OrderedDict()
 _CHECKED_MAX = 4096
 _FLOAT_THRESHOLDS: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_CACHE_LOCK = threading.Lock()  # both caches are shared by every thread that calls an op
 
 
 def _checked_before(t: Tensor) -> bool:
@@ -123,10 +125,11 @@ def _remember_checked(t: Tensor) -> None:
         ref = weakref.ref(t)
     except TypeError:
         return
-    _CHECKED[id(t)] = (ref, t._version)
-    _CHECKED.move_to_end(id(t))
-    while len(_CHECKED) > _CHECKED_MAX:
-        _CHECKED.popitem(last=False)
+    with _CACHE_LOCK:
+        _CHECKED[id(t)] = (ref, t._version)
+        _CHECKED.move_to_end(id(t))
+        while len(_CHECKED) > _CHECKED_MAX:
+            _CHECKED.popitem(last=False)
 
 
 def as_threshold(threshold, device: torch.device) -> Tensor:
@@ -153,9 +156,11 @@ def as_threshold(threshold, device: torch.device) -> Tensor:
     key = (float(threshold), str(device))
     t = _FLOAT_THRESHOLDS.get(key)
     if t is None:
-        t = _FLOAT_THRESHOLDS[key] = torch.full((), threshold, dtype=torch.float32, device=device)
-        while len(_FLOAT_THRESHOLDS) > 256:
-            _FLOAT_THRESHOLDS.popitem(last=False)
+        t = torch.full((), threshold, dtype=torch.float32, device=device)
+        with _CACHE_LOCK:
+            t = _FLOAT_THRESHOLDS.setdefault(key, t)
+            while len(_FLOAT_THRESHOLDS) > 256:
+                _FLOAT_THRESHOLDS.popitem(last=False)
     return t
 
 
