@@ -6,6 +6,8 @@ Stages, each with its own time budget inside the total (default 540 s: the devic
     build   TORCH_CUDA_ARCH_LIST=9.0a, all cores: `setup.py build_ext --inplace` (fallback: pip install -e),
             with the CUTLASS GEMMs when their wheel is importable (fallback: without them)
     tests   SPARSEBERT_TEST_GPU=1 SPARSEBERT_AUTOTUNE=quick pytest -m cuda (JUnit XML -> pass/fail counts)
+    sanitize   bench/sanitize_kernels.py under compute-sanitizer (40 s): racecheck on the 8-warp looping
+            tiles the first run found wrong, memcheck on the format and CUDA kernels (ERROR SUMMARY recorded)
     crossover  bench/bench_crossover.py (60 s): the token count from which `auto` takes the weight pass, per
             op and dtype (bf16 first); before the benchmarks because its result is a library setting, theirs
             a report; writes <stem>-crossover.json, the table to commit as sparsebert/ops/crossover.json
@@ -91,7 +93,7 @@ CROSSOVER_MIN_S, CROSSOVER_KILL_MARGIN_S = 20.0, 10.0
 DRY_RUN_TESTS = ["tests/test_triton_kernels.py", "-k", "against_ops_reference and float32 or topk_threshold_single"]
 
 
-STAGES = ("build", "tests", "crossover", "bench")
+STAGES = ("build", "tests", "sanitize", "crossover", "bench")
 
 
 def elapsed() -> float:
@@ -279,6 +281,33 @@ class Suite:
         self.tests = parse_junit(self.junit)
         self.log(f"  tests: {self.tests}")
         return [step]
+
+    def sanitize_steps(self, budget: float) -> List[Dict]:
+        """bench/sanitize_kernels.py under compute-sanitizer: racecheck on the 8-warp persistent / stream-K
+        tiles the first run found wrong (is it a shared-memory race?), memcheck on the format and CUDA kernels;
+        each step's "ERROR SUMMARY" lands in the stage's record. Dry run (no sanitizer): the script on the
+        interpreter."""
+        env = self.child_env("quick")
+        script = [sys.executable, "bench/sanitize_kernels.py"]
+        if self.dry or shutil.which("compute-sanitizer") is None:
+            step = self.run([*script, "--smoke", "--cases", "looping8", "formats"] if self.dry else script, budget, env)
+            step["sanitizer"] = None if self.dry else "compute-sanitizer not on PATH: the cases ran without it"
+            return [step]
+        steps, t0 = [], time.time()
+        for tool, cases, share in (("racecheck", ["looping8"], 0.6), ("memcheck", ["formats", "cuda", "tiles8"], 1.0)):
+            left = budget - (time.time() - t0)
+            if left < 5:
+                steps.append({"cmd": f"sanitize {tool}", "status": "skipped", "reason": f"{left:.0f} s left"})
+                continue
+            log_start = self.log_path.stat().st_size
+            step = self.run(["compute-sanitizer", "--tool", tool, "--print-limit", "20", *script, "--cases", *cases],
+                            left * share, env)
+            tail = self.log_path.read_bytes()[log_start:].decode("utf-8", "replace")
+            summaries = [line.strip() for line in tail.splitlines() if "ERROR SUMMARY" in line]
+            step.update(sanitizer=tool, cases=cases, error_summary=summaries[-1] if summaries else None,
+                        mismatches=[line for line in tail.splitlines() if line.startswith(("MISMATCH", "ERROR "))][:20])
+            steps.append(step)
+        return steps
 
     def crossover_steps(self, budget: float) -> List[Dict]:
         """bench/bench_crossover.py with a deadline inside the budget; its table lands in the output folder."""
@@ -551,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--total", type=float, default=540.0, help="seconds for everything (the 560 s limit less 20)")
     p.add_argument("--build-budget", type=float, default=180.0)
     p.add_argument("--test-budget", type=float, default=200.0)
+    p.add_argument("--sanitize-budget", type=float, default=40.0)
     p.add_argument("--crossover-budget", type=float, default=60.0)
     p.add_argument("--test-workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="pytest-xdist workers of the test stage (GPU runs; 1 = no xdist)")
@@ -601,6 +631,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             suite.stage("build", args.build_budget, suite.build_steps)
         if "tests" in args.stages:
             suite.stage("tests", args.test_budget, suite.test_steps)
+        if "sanitize" in args.stages:
+            suite.stage("sanitize", args.sanitize_budget, suite.sanitize_steps)
         if "crossover" in args.stages:
             suite.stage("crossover", args.crossover_budget, suite.crossover_steps)
         if "bench" in args.stages:

@@ -43,7 +43,7 @@ def test_dry_run_whole_pipeline(tmp_path):
                       else p.suffix for p in files)
     assert suffixes == [".csv", ".json", ".log", ".xml", "crossover.json", "density.png", "tokens.png"]
     assert doc["dry_run"] and doc["finished"] and doc["elapsed_s"] <= doc["total_budget_s"]
-    assert [s["stage"] for s in doc["stages"]] == ["build", "tests", "crossover", "bench"]
+    assert [s["stage"] for s in doc["stages"]] == ["build", "tests", "sanitize", "crossover", "bench"]
     assert all(s["status"] == "ok" for s in doc["stages"]), doc["stages"]
     # CPU time per stage is accounted; the whole dry run stays cheap (issue 8: well under 60 s of CPU)
     assert all(s["cpu_seconds"] > 0 for s in doc["stages"])
@@ -74,6 +74,8 @@ def test_dry_run_whole_pipeline(tmp_path):
     for op in _crossover.OPS:
         assert _crossover.crossover_tokens(op, gpu, torch.float32, table) in (0, 16, 32, 64)
     # Triton launches were counted under the interpreter and turned into GPU compilation estimates
+    sanitize = doc["stages"][2]  # the kernels' sanitizer script, on the interpreter in a dry run
+    assert sanitize["steps"][0]["status"] == "ok" and sanitize["steps"][0]["sanitizer"] is None
     tests_stage = doc["stages"][1]
     assert tests_stage["specialisations"] > 0 and tests_stage["gpu_compiles_full"] >= tests_stage["gpu_compiles_quick"] > 0
     # the last lines are the targets table, one line per target
@@ -88,7 +90,8 @@ def test_dry_run_out_of_time_skips_and_says_so(tmp_path):
     stdout, out, copy = _run_suite(tmp_path, "--total", "0.5")
     files, doc = _check_files(out, copy)
     assert [(s["stage"], s["status"]) for s in doc["stages"]] == [("build", "skipped"), ("tests", "skipped"),
-                                                                  ("crossover", "skipped"), ("bench", "skipped")]
+                                                                  ("sanitize", "skipped"), ("crossover", "skipped"),
+                                                                  ("bench", "skipped")]
     assert doc["crossover"] is None
     assert "SKIPPED" in stdout and all(v["status"] == "NOT RUN" for v in doc["targets"])
     assert stdout.strip().splitlines()[-1].endswith("NOT RUN")
@@ -296,3 +299,15 @@ def test_replot_draws_graph_speedups_of_a_suite_json(tmp_path):
     assert gpu_suite._speedup(rows[1], "auto") == 0.1
     with pytest.raises(SystemExit):
         gpu_suite.main(["--replot", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")])
+
+
+def test_sanitize_script_bound_flags_a_wrong_tile():
+    """The sanitizer script's check: the exact product passes its bound, a product missing one weight fails."""
+    import sanitize_kernels as S
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(7, 96), torch.randn(11, 96), torch.randn(11)
+    assert S._max_excess(torch.nn.functional.linear(x, w, b), x, w, b) <= 1.0
+    w_missing = w.clone()
+    w_missing[3, (x[0] * w[3]).abs().argmax()] = 0
+    assert S._max_excess(torch.nn.functional.linear(x, w_missing, b), x, w, b) > 1.0
