@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU suite in one command, self-timed to fit the device's 560 s limit (see bench/gpu_suite.py):
+# The GPU suite in one command, self-timed to fit a device call's 600 s limit (see bench/gpu_suite.py):
 #   bash scripts/gpu_suite.sh                 on the GPU machine: build (sm_90a), GPU tests, benchmarks
 #   bash scripts/gpu_suite.sh --dry-run       on a CPU: the same pipeline, interpreter and tiny shapes
 # Results: --out DIR, else $OUT, else bench/results/suite-<stamp>; always also bench/results/<gpu>-<date>-<sha>.*
