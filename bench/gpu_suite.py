@@ -6,9 +6,9 @@ Stages, each with its own time budget inside the total (default 570 s: a device 
     build   TORCH_CUDA_ARCH_LIST=9.0a, all cores: `setup.py build_ext --inplace` (fallback: pip install -e),
             with the CUTLASS GEMMs when their wheel is importable (fallback: without them)
     tests   SPARSEBERT_TEST_GPU=1 SPARSEBERT_AUTOTUNE=quick pytest -m cuda (JUnit XML -> pass/fail counts)
-    sanitize   bench/sanitize_kernels.py under compute-sanitizer (40 s): racecheck on the 8-warp looping
+    sanitize   bench/sanitize_kernels.py under compute-sanitizer (60 s): racecheck on the 8-warp looping
             tiles the first run found wrong, memcheck on the format and CUDA kernels (ERROR SUMMARY recorded)
-    crossover  bench/bench_crossover.py (60 s): the token count from which `auto` takes the weight pass, per
+    crossover  bench/bench_crossover.py (50 s): the token count from which `auto` takes the weight pass, per
             op and dtype (bf16 first); before the benchmarks because its result is a library setting, theirs
             a report; writes <stem>-crossover.json, the table to commit as sparsebert/ops/crossover.json
     bench   the benchmark scripts in priority order, each given a slice of what is left; a script that
@@ -294,7 +294,7 @@ class Suite:
             step["sanitizer"] = None if self.dry else "compute-sanitizer not on PATH: the cases ran without it"
             return [step]
         steps, t0 = [], time.time()
-        for tool, cases, share in (("racecheck", ["looping8"], 0.6), ("memcheck", ["formats", "cuda", "tiles8"], 1.0)):
+        for tool, cases, share in (("racecheck", ["looping8"], 0.65), ("memcheck", ["formats", "cuda", "tiles8"], 1.0)):
             left = budget - (time.time() - t0)
             if left < 5:
                 steps.append({"cmd": f"sanitize {tool}", "status": "skipped", "reason": f"{left:.0f} s left"})
@@ -580,8 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--total", type=float, default=570.0, help="seconds for everything (a call's 600 s limit less 30)")
     p.add_argument("--build-budget", type=float, default=180.0)
     p.add_argument("--test-budget", type=float, default=200.0)
-    p.add_argument("--sanitize-budget", type=float, default=40.0)
-    p.add_argument("--crossover-budget", type=float, default=60.0)
+    p.add_argument("--sanitize-budget", type=float, default=60.0)
+    p.add_argument("--crossover-budget", type=float, default=50.0)
     p.add_argument("--test-workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="pytest-xdist workers of the test stage (GPU runs; 1 = no xdist)")
     p.add_argument("--min-stage", type=float, default=5.0, help="a stage with less time left is skipped")
