@@ -19,7 +19,6 @@ Prints one line per case: OK / MISMATCH with the max error over its bound; exits
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -47,21 +46,12 @@ def _max_excess(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b) -> float
     return float(((out.double() - y).abs() / tol.clamp_min(1e-30)).max())
 
 
-@contextlib.contextmanager
-def _forced(autotuner, config):
-    saved = autotuner.configs
-    autotuner.configs = [config]
-    try:
-        yield
-    finally:
-        autotuner.configs = saved
-
-
 def _gemm_cases(which: str, device: str, smoke: bool) -> List[Tuple[str, Callable[[], float]]]:
     import triton
 
     from sparsebert import ops
     from sparsebert.kernels import _gemm
+    from sparsebert.kernels._autotune import forced_config
 
     m, k, n = (37, 72, 53) if smoke else (257, 200, 129)  # tails for every tile (the first run's failing shape)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -88,7 +78,7 @@ def _gemm_cases(which: str, device: str, smoke: bool) -> List[Tuple[str, Callabl
                                 num_stages=ns, pre_hook=hook)
 
             def run(schedule=schedule, cfg=cfg):
-                with _forced(kernels[schedule], cfg):
+                with forced_config(kernels[schedule], cfg):
                     kw = {} if schedule == "tiles" else {"num_sms": 3}  # several items per program
                     y = _gemm.fwd(x, w, b, packed, _gemm.MASK_PACKED, (k + 31) // 32, 0.0, None,
                                   split_k=None if schedule == "streamk" else 2, schedule=schedule, **kw)

@@ -12,6 +12,7 @@ uses that to turn the specialisations a CPU run exercises into the number of GPU
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, List, Sequence, Tuple
 
@@ -49,6 +50,19 @@ def select(name: str, gpu_configs: Sequence, interpreter_configs: Sequence, quic
     if MODE == "quick":
         return [gpu_configs[i] for i in quick]
     return list(gpu_configs)
+
+
+@contextlib.contextmanager
+def forced_config(autotuner, config):
+    """Run `autotuner` with `config` only: with one config the autotuner neither prunes nor times, it calls
+    its raw @triton.jit function with that config's kwargs, num_warps, num_stages and pre-hook (tests and
+    bench/sanitize_kernels.py launch configs the current lists leave out this way)."""
+    saved = autotuner.configs
+    autotuner.configs = [config]
+    try:
+        yield
+    finally:
+        autotuner.configs = saved
 
 
 def _specialisation(value, constexpr: bool):

@@ -278,16 +278,7 @@ def full_gpu_configs(config_fn):
         _autotune.INTERPRET, _autotune.MODE = saved
 
 
-@contextlib.contextmanager
-def forced(autotuner, config):
-    """Run `autotuner` with `config` only: with one config the autotuner neither prunes nor times, it calls
-    its raw @triton.jit function (`autotuner.fn`) with that config's kwargs, num_warps and num_stages."""
-    saved = autotuner.configs
-    autotuner.configs = [config]
-    try:
-        yield
-    finally:
-        autotuner.configs = saved
+forced = _autotune.forced_config  # one config per launch (see kernels/_autotune.py)
 
 
 # (M, K, N) tail shapes. GPU: a tail for every tile of every list (257 = 256 + 1 tokens, 129 = 128 + 1 and
