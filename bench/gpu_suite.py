@@ -11,8 +11,11 @@ Stages, each with its own time budget inside the total (default 570 s: a device 
     crossover  bench/bench_crossover.py (50 s): the token count from which `auto` takes the weight pass, per
             op and dtype (bf16 first); before the benchmarks because its result is a library setting, theirs
             a report; writes <stem>-crossover.json, the table to commit as sparsebert/ops/crossover.json
-    bench   the benchmark scripts in priority order, each given a slice of what is left; a script that
-            would not fit its minimum is skipped and listed as such
+    bench   the benchmark scripts in priority order, each given a slice of what is left (less the profile
+            stage's budget); a script that would not fit its minimum is skipped and listed as such
+    profile bench/profile_kernels.py under Nsight Compute (45 s): one call per case of the first run's worst
+            misses (the CUDA bitmask SpMM at 64 tokens, the Triton bitmask kernel, the score-masked op, ...),
+            each kernel's duration, SM / memory throughput, occupancy and top warp stalls in the JSON
 
 Everything measured lands as it goes (after every stage and benchmark; benchmark rows are streamed
 row by row, so a killed script keeps its finished rows) in the output folder (--out, else $OUT, else
@@ -86,6 +89,10 @@ TEST_DEADLINE_MARGIN_S = 30.0
 # the crossover stage: (minimum seconds worth starting with, seconds kept between its deadline and the kill)
 CROSSOVER_MIN_S, CROSSOVER_KILL_MARGIN_S = 20.0, 10.0
 
+# the profile stage: seconds kept per case between its ncu limit and the next (a case is a fresh process that
+# imports torch, compiles from the cache and replays its kernels once per ncu pass)
+PROFILE_MIN_CASE_S = 8.0
+
 # The dry run's CPU cost (issue 8: well under 60 s of CPU time; each child process pays ~3 s importing torch):
 # one fp32 kernel test and the top-k test; the masked-linear script on the torch backend (the crossover
 # stage runs the same fused Triton op under the interpreter); bitmask + 2:4 in the sparse sweep. The rest
@@ -93,7 +100,7 @@ CROSSOVER_MIN_S, CROSSOVER_KILL_MARGIN_S = 20.0, 10.0
 DRY_RUN_TESTS = ["tests/test_triton_kernels.py", "-k", "against_ops_reference and float32 or topk_threshold_single"]
 
 
-STAGES = ("build", "tests", "sanitize", "crossover", "bench")
+STAGES = ("build", "tests", "sanitize", "crossover", "bench", "profile")
 
 
 def elapsed() -> float:
@@ -347,6 +354,43 @@ class Suite:
             self.write()  # rows streamed so far land now, also when the script was killed
         return steps
 
+    def profile_steps(self, budget: float) -> List[Dict]:
+        """bench/profile_kernels.py, one ncu process per case in the script's order until the budget is
+        spent; each step keeps the parsed kernels (bench/profile_kernels.parse_ncu_csv). Dry run, or no ncu
+        on PATH: the cases run once without the profiler (--smoke on the CPU), so the script is exercised."""
+        from profile_kernels import CASES, NCU_ARGS, parse_ncu_csv, summary_line
+
+        env = self.child_env("quick")
+        script = [sys.executable, "bench/profile_kernels.py"]
+        if self.dry or shutil.which("ncu") is None:
+            step = self.run([*script, "--case", "all", *(["--smoke"] if self.dry else [])], budget, env)
+            step["profiler"] = None if self.dry else "ncu not on PATH: the cases ran without it"
+            return [step]
+        steps, t0 = [], time.time()
+        cases = [c for c in CASES if not self.args.profile_cases or c in self.args.profile_cases]
+        for i, case in enumerate(cases):
+            left = budget - (time.time() - t0)
+            if left < PROFILE_MIN_CASE_S:
+                steps.append({"cmd": f"profile {case}", "status": "skipped", "reason": f"{left:.0f} s left"})
+                continue
+            report = self.work / f"ncu-{case}.csv"
+            # an even share of what is left, but at least the minimum: the first case also compiles
+            share = max(PROFILE_MIN_CASE_S, left / (len(cases) - i))
+            step = self.run(["ncu", *NCU_ARGS, "--log-file", str(report), *script, "--case", case], share, env)
+            text = report.read_text(errors="replace") if report.exists() else ""
+            kernels = parse_ncu_csv(text)
+            step.update(case=case, kernels=kernels)
+            if not kernels:
+                step["ncu_tail"] = text[-1500:]
+                if "ERR_NVGPUCTRPERM" in text:
+                    step["reason"] = "the GPU's performance counters are not open to this user (ERR_NVGPUCTRPERM)"
+                    steps.append(step)
+                    break
+            for k in kernels:
+                self.log(f"  {case}: {summary_line(k)}")
+            steps.append(step)
+        return steps
+
     # ---------------------------------------------------------------------------------------------
     def rows(self) -> List[Dict]:
         rows = []
@@ -582,6 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-budget", type=float, default=200.0)
     p.add_argument("--sanitize-budget", type=float, default=60.0)
     p.add_argument("--crossover-budget", type=float, default=50.0)
+    p.add_argument("--profile-budget", type=float, default=45.0,
+                   help="seconds kept from the benchmarks for the ncu profiles of the worst misses (last stage)")
+    from profile_kernels import CASES as profile_cases
+    p.add_argument("--profile-cases", nargs="+", choices=list(profile_cases),
+                   help="only these cases of bench/profile_kernels.py (default: all, in its order)")
     p.add_argument("--test-workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="pytest-xdist workers of the test stage (GPU runs; 1 = no xdist)")
     p.add_argument("--min-stage", type=float, default=5.0, help="a stage with less time left is skipped")
@@ -635,8 +684,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             suite.stage("sanitize", args.sanitize_budget, suite.sanitize_steps)
         if "crossover" in args.stages:
             suite.stage("crossover", args.crossover_budget, suite.crossover_steps)
+        profile_budget = args.profile_budget if "profile" in args.stages else 0.0
         if "bench" in args.stages:
-            suite.stage("bench", suite.remaining(), suite.bench_steps)
+            suite.stage("bench", suite.remaining() - profile_budget, suite.bench_steps)
+        if "profile" in args.stages:
+            suite.stage("profile", suite.remaining(), suite.profile_steps)
     finally:
         suite.write(final=True)
         suite.copy_to_results()

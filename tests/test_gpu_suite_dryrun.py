@@ -43,7 +43,7 @@ def test_dry_run_whole_pipeline(tmp_path):
                       else p.suffix for p in files)
     assert suffixes == [".csv", ".json", ".log", ".xml", "crossover.json", "density.png", "tokens.png"]
     assert doc["dry_run"] and doc["finished"] and doc["elapsed_s"] <= doc["total_budget_s"]
-    assert [s["stage"] for s in doc["stages"]] == ["build", "tests", "sanitize", "crossover", "bench"]
+    assert [s["stage"] for s in doc["stages"]] == ["build", "tests", "sanitize", "crossover", "bench", "profile"]
     assert all(s["status"] == "ok" for s in doc["stages"]), doc["stages"]
     # CPU time per stage is accounted; the whole dry run stays cheap (issue 8: well under 60 s of CPU)
     assert all(s["cpu_seconds"] > 0 for s in doc["stages"])
@@ -76,6 +76,8 @@ def test_dry_run_whole_pipeline(tmp_path):
     # Triton launches were counted under the interpreter and turned into GPU compilation estimates
     sanitize = doc["stages"][2]  # the kernels' sanitizer script, on the interpreter in a dry run
     assert sanitize["steps"][0]["status"] == "ok" and sanitize["steps"][0]["sanitizer"] is None
+    profile = doc["stages"][5]  # the profile cases without ncu (interpreter, tiny shapes), checked against F.linear
+    assert profile["steps"][0]["status"] == "ok" and profile["steps"][0]["profiler"] is None
     tests_stage = doc["stages"][1]
     assert tests_stage["specialisations"] > 0 and tests_stage["gpu_compiles_full"] >= tests_stage["gpu_compiles_quick"] > 0
     # the last lines are the targets table, one line per target
@@ -91,7 +93,7 @@ def test_dry_run_out_of_time_skips_and_says_so(tmp_path):
     files, doc = _check_files(out, copy)
     assert [(s["stage"], s["status"]) for s in doc["stages"]] == [("build", "skipped"), ("tests", "skipped"),
                                                                   ("sanitize", "skipped"), ("crossover", "skipped"),
-                                                                  ("bench", "skipped")]
+                                                                  ("bench", "skipped"), ("profile", "skipped")]
     assert doc["crossover"] is None
     assert "SKIPPED" in stdout and all(v["status"] == "NOT RUN" for v in doc["targets"])
     assert stdout.strip().splitlines()[-1].endswith("NOT RUN")
@@ -311,3 +313,70 @@ def test_sanitize_script_bound_flags_a_wrong_tile():
     w_missing = w.clone()
     w_missing[3, (x[0] * w[3]).abs().argmax()] = 0
     assert S._max_excess(torch.nn.functional.linear(x, w_missing, b), x, w, b) > 1.0
+
+
+# an `ncu --csv --page raw` report as Nsight Compute writes it: messages, a header, a units row, one row per kernel
+_NCU_RAW = """==PROF== Connected to process 4242 (/usr/bin/python3.12)
+OK        spmm64: max error / bound = 0.006
+==PROF== Profiling "bitmask_spmm_kernel": 0%....50%....100% - 9 passes
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","gpu__time_duration.sum","sm__throughput.avg.pct_of_peak_sustained_elapsed","gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed","launch__grid_size","launch__block_size","launch__registers_per_thread","sm__warps_active.avg.pct_of_peak_sustained_active","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","smsp__average_warps_issue_stalled_membar_per_issue_active.ratio","smsp__average_warps_issue_stalled_wait_per_issue_active.ratio","smsp__average_warps_issue_stalled_selected_per_issue_active.ratio"
+"","","","","","","","","","","","usecond","%","%","","","register/thread","%","inst","inst","inst","inst","inst"
+"0","4242","python3.12","gpu","void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<int>>","1","7","(128, 1, 1)","(1, 1, 1)","0","9.0","1.18","0.31","0.52","1","128","16","6.02","0.50","0","0","1.10","1"
+"1","4242","python3.12","gpu","void sparsebert::cuda::bitmask_spmm_kernel<__nv_bfloat16, 8>","1","7","(128, 1, 1)","(12, 6, 1)","0","9.0","35.87","1.94","3.05","72","128","80","6.21","3.20","1.95","41.70","0.80","1"
+"""
+
+
+def test_parse_ncu_raw_csv_keeps_kernels_metrics_and_top_stalls():
+    """The profile stage's reading of ncu's raw page: one entry per kernel, the whitelisted metrics as numbers
+    with the duration's unit, the three largest stall reasons in order; no table -> no kernels."""
+    import profile_kernels as P
+
+    kernels = P.parse_ncu_csv(_NCU_RAW)
+    assert [k["kernel"].split("<")[0] for k in kernels] == ["void at::native::vectorized_elementwise_kernel",
+                                                          "void sparsebert::cuda::bitmask_spmm_kernel"]
+    spmm = kernels[1]
+    assert spmm["duration"] == 35.87 and spmm["duration_unit"] == "usecond"
+    assert (spmm["grid"], spmm["block"], spmm["regs"], spmm["occupancy_pct"]) == (72, 128, 80, 6.21)
+    assert list(spmm["stalls"]) == ["membar", "long_scoreboard", "barrier"]
+    line = P.summary_line(spmm)
+    assert "35.87 usecond" in line and "membar 41.7" in line
+    assert P.parse_ncu_csv("==PROF== ERR_NVGPUCTRPERM - no permission\n") == []
+
+
+def test_profile_stage_runs_ncu_per_case_and_keeps_parsed_kernels(tmp_path, monkeypatch):
+    """The GPU profile stage (ncu replaced by a recorder that writes the report): one ncu process per case with
+    the profiler-window options, the kernels parsed into the step, and a counter-permission failure ending
+    the stage with the reason instead of failing every case."""
+    import gpu_suite
+    import profile_kernels as P
+
+    args = gpu_suite.build_parser().parse_args(["--out", str(tmp_path / "out"), "--results-copy", str(tmp_path / "c"),
+                                                "--profile-cases", "spmm64", "bitmask16"])
+    suite = gpu_suite.Suite(args)
+    calls = []
+
+    def fake_run(cmd, budget, env):
+        calls.append(cmd)
+        report = Path(cmd[cmd.index("--log-file") + 1])
+        report.write_text(_NCU_RAW)
+        return {"cmd": " ".join(cmd), "rc": 0, "status": "ok", "seconds": 1.0, "cpu_seconds": 1.0, "limit_s": budget}
+
+    monkeypatch.setattr(suite, "run", fake_run)
+    monkeypatch.setattr(gpu_suite.shutil, "which", lambda name: "/usr/bin/ncu")
+    steps = suite.profile_steps(40.0)
+    assert [s["case"] for s in steps] == ["spmm64", "bitmask16"]
+    assert all(c[0] == "ncu" and c[1:1 + len(P.NCU_ARGS)] == P.NCU_ARGS for c in calls)
+    assert [c[-1] for c in calls] == ["spmm64", "bitmask16"]
+    assert steps[0]["kernels"][1]["duration"] == 35.87
+
+    def no_permission(cmd, budget, env):
+        calls.append(cmd)
+        Path(cmd[cmd.index("--log-file") + 1]).write_text("==ERROR== ERR_NVGPUCTRPERM - The user does not have "
+                                                          "permission to access NVIDIA GPU Performance Counters\n")
+        return {"cmd": " ".join(cmd), "rc": 1, "status": "failed (rc 1)", "seconds": 1.0, "cpu_seconds": 1.0,
+                "limit_s": budget}
+
+    monkeypatch.setattr(suite, "run", no_permission)
+    calls.clear()
+    steps = suite.profile_steps(40.0)
+    assert len(calls) == 1 and "ERR_NVGPUCTRPERM" in steps[0]["reason"] and steps[0]["kernels"] == []
