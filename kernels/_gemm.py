@@ -903,12 +903,19 @@ def fwd(x, weight, bias, mask_src, kind, words, threshold_val, threshold_ptr, sp
             return (min(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]) * split, programs),)
         linear_fwd_persistent_kernel[grid](*args, *descs, *scalars, programs, USE_TMA=use_tma, **flags)
     if split > 1:
-        block_m, block_n = (32, 32) if INTERPRET else (32, 128)
-        linear_fwd_reduce_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-            partial, bias if bias is not None else y, y, m, n,
-            HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n,
-        )
+        reduce_split_k(partial, bias, y, split)
     return y
+
+
+def reduce_split_k(partial, bias, y, split):
+    """y (M, N) = the fp32 partials (split, M, N) summed in split order, + bias, rounded to y's dtype: one
+    launch of linear_fwd_reduce_kernel (bitwise-reproducible, no atomics)."""
+    m, n = y.shape
+    block_m, block_n = (32, 32) if INTERPRET else (32, 128)
+    linear_fwd_reduce_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        partial, bias if bias is not None else y, y, m, n,
+        HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n,
+    )
 
 
 def _fwd_streamk(x, weight, bias, mask_src, kind, words, threshold_val, threshold_ptr, y, tma, num_sms):

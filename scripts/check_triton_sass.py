@@ -303,9 +303,9 @@ def launches() -> list[Launch]:
     out += _per_config(bitmask_linear._bitmask_linear_kernel, "bitmask_linear._bitmask_linear_kernel", "split-K 1",
                        {"x_ptr": bf16, "values_ptr": bf16, "bitmask_ptr": "*i32", "tile_offsets_ptr": "*i32",
                         "bias_ptr": bf16, "y_ptr": bf16, "M": i32, "N": i32, "K": i32, "n_words": i32,
-                        "n_ktiles": i32, "stride_xm": i32, "stride_ym": i32, "M_BUCKET": i32},
+                        "n_ktiles": i32, "ktiles_per_split": i32, "stride_xm": i32, "stride_ym": i32, "M_BUCKET": i32},
                        ("M", "N", "K", "n_words", "n_ktiles", "stride_xm", "stride_ym", "M_BUCKET"),
-                       {"HAS_BIAS": True, "IEEE": False, "SPLIT_K": 1, "DETERMINISTIC": False, "TILE_N": 32,
+                       {"HAS_BIAS": True, "IEEE": False, "SPLIT_K": 1, "HW_POPC": True, "TILE_N": 32,
                         "TILE_K": 64}, True)
     out.append(Launch("bitmask_spmm._bitmask_spmm_kernel", "split-K 1", bitmask_spmm._bitmask_spmm_kernel,
                       {"x_ptr": bf16, "data_ptr": bf16, "words_ptr": "*i64", "tile_offsets_ptr": "*i32",
