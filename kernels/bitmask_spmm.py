@@ -9,13 +9,15 @@ Each program owns a 64-row tile of W, a BLOCK_M block of tokens and a contiguous
 split). Per K tile: the 64 words are loaded once; each sub-tile's value offset is a 1-D prefix sum of 64
 popcounts; each element's position inside its sub-tile is popcount(word & ((1 << p) - 1)) (SWAR popcount,
 no 2-D scan). The values are gathered in sub-tile order, permuted to the (row, column) tile and fed to
-`tl.dot`. Split-K partials go to a (SPLIT_K, M, N) fp32 buffer that torch sums in a fixed order
-(bitwise-reproducible), the bias is added by split 0.
+`tl.dot`. Split-K partials go to a (SPLIT_K, M, N) fp32 buffer that one reduction kernel sums in a
+fixed order and rounds (`_gemm.reduce_split_k`: bitwise-reproducible, one launch where torch's sum and
+cast took two), the bias is added by split 0.
 """
 import torch
 import triton
 import triton.language as tl
 
+from ._gemm import reduce_split_k
 from ._interpreter import exact_dot
 
 TILE = 64
@@ -121,4 +123,6 @@ def bitmask_spmm_fwd(x, data, tile_offsets, bias, out_features: int, in_features
     )
     if split_k == 1:
         return y
-    return y.sum(0).to(x.dtype)  # a fixed-order reduction (no atomics)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    reduce_split_k(y, None, out, split_k)  # bias already in split 0's partial
+    return out

@@ -197,17 +197,21 @@ __global__ void __launch_bounds__(kThreads) bitmask_spmm_kernel(const SpmmArgs<T
     __syncthreads();
     if (!last_flag) return;
     __threadfence();
+    // Splits outermost, the thread's 4 * N8 outputs innermost: each split's loads are independent and in
+    // flight together (one L2 round trip per split), where a per-output loop over the splits chained one
+    // load after another. Every output still sums its splits in ascending order: bitwise reproducible.
 #pragma unroll
-    for (int n = 0; n < N8; ++n)
+    for (int n = 0; n < N8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    for (int s = 0; s < p.split; ++s) {
+      const float* slice = p.partials + static_cast<size_t>(s) * p.M * p.N;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = row_base + (e >> 1) * 8, tok = tok_base + n * 8 + (e & 1);
-        float sum = 0.f;
-        if (row < p.N && tok < p.M)
-          for (int s = 0; s < p.split; ++s)  // fixed order: bitwise reproducible
-            sum += __ldcg(p.partials + (static_cast<size_t>(s) * p.M + tok) * p.N + row);
-        acc[n][e] = sum;
-      }
+      for (int n = 0; n < N8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = row_base + (e >> 1) * 8, tok = tok_base + n * 8 + (e & 1);
+          if (row < p.N && tok < p.M) acc[n][e] += __ldcg(slice + static_cast<size_t>(tok) * p.N + row);
+        }
+    }
     if (tid == 0) *ticket = 0;
   }
 #pragma unroll
