@@ -19,6 +19,11 @@ Prediction from bytes and FLOPs, written before tuning (one core, AVX2: 2 FMA un
          T=128: 16 FMAs per nonzero, each with one load of the packed x block (96-384 KB, L2) -> load
          bound near 1 FMA/cycle: 3.8 M cycles ~1.3 ms against ~7 ms: ~5x at 90%, ~2.5x at 80%.
   768x768 layers are 4x smaller: fixed costs (op dispatch ~5-10 us, packing x) weigh more at T=1.
+Measured, the T=1 gather-dot missed (0.8x dense at 80%, 1.2-1.5x at 90%: the gathers, not the bytes, set
+its time). Second prediction, for the one-token row-group slots kernel that the layer now uses at T=1
+(csrc/cpu/sparse_rows_slots_cpu.cpp): per slot (8 rows x one 8-column chunk) 3 vector loads + a permute +
+an FMA, ~1.5 cycles per slot; slots = nnz / (8 x 40-50% lane use) -> 768x768 at 90%: 19.6k slots, ~30k
+cycles ~10 us + 0.8 MB of slots from L2/L3 (~15 us): ~2-3x; at 80%: 30k slots, ~1.3 MB: ~1.5-2x.
 What was measured is in the CSV and in the lead's report (bench/results/cpu-*-sparse-rows.csv).
 """
 

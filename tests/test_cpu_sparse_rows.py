@@ -171,7 +171,10 @@ def test_layer_roundtrip_and_bytes():
     layer = SparseRowsLinear(w, b)
     assert torch.equal(layer.dense_weight(), w)
     nnz = int((w != 0).sum())
-    assert layer.weight_nbytes() == nnz * (4 + 2) + 49 * 4
+    slots = layer.slot_values.shape[0]
+    assert layer.weight_nbytes() == nnz * (4 + 2) + 49 * 4 + slots * (8 * 4 + 8 + 4) + (48 // 8 + 1) * 4
+    lean = SparseRowsLinear(w, b, matvec_slots=False)  # the sparse-rows tensors alone
+    assert lean.weight_nbytes() == nnz * (4 + 2) + 49 * 4 and lean.slot_values is None
     x = torch.randn(4, 7, 96)
     torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(layer.to_linear()(x), F.linear(x, w, b))

@@ -24,13 +24,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define SPARSEBERT_X86 1
-#else
-#define SPARSEBERT_X86 0
-#endif
-
 #include "sparsebert_cpu.h"
 
 namespace sparsebert {
@@ -134,18 +127,7 @@ __attribute__((target("avx2"))) inline bool cols_in_range_avx2(const int16_t* co
 }
 
 __attribute__((target("avx2"))) inline bool cols_in_range_avx2(const int32_t* cols, int64_t len, uint32_t K) {
-  __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
-  int64_t j = 0;
-  for (; j + 16 <= len; j += 16) {
-    m0 = _mm256_max_epu32(m0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + j)));
-    m1 = _mm256_max_epu32(m1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + j + 8)));
-  }
-  alignas(32) uint32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epu32(m0, m1));
-  uint32_t worst = 0;
-  for (int i = 0; i < 8; ++i) worst = std::max(worst, lanes[i]);
-  for (; j < len; ++j) worst = std::max(worst, static_cast<uint32_t>(cols[j]));
-  return len == 0 || worst < K;
+  return len == 0 || max_as_unsigned_avx2(cols, len) < K;
 }
 
 template <typename idx_t>
@@ -219,12 +201,6 @@ void rows_block_avx2_dispatch(const Problem& p, const idx_t* cols, const float* 
   }
 }
 
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-#else
-bool cpu_has_avx2_fma() { return false; }
 #endif
 
 // x (T, K) any strides -> token blocks: block b holds tokens [32 b, 32 b + width_b) as (K, width_b), width_b

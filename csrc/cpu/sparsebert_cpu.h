@@ -10,10 +10,56 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SPARSEBERT_X86 1
+#else
+#define SPARSEBERT_X86 0
+#endif
+
 namespace sparsebert {
+
+// --- SIMD: AVX2+FMA paths are compiled with function-level target attributes and chosen at run time ------
+inline bool cpu_has_avx2_fma() {
+#if SPARSEBERT_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#if SPARSEBERT_X86
+__attribute__((target("avx2"))) inline uint32_t max_as_unsigned_avx2(const int32_t* v, int64_t len) {
+  __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    m0 = _mm256_max_epu32(m0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j)));
+    m1 = _mm256_max_epu32(m1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j + 8)));
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epu32(m0, m1));
+  uint32_t worst = 0;
+  for (int i = 0; i < 8; ++i) worst = std::max(worst, lanes[i]);
+  for (; j < len; ++j) worst = std::max(worst, static_cast<uint32_t>(v[j]));
+  return worst;
+}
+#endif
+
+// The largest of `len` int32 read as unsigned (a negative value reads as >= 2^31): one pass, for range
+// checks of index arrays before any kernel reads through them (AVX2 when the CPU has it).
+inline uint32_t max_as_unsigned(const int32_t* v, int64_t len) {
+#if SPARSEBERT_X86
+  if (cpu_has_avx2_fma()) return max_as_unsigned_avx2(v, len);
+#endif
+  uint32_t worst = 0;
+  for (int64_t j = 0; j < len; ++j) worst = std::max(worst, static_cast<uint32_t>(v[j]));
+  return worst;
+}
 
 // Rows handed to one at::parallel_for task: enough work per task to amortize the scheduling.
 inline int64_t rows_per_task(int64_t row_len) {

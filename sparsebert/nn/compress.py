@@ -587,7 +587,10 @@ def compressed_from_tensors(name: str, m: Dict, tensors: Dict[str, Tensor], *, b
             from .cpu_sparse import SparseRowsLinear  # cpu_sparse imports this module
             validate_sparse_rows_format(t["values"], t["col_indices"], t["row_offsets"], k, n)
             dense = rf.sparse_rows_decode(t["values"], t["col_indices"], t["row_offsets"], k)
-            new = SparseRowsLinear(dense, bias, backend=backend)
+            slots = m.get("matvec_slots", True)  # files written before the option: the default
+            if not isinstance(slots, bool):
+                raise TypeError(f"manifest matvec_slots must be true or false, got {slots!r}")
+            new = SparseRowsLinear(dense, bias, backend=backend, matvec_slots=slots)
         else:
             if tuple(t["values"].shape) != (n, k // 2) or tuple(t["meta"].shape) != (n, -(-k // 8)):
                 raise ValueError(f"values must be ({n}, {k // 2}) and meta ({n}, {-(-k // 8)}), got "
