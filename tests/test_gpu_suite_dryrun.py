@@ -380,3 +380,53 @@ def test_profile_stage_runs_ncu_per_case_and_keeps_parsed_kernels(tmp_path, monk
     calls.clear()
     steps = suite.profile_steps(40.0)
     assert len(calls) == 1 and "ERR_NVGPUCTRPERM" in steps[0]["reason"] and steps[0]["kernels"] == []
+
+
+def _junit(path, cases):
+    """A JUnit report: cases = [(classname, name, "pass" | "fail" | "error")]."""
+    body = "".join(f'<testcase classname="{c}" name="{n}">' + ("<failure/>" if s == "fail" else "<error/>" if s == "error"
+                                                               else "") + "</testcase>" for c, n, s in cases)
+    path.write_text(f'<?xml version="1.0"?><testsuites><testsuite tests="{len(cases)}" failures='
+                    f'"{sum(s == "fail" for _, _, s in cases)}" errors="{sum(s == "error" for _, _, s in cases)}" '
+                    f'skipped="0">{body}</testsuite></testsuites>')
+
+
+def test_previous_failure_files_come_from_the_newest_report(tmp_path):
+    import gpu_suite
+
+    _junit(tmp_path / "nvidia-h200-2026-11-30-aaaa-tests.junit.xml",
+           [("tests.test_gpu_kernels", "test_a[x]", "fail"), ("tests.test_ops", "test_b", "pass")])
+    assert gpu_suite.previous_failure_files(tmp_path) == ["tests/test_gpu_kernels.py"]
+    _junit(tmp_path / "nvidia-h200-2026-12-05-bbbb.junit.xml",
+           [("tests.test_sparse_format_kernels", "test_c", "error"), ("tests.test_gone_since", "test_d", "fail"),
+            ("tests.test_gpu_kernels", "test_a[x]", "pass")])
+    assert gpu_suite.previous_failure_files(tmp_path) == ["tests/test_sparse_format_kernels.py"]
+    assert gpu_suite.previous_failure_files(tmp_path / "none") == []
+
+
+def test_test_stage_runs_previous_failures_first_and_merges_reports(tmp_path, monkeypatch):
+    """GPU test stage (pytest recorded, not run): the files that failed last time first, then the rest with those
+    files ignored; the two JUnit reports merged into the run's one file, counts summed."""
+    import gpu_suite
+
+    results = tmp_path / "results"
+    results.mkdir()
+    _junit(results / "g-2026-11-30-aaaa-tests.junit.xml", [("tests.test_gpu_kernels", "test_a", "fail")])
+    args = gpu_suite.build_parser().parse_args(["--out", str(tmp_path / "out"), "--results-copy", str(results),
+                                                "--test-workers", "1"])
+    suite = gpu_suite.Suite(args)
+    calls = []
+
+    def fake_run(cmd, budget, env):
+        calls.append(cmd)
+        report = Path(next(a for a in cmd if a.startswith("--junitxml=")).split("=", 1)[1])
+        _junit(report, [("tests.test_gpu_kernels", "test_a", "pass")] if len(calls) == 1 else
+               [("tests.test_ops", "test_b", "pass"), ("tests.test_ops", "test_c", "fail")])
+        return {"cmd": " ".join(cmd), "rc": 0, "status": "ok", "seconds": 1.0, "cpu_seconds": 1.0, "limit_s": budget}
+
+    monkeypatch.setattr(suite, "run", fake_run)
+    steps = suite.test_steps(100.0)
+    assert calls[0][-3:] == ["-m", "cuda", "tests/test_gpu_kernels.py"] and "first" in steps[0]
+    assert calls[1][-3:] == ["-m", "cuda", "--ignore=tests/test_gpu_kernels.py"]
+    assert (suite.tests["tests"], suite.tests["passed"], suite.tests["failures"]) == (3, 2, 1)
+    assert suite.tests["failed_tests"] == ["tests.test_ops::test_c"]
