@@ -128,7 +128,9 @@ def test_format_encoders_refuse_what_they_cannot_serve():
 
 
 # ------------------------------------------------------------------------------------------ Triton
-BITMASK_CASES = [(1, 17, 45, (16, 32)), (5, 64, 96, (32, 64)), (19, 40, 130, (16, 64)), (33, 16, 32, (16, 32))]
+# tiles of 1, 2, 4 and 8 bitmask words per row (the kernel loads each row's words of a tile once)
+BITMASK_CASES = [(1, 17, 45, (16, 32)), (5, 64, 96, (32, 64)), (19, 40, 130, (16, 64)), (33, 16, 32, (16, 32)),
+                 (3, 70, 300, (32, 128)), (5, 40, 513, (16, 256))]
 
 
 @pytest.mark.parametrize("m,n,k,tile", BITMASK_CASES)
