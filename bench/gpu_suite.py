@@ -14,7 +14,7 @@ Stages, each with its own time budget inside the total (default 570 s: a device 
             a report; writes <stem>-crossover.json, the table to commit as sparsebert/ops/crossover.json
     bench   the benchmark scripts in priority order, each given a slice of what is left (less the profile
             stage's budget); a script that would not fit its minimum is skipped and listed as such
-    profile bench/profile_kernels.py under Nsight Compute (45 s): one call per case of the first run's worst
+    profile bench/profile_kernels.py under Nsight Compute (60 s): one call per case of the first run's worst
             misses (the CUDA bitmask SpMM at 64 tokens, the Triton bitmask kernel, the score-masked op, ...),
             each kernel's duration, SM / memory throughput, occupancy and top warp stalls in the JSON
 
@@ -92,7 +92,7 @@ CROSSOVER_MIN_S, CROSSOVER_KILL_MARGIN_S = 20.0, 10.0
 
 # the profile stage: seconds kept per case between its ncu limit and the next (a case is a fresh process that
 # imports torch, compiles from the cache and replays its kernels once per ncu pass)
-PROFILE_MIN_CASE_S = 8.0
+PROFILE_MIN_CASE_S = 10.0
 
 # The dry run's CPU cost (issue 8: well under 60 s of CPU time; each child process pays ~3 s importing torch):
 # one fp32 kernel test and the top-k test; the masked-linear script on the torch backend (the crossover
@@ -691,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-budget", type=float, default=170.0)
     p.add_argument("--sanitize-budget", type=float, default=45.0)
     p.add_argument("--crossover-budget", type=float, default=50.0)
-    p.add_argument("--profile-budget", type=float, default=45.0,
+    p.add_argument("--profile-budget", type=float, default=60.0,
                    help="seconds kept from the benchmarks for the ncu profiles of the worst misses (last stage)")
     from profile_kernels import CASES as profile_cases
     p.add_argument("--profile-cases", nargs="+", choices=list(profile_cases),
