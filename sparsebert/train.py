@@ -143,7 +143,8 @@ def finetune(model: nn.Module, train_loader: Iterable, *, loss_fn: Optional[Call
     round of the "Win-win Deal" code). `extra_param_groups` are AdamW groups
     with their own lr/weight_decay (e.g. mask scores); they follow the same warmup/decay factor.
     `before_step(step)` runs before each step (step = steps done so far; use it for schedules that must
-    be a pure function of the step so that resume is exact); `step_callback(step, {"loss", "lr"})` after.
+    be a pure function of the step so that resume is exact); `step_callback(step, {"loss", "lr"})` after
+    each step, before that step's checkpoint (a callback whose work a resumed run must not skip is safe).
     With `ckpt_dir`, a checkpoint is written atomically every `ckpt_every` steps and at the end; a call
     with a folder holding a checkpoint resumes from it (and returns at once when it is the final one).
 
@@ -257,10 +258,13 @@ def finetune(model: nn.Module, train_loader: Iterable, *, loss_fn: Optional[Call
                 if log_fn and (step % log_every == 0 or step == total):
                     recent = losses[-log_every:]
                     log_fn(f"{desc}: step {step}/{total} loss {sum(recent) / len(recent):.4f}")
-                if ckpt_dir is not None and (step % ckpt_every == 0 or step == total):
-                    save(epoch_rng)
+                # the callback first: a checkpoint then holds everything its step did (files the callback
+                # writes included), so a run killed between the two replays the step instead of skipping
+                # the callback's work for good (an srnet snapshot or evaluation at a checkpoint step)
                 if step_callback is not None:
                     step_callback(step, {"loss": losses[-1], "lr": scheduler.get_last_lr()[0]})
+                if ckpt_dir is not None and (step % ckpt_every == 0 or step == total):
+                    save(epoch_rng)
     finally:
         if bar is not None:
             bar.close()

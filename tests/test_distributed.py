@@ -52,7 +52,9 @@ class Interrupt(Exception):
 
 
 def stop_at(step, info):
-    if step == INTERRUPT:
+    # one step past the checkpoint at INTERRUPT (a step's callback runs before its checkpoint: stopping in
+    # the callback of step INTERRUPT itself would leave no checkpoint there)
+    if step == INTERRUPT + 1:
         raise Interrupt
 
 

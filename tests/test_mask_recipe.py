@@ -245,7 +245,7 @@ def test_train_masks_resume_is_exact_with_refreshes(tmp_path):
     train_masks(ref, loader(), **kw)
 
     def crash(step, info):
-        if step == 8:  # the checkpoint at 8 precedes that step's refresh
+        if step == 9:  # resumes from the checkpoint at 8, a refresh step (written after that step's refresh)
             raise KeyboardInterrupt
     crashed = tiny_bert()
     torch.manual_seed(3)

@@ -75,6 +75,28 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, loss):
     assert again["resumed_from"] == 15 and again["losses"] == r_ref["losses"]
 
 
+def test_a_kill_inside_the_callback_of_a_checkpoint_step_replays_that_step(tmp_path):
+    """The step callback runs before its step's checkpoint: a process killed inside the callback of a
+    checkpoint step (an srnet snapshot or evaluation being written) resumes from the checkpoint before, so
+    the resumed run calls the callback for that step again; it is never skipped. (The loop used to write the
+    checkpoint first: the kill-resume test then lost a snapshot once in a while.)"""
+    dl = loader()
+    kw = dict(epochs=3, lr=1e-3, progress=False, ckpt_dir=tmp_path, ckpt_every=3)
+
+    def killed_at_6(step, info):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(5)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_bert(), dl, step_callback=killed_at_6, **kw)
+    assert latest_checkpoint(tmp_path).name == "step-00000003.safetensors"  # not 6: its callback never finished
+    seen = []
+    torch.manual_seed(5)
+    r = finetune(tiny_bert(), dl, step_callback=lambda step, info: seen.append(step), **kw)
+    assert r["resumed_from"] == 3 and seen == list(range(4, 16))
+
+
 def test_finetune_lowers_loss_and_extra_groups():
     model = tiny_bert()
     head = list(model.classifier.parameters())
