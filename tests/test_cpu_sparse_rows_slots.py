@@ -147,6 +147,15 @@ def test_layer_holds_slots_rebuilds_them_on_load_and_never_saves_them(tmp_path):
     layer.load_state_dict(other.state_dict())
     _check(layer(x1), x1, w2, b)
     assert torch.equal(layer.slot_values, other.slot_values)
+    # a partial, non-strict load of the weight (bias missing): the slots are dropped, never left stale
+    partial = {k: v for k, v in SparseRowsLinear(w, b).state_dict().items() if k != "bias"}
+    layer.load_state_dict(partial, strict=False)
+    assert layer.slot_values is None
+    _check(layer(x1), x1, w, b)  # the gather kernel, on the loaded weight
+    # a state dict without this layer's tensors leaves its slots alone
+    holder = nn.Sequential(SparseRowsLinear(w, b))
+    holder.load_state_dict({}, strict=False)
+    assert holder[0].slot_values is not None
     # save / load of a compressed model keeps the option
     model = nn.Sequential(nn.Linear(96, 40))
     with torch.no_grad():

@@ -98,8 +98,14 @@ class SparseRowsLinear(_CompressedLinear):
         n_errors, n_missing = len(error_msgs), len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if not any(prefix + k in state_dict for k in ("values", "col_indices", "row_offsets")):
+            return  # nothing of the weight in this state dict: the slots still match it
         if len(error_msgs) == n_errors and len(missing_keys) == n_missing:  # loaded whole (and validated)
             self._build_slots()
+        else:  # a partial load: slots of the old weight must not outlive it (one token takes the gather kernel)
+            for name in ("slot_values", "slot_lanes", "slot_chunks", "group_offsets"):
+                self.register_buffer(name, None, persistent=False)
+            self._refresh_slots()
 
     def validate(self) -> None:
         validate_sparse_rows_format(self.values, self.col_indices, self.row_offsets, self.in_features,
