@@ -45,8 +45,8 @@ class SparseRowsLinear(_CompressedLinear):
 
     matvec_slots (default True): also hold the weight's row-group slots (built from the stored format at
     construction and after every state-dict load, never saved), so that a one-token input runs the one-token
-    kernel (1.3-2.1x MKL's dense GEMV at 80-90% sparsity on BERT-base shapes, one thread, where the gather
-    kernel is 0.8-1.5x). They cost memory: 0.35-0.55x of the dense fp32 weight at 80-90% random sparsity,
+    kernel (1.26-2.98x MKL's dense GEMV at 80-90% sparsity on BERT-base shapes, one or two threads, where the
+    gather kernel was 0.6-1.5x: bench/results/cpu-20261130-sparse-rows.csv). They cost memory: 0.35-0.55x of the dense fp32 weight at 80-90% random sparsity,
     counted in `weight_nbytes()` and `footprint_report`; False keeps only the sparse-rows tensors."""
 
     format = "sparse-rows"

@@ -12,9 +12,10 @@ col_indices before use, so bad contents raise instead of reading out of bounds.
 
 One token: with `slots=` (the row-group slots of the same weight, `sparse_rows_slots`, built once per
 weight), an input holding a single token goes to the one-token kernel (`sparse_rows_slots_matvec` in
-csrc/cpu/sparse_rows_slots_cpu.cpp: an in-register permute of x instead of a gather per nonzero; 1.3-2.1x
-MKL's dense GEMV at 80-90% sparsity on the BERT-base shapes, one thread, where the gather kernel is
-0.8-1.5x). Eager CPU calls only; under torch.compile the registered op (without slots) runs.
+csrc/cpu/sparse_rows_slots_cpu.cpp: an in-register permute of x instead of a gather per nonzero; through
+SparseRowsLinear 1.26-2.98x MKL's dense GEMV at 80-90% sparsity on the BERT-base shapes, one or two threads,
+bench/results/cpu-20261130-sparse-rows.csv, where the gather kernel was 0.6-1.5x). Eager CPU calls only;
+under torch.compile the registered op (without slots) runs.
 """
 from __future__ import annotations
 
