@@ -176,3 +176,35 @@ def test_layer_holds_slots_rebuilds_them_on_load_and_never_saves_them(tmp_path):
 def test_matvec_slots_option_is_checked():
     with pytest.raises(TypeError, match="matvec_slots must be a bool"):
         SparseRowsLinear(_weight(8, 8, 0.5), matvec_slots="yes")
+
+
+def _one_token_timer(lean_s, slotted_s, calls):
+    """Timer stub: dense 1.0 s at every token count; the sparse layer 0.5 s above one token and, at one token,
+    `lean_s` the first time it is timed there (the layer without slots), `slotted_s` after."""
+    def timer(candidates, tokens):
+        for fn in candidates.values():
+            fn()
+        calls.append(tokens)
+        sparse = 0.5 if tokens != 1 else (lean_s if calls.count(1) == 1 else slotted_s)
+        return {"sparse": sparse, "dense": 1.0}
+    return timer
+
+
+@needs_kernel
+def test_auto_choice_adds_slots_only_where_one_token_needs_them():
+    from sparsebert.nn.cpu_sparse import choose_cpu_format
+
+    w, b = _weight(40, 96, 0.2), torch.randn(40)
+    # without slots fast enough everywhere: the lean layer (least memory), one-token timed once
+    calls = []
+    choice = choose_cpu_format(w, b, tokens=(1, 16), timer=_one_token_timer(0.5, 0.5, calls))
+    assert choice.format == "sparse-rows" and choice.module.matvec_slots is False and calls == [1, 16]
+    # too slow at one token without slots, fast with them: the layer with slots, its one-token time in the report
+    calls = []
+    choice = choose_cpu_format(w, b, tokens=(1, 16), timer=_one_token_timer(2.0, 0.5, calls))
+    assert choice.format == "sparse-rows" and choice.module.matvec_slots is True and calls == [1, 16, 1]
+    assert choice.speedups == {1: 2.0, 16: 2.0} and "row-group slots" in choice.reason
+    # slow at one token either way: dense
+    calls = []
+    choice = choose_cpu_format(w, b, tokens=(1, 16), timer=_one_token_timer(2.0, 2.0, calls))
+    assert choice.format == "dense" and choice.speedups[1] == 0.5
