@@ -316,9 +316,10 @@ class Suite:
         interpreter."""
         env = self.child_env("quick")
         script = [sys.executable, "bench/sanitize_kernels.py"]
-        if self.dry or shutil.which("compute-sanitizer") is None:
+        sanitizer = None if self.dry else find_tool("compute-sanitizer")
+        if sanitizer is None:
             step = self.run([*script, "--smoke", "--cases", "looping8", "formats"] if self.dry else script, budget, env)
-            step["sanitizer"] = None if self.dry else "compute-sanitizer not on PATH: the cases ran without it"
+            step["sanitizer"] = None if self.dry else "no compute-sanitizer found: the cases ran without it"
             return [step]
         steps, t0 = [], time.time()
         for tool, cases, share in (("racecheck", ["looping8"], 0.65), ("memcheck", ["formats", "cuda", "tiles8"], 1.0)):
@@ -327,7 +328,7 @@ class Suite:
                 steps.append({"cmd": f"sanitize {tool}", "status": "skipped", "reason": f"{left:.0f} s left"})
                 continue
             log_start = self.log_path.stat().st_size
-            step = self.run(["compute-sanitizer", "--tool", tool, "--print-limit", "20", *script, "--cases", *cases],
+            step = self.run([sanitizer, "--tool", tool, "--print-limit", "20", *script, "--cases", *cases],
                             left * share, env)
             tail = self.log_path.read_bytes()[log_start:].decode("utf-8", "replace")
             summaries = [line.strip() for line in tail.splitlines() if "ERROR SUMMARY" in line]
@@ -382,9 +383,11 @@ class Suite:
 
         env = self.child_env("quick")
         script = [sys.executable, "bench/profile_kernels.py"]
-        if self.dry or shutil.which("ncu") is None:
+        ncu = None if self.dry else find_tool("ncu")
+        if ncu is None:
             step = self.run([*script, "--case", "all", *(["--smoke"] if self.dry else [])], budget, env)
-            step["profiler"] = None if self.dry else "ncu not on PATH: the cases ran without it"
+            step["profiler"] = None if self.dry else "no ncu (PATH, CUDA_HOME/bin, /usr/local/cuda/bin, " \
+                                                     "/opt/nvidia/nsight-compute): the cases ran without it"
             return [step]
         steps, t0 = [], time.time()
         cases = [c for c in CASES if not self.args.profile_cases or c in self.args.profile_cases]
@@ -396,7 +399,7 @@ class Suite:
             report = self.work / f"ncu-{case}.csv"
             # an even share of what is left, but at least the minimum: the first case also compiles
             share = max(PROFILE_MIN_CASE_S, left / (len(cases) - i))
-            step = self.run(["ncu", *NCU_ARGS, "--log-file", str(report), *script, "--case", case], share, env)
+            step = self.run([ncu, *NCU_ARGS, "--log-file", str(report), *script, "--case", case], share, env)
             text = report.read_text(errors="replace") if report.exists() else ""
             kernels = parse_ncu_csv(text)
             step.update(case=case, kernels=kernels)
@@ -496,6 +499,20 @@ def _children_cpu_s() -> float:
 
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def find_tool(name: str) -> Optional[str]:
+    """An NVIDIA tool (ncu, compute-sanitizer): on PATH, else under $CUDA_HOME/bin, /usr/local/cuda/bin or
+    the newest /opt/nvidia/nsight-compute/*/ (where the CUDA images install ncu); None when absent."""
+    found = shutil.which(name)
+    if found:
+        return found
+    dirs = [Path(os.environ[v]) / "bin" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    dirs += [Path("/usr/local/cuda/bin"), *sorted(Path("/opt/nvidia/nsight-compute").glob("*"), reverse=True)]
+    for d in dirs:
+        if (d / name).is_file() and os.access(d / name, os.X_OK):
+            return str(d / name)
+    return None
 
 
 def _has_module(name: str) -> bool:

@@ -362,10 +362,10 @@ def test_profile_stage_runs_ncu_per_case_and_keeps_parsed_kernels(tmp_path, monk
         return {"cmd": " ".join(cmd), "rc": 0, "status": "ok", "seconds": 1.0, "cpu_seconds": 1.0, "limit_s": budget}
 
     monkeypatch.setattr(suite, "run", fake_run)
-    monkeypatch.setattr(gpu_suite.shutil, "which", lambda name: "/usr/bin/ncu")
+    monkeypatch.setattr(gpu_suite, "find_tool", lambda name: "/usr/bin/ncu")
     steps = suite.profile_steps(40.0)
     assert [s["case"] for s in steps] == ["spmm64", "bitmask16"]
-    assert all(c[0] == "ncu" and c[1:1 + len(P.NCU_ARGS)] == P.NCU_ARGS for c in calls)
+    assert all(c[0] == "/usr/bin/ncu" and c[1:1 + len(P.NCU_ARGS)] == P.NCU_ARGS for c in calls)
     assert [c[-1] for c in calls] == ["spmm64", "bitmask16"]
     assert steps[0]["kernels"][1]["duration"] == 35.87
 
@@ -430,3 +430,17 @@ def test_test_stage_runs_previous_failures_first_and_merges_reports(tmp_path, mo
     assert calls[1][-3:] == ["-m", "cuda", "--ignore=tests/test_gpu_kernels.py"]
     assert (suite.tests["tests"], suite.tests["passed"], suite.tests["failures"]) == (3, 2, 1)
     assert suite.tests["failed_tests"] == ["tests.test_ops::test_c"]
+
+
+def test_find_tool_looks_past_path(tmp_path, monkeypatch):
+    """ncu / compute-sanitizer: PATH first, then $CUDA_HOME/bin (the CUDA images keep the tools off PATH)."""
+    import gpu_suite
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    assert gpu_suite.find_tool("ncu-test-tool") is None
+    tool = tmp_path / "cuda" / "bin" / "ncu-test-tool"
+    tool.parent.mkdir(parents=True)
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    assert gpu_suite.find_tool("ncu-test-tool") == str(tool)
