@@ -157,25 +157,22 @@ def build_case(name: str, device: str, smoke: bool) -> Tuple[Callable, Callable[
     w = _weights(name, k, n, density, dtype, device)
     x = torch.randn(tokens, k, generator=gen).to(device, dtype)
     bias = torch.randn(n, generator=gen).to(device, dtype)
+    w_eff = w  # the weight the output must match
     if name.startswith("spmm"):
         data, offsets = rf.tc_bitmask_encode(w)
         fn = lambda: ops.bitmask_spmm(x, data, offsets, bias, n, k)  # noqa: E731
-        w_eff = w
     elif name.startswith("bitmask"):
         module = BitmaskLinear(w, bias)
         fn = lambda: module(x)  # noqa: E731
-        w_eff = w
     elif name.startswith("bsr"):
         module = BSRLinear(w, bias, block_size=64 if not smoke else 32)
         fn = lambda: module(x)  # noqa: E731
-        w_eff = w
     elif name.startswith("scorefwd"):
         scores = torch.rand(n, k, generator=gen).to(device, torch.float32)
         fn = lambda: ops.score_masked_linear(x, w, bias, scores, 1.0 - density)  # noqa: E731
         w_eff = w * (scores >= 1.0 - density).to(w.dtype)
     else:
         fn = lambda: F.linear(x, w, bias)  # noqa: E731
-        w_eff = w
 
     def check() -> float:
         out = fn().double()

@@ -11,8 +11,8 @@
 //    (independent accumulators) to cover the FMA latency. Bias initializes the accumulators.
 //  * One at::parallel_for over output rows (torch's thread count); inside a task the token blocks are the
 //    outer loop so a block of packed x stays in L2 while the task's rows stream past.
-// The column indices are range-checked in one pass over all of them before any row is used (AVX2: one
-// unsigned max per 16 int16 / 8 int32 indices); a bad index stops the op with an error naming col_indices,
+// The column indices are range-checked in one pass over all of them before any row is used
+// (max_as_unsigned, sparsebert_cpu.h: AVX2 unsigned max per 16 int16 / 8 int32 indices); a bad index stops the op with an error naming col_indices,
 // and nothing is computed. The per-row checks this replaced cost 3-13% of a T = 1 call (paired
 // whole-process runs, 60k calls each: 768x768 at 80/90% sparsity and 3072x768 at 90%, one thread).
 // row_offsets is checked up front too.
@@ -33,21 +33,6 @@ constexpr int64_t kBlockTokens = 32;  // tokens per packed block: 4 AVX2 vectors
 
 template <typename idx_t>
 using uidx_t = std::make_unsigned_t<idx_t>;
-
-// True when every index is in [0, K) (negative int16/int32 read as unsigned: >= K). Portable path.
-template <typename idx_t>
-bool cols_in_range_scalar(const idx_t* cols, int64_t len, uint32_t K) {
-  uint32_t w0 = 0, w1 = 0, w2 = 0, w3 = 0;  // four chains
-  int64_t j = 0;
-  for (; j + 4 <= len; j += 4) {
-    w0 = std::max<uint32_t>(w0, static_cast<uidx_t<idx_t>>(cols[j]));
-    w1 = std::max<uint32_t>(w1, static_cast<uidx_t<idx_t>>(cols[j + 1]));
-    w2 = std::max<uint32_t>(w2, static_cast<uidx_t<idx_t>>(cols[j + 2]));
-    w3 = std::max<uint32_t>(w3, static_cast<uidx_t<idx_t>>(cols[j + 3]));
-  }
-  for (; j < len; ++j) w0 = std::max<uint32_t>(w0, static_cast<uidx_t<idx_t>>(cols[j]));
-  return len == 0 || std::max(std::max(w0, w1), std::max(w2, w3)) < K;
-}
 
 struct Problem {
   const float* vals;
@@ -109,25 +94,6 @@ __attribute__((target("avx2,fma"))) inline __m256i load8_indices(const idx_t* c)
   } else {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
   }
-}
-
-__attribute__((target("avx2"))) inline bool cols_in_range_avx2(const int16_t* cols, int64_t len, uint32_t K) {
-  __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
-  int64_t j = 0;
-  for (; j + 32 <= len; j += 32) {
-    m0 = _mm256_max_epu16(m0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + j)));
-    m1 = _mm256_max_epu16(m1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + j + 16)));
-  }
-  alignas(32) uint16_t lanes[16];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epu16(m0, m1));
-  uint32_t worst = 0;
-  for (int i = 0; i < 16; ++i) worst = std::max<uint32_t>(worst, lanes[i]);
-  for (; j < len; ++j) worst = std::max<uint32_t>(worst, static_cast<uint16_t>(cols[j]));
-  return len == 0 || worst < K;
-}
-
-__attribute__((target("avx2"))) inline bool cols_in_range_avx2(const int32_t* cols, int64_t len, uint32_t K) {
-  return len == 0 || max_as_unsigned_avx2(cols, len) < K;
 }
 
 template <typename idx_t>
@@ -235,18 +201,8 @@ bool run(const Problem& p, const idx_t* cols, const at::Tensor& x, int64_t T, in
   // Rows per task: about 64k multiply-adds, so that small layers do not pay for threads.
   const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(N, 1)) * std::max<int64_t>(T, 8);
   const int64_t grain = std::max<int64_t>(1, 65536 / per_row);
-#if SPARSEBERT_X86
-  const bool use_avx2 = simd && cpu_has_avx2_fma();
-#else
-  const bool use_avx2 = false;
-  (void)simd;
-#endif
-#if SPARSEBERT_X86
-  const bool in_range = use_avx2 ? cols_in_range_avx2(cols, nnz, p.K) : cols_in_range_scalar(cols, nnz, p.K);
-#else
-  const bool in_range = cols_in_range_scalar(cols, nnz, p.K);
-#endif
-  if (!in_range) return false;
+  const bool use_avx2 = simd && cpu_has_avx2_fma();  // false off x86
+  if (nnz > 0 && max_as_unsigned(cols, nnz) >= p.K) return false;
   if (T == 1) {
     at::Tensor xc = x.reshape({K}).contiguous();
     const float* xv = xc.data_ptr<float>();

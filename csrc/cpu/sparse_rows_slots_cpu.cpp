@@ -128,7 +128,7 @@ at::Tensor sparse_rows_slots_matvec_cpu(const at::Tensor& x, const at::Tensor& s
                 groups[g + 1], ")");
   const int32_t* chunks = slot_chunks.data_ptr<int32_t>();
   const uint32_t worst = max_as_unsigned(chunks, S);  // negative read as unsigned: out of range
-  TORCH_CHECK(S == 0 || worst < static_cast<uint32_t>(C), "slot_chunks holds a chunk index outside [0, ceil(K / 8) = ",
+  TORCH_CHECK(worst < static_cast<uint32_t>(C), "slot_chunks holds a chunk index outside [0, ceil(K / 8) = ",
               C, "): ", static_cast<int64_t>(static_cast<int32_t>(worst)));
   at::Tensor b;
   if (bias.has_value()) {
@@ -151,12 +151,7 @@ at::Tensor sparse_rows_slots_matvec_cpu(const at::Tensor& x, const at::Tensor& s
   // Groups per task: about 64k multiply-adds of slots (8 per slot), so that small layers stay on one thread.
   const int64_t per_group = std::max<int64_t>(1, S * kLanes / std::max<int64_t>(G, 1));
   const int64_t grain = std::max<int64_t>(1, 65536 / per_group);
-#if SPARSEBERT_X86
-  const bool vector_path = simd && cpu_has_avx2_fma();
-#else
-  const bool vector_path = false;
-  (void)simd;
-#endif
+  const bool vector_path = simd && cpu_has_avx2_fma();  // false off x86
   at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
 #if SPARSEBERT_X86
     if (vector_path) return groups_avx2(p, g0, g1);

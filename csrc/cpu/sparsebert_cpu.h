@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -48,16 +49,35 @@ __attribute__((target("avx2"))) inline uint32_t max_as_unsigned_avx2(const int32
   for (; j < len; ++j) worst = std::max(worst, static_cast<uint32_t>(v[j]));
   return worst;
 }
+
+__attribute__((target("avx2"))) inline uint32_t max_as_unsigned_avx2(const int16_t* v, int64_t len) {
+  __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    m0 = _mm256_max_epu16(m0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j)));
+    m1 = _mm256_max_epu16(m1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j + 16)));
+  }
+  alignas(32) uint16_t lanes[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epu16(m0, m1));
+  uint32_t worst = 0;
+  for (int i = 0; i < 16; ++i) worst = std::max<uint32_t>(worst, lanes[i]);
+  for (; j < len; ++j) worst = std::max<uint32_t>(worst, static_cast<uint16_t>(v[j]));
+  return worst;
+}
 #endif
 
-// The largest of `len` int32 read as unsigned (a negative value reads as >= 2^31): one pass, for range
-// checks of index arrays before any kernel reads through them (AVX2 when the CPU has it).
-inline uint32_t max_as_unsigned(const int32_t* v, int64_t len) {
+// The largest of `len` int16 / int32 read as unsigned (a negative value reads as >= 2^15 / 2^31): one pass,
+// for range checks of index arrays before any kernel reads through them (AVX2 when the CPU has it; the
+// answer does not depend on the path, so the check ignores a kernel's simd switch).
+template <typename idx_t>
+inline uint32_t max_as_unsigned(const idx_t* v, int64_t len) {
+  static_assert(std::is_same_v<idx_t, int16_t> || std::is_same_v<idx_t, int32_t>, "int16 or int32 indices");
 #if SPARSEBERT_X86
   if (cpu_has_avx2_fma()) return max_as_unsigned_avx2(v, len);
 #endif
+  using uidx_t = std::make_unsigned_t<idx_t>;
   uint32_t worst = 0;
-  for (int64_t j = 0; j < len; ++j) worst = std::max(worst, static_cast<uint32_t>(v[j]));
+  for (int64_t j = 0; j < len; ++j) worst = std::max<uint32_t>(worst, static_cast<uidx_t>(v[j]));
   return worst;
 }
 

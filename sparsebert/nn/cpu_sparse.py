@@ -39,6 +39,9 @@ class SlowerThanDenseWarning(UserWarning):
     """A compressed layer measured slower than the dense product it replaces."""
 
 
+_SLOT_NAMES = ("slot_values", "slot_lanes", "slot_chunks", "group_offsets")  # as sparse_rows_slots returns them
+
+
 class SparseRowsLinear(_CompressedLinear):
     """y = x W^T + b with an unstructured float32 W stored row by row (values, col_indices, row_offsets;
     layout in sparsebert.ops.reference_formats). CPU: the C++ kernel; elsewhere: decode + F.linear.
@@ -71,27 +74,24 @@ class SparseRowsLinear(_CompressedLinear):
 
     def _build_slots(self) -> None:
         """(Re)builds the row-group slots from the stored format (non-persistent buffers: never saved)."""
-        names = ("slot_values", "slot_lanes", "slot_chunks", "group_offsets")
-        built = (sparse_rows_slots(self.values, self.col_indices, self.row_offsets, self.in_features)
-                 if self.matvec_slots else (None,) * 4)
-        for name, t in zip(names, built):
+        self._set_slots(sparse_rows_slots(self.values, self.col_indices, self.row_offsets, self.in_features)
+                        if self.matvec_slots else (None,) * len(_SLOT_NAMES))
+
+    def _set_slots(self, tensors) -> None:
+        for name, t in zip(_SLOT_NAMES, tensors):
             self.register_buffer(name, t, persistent=False)
         self._refresh_slots()
 
     def _refresh_slots(self) -> None:
         # forward reads the slots as one plain attribute: four nn.Module attribute lookups per call cost
         # ~2 us each, a good part of a one-token product's time
-        b = self._buffers
-        self._slot_tuple = None if b["slot_values"] is None else (b["slot_values"], b["slot_lanes"],
-                                                                  b["slot_chunks"], b["group_offsets"])
+        slots = tuple(self._buffers[name] for name in _SLOT_NAMES)
+        self._slot_tuple = None if slots[0] is None else slots
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half() replace the buffers
         out = super()._apply(fn, *args, **kwargs)
         self._refresh_slots()
         return out
-
-    def _slots(self):
-        return self._slot_tuple
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -103,9 +103,7 @@ class SparseRowsLinear(_CompressedLinear):
         if len(error_msgs) == n_errors and len(missing_keys) == n_missing:  # loaded whole (and validated)
             self._build_slots()
         else:  # a partial load: slots of the old weight must not outlive it (one token takes the gather kernel)
-            for name in ("slot_values", "slot_lanes", "slot_chunks", "group_offsets"):
-                self.register_buffer(name, None, persistent=False)
-            self._refresh_slots()
+            self._set_slots((None,) * len(_SLOT_NAMES))
 
     def validate(self) -> None:
         validate_sparse_rows_format(self.values, self.col_indices, self.row_offsets, self.in_features,
@@ -117,7 +115,7 @@ class SparseRowsLinear(_CompressedLinear):
 
     def weight_nbytes(self) -> int:
         """The sparse-rows tensors and, when held, the row-group slots (memory in use for the weight)."""
-        return _nbytes(self.values, self.col_indices, self.row_offsets, *(self._slots() or ()))
+        return _nbytes(self.values, self.col_indices, self.row_offsets, *(self._slot_tuple or ()))
 
     def dense_weight(self) -> Tensor:
         return rf.sparse_rows_decode(self.values, self.col_indices, self.row_offsets, self.in_features)

@@ -150,27 +150,28 @@ def _check_inputs(x, values, col_indices, row_offsets, bias, in_features: int) -
         check_same_device("bias", bias, "x", x)
 
 
-_CPP_FWD = []
-_CPP_SLOTS = []
+_OVERLOADS: dict = {}
+
+
+def _overload(name: str):
+    """torch.ops.sparsebert_ext.<name>.default, looked up once (the lookup costs microseconds per call)."""
+    op = _OVERLOADS.get(name)
+    if op is None:
+        op = _OVERLOADS[name] = getattr(torch.ops.sparsebert_ext, name).default
+    return op
 
 
 def _cpp_fwd():
-    """The C++ op's overload itself (torch.ops.sparsebert_ext.sparse_rows_linear_fwd.default), looked up once."""
-    if not _CPP_FWD:
-        _CPP_FWD.append(torch.ops.sparsebert_ext.sparse_rows_linear_fwd.default)
-    return _CPP_FWD[0]
+    return _overload("sparse_rows_linear_fwd")
+
+
+def _cpp_slots():
+    return _overload("sparse_rows_slots_matvec")
 
 
 def slots_available() -> bool:
     """True when the C++ extension has the one-token row-group slots kernel."""
     return _ext_has("sparse_rows_slots_matvec")
-
-
-def _cpp_slots():
-    """torch.ops.sparsebert_ext.sparse_rows_slots_matvec.default, looked up once."""
-    if not _CPP_SLOTS:
-        _CPP_SLOTS.append(torch.ops.sparsebert_ext.sparse_rows_slots_matvec.default)
-    return _CPP_SLOTS[0]
 
 
 def sparse_rows_slots(values: Tensor, col_indices: Tensor, row_offsets: Tensor,
