@@ -20,7 +20,7 @@ in mode "scores".
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +166,7 @@ class SparseLinear(nn.Linear):
         if self.mode != "scores":
             raise RuntimeError("set_threshold needs mode 'scores' (call init_scores first)")
         self.threshold.copy_(V.as_threshold(tau, self.threshold.device))
+        V.remember_checked(self.threshold)  # as_threshold refused NaN (on the host, or queued on the device)
 
     @torch.no_grad()
     def refresh_threshold(self, sparsity: float) -> None:
@@ -173,7 +174,9 @@ class SparseLinear(nn.Linear):
         sync) and binarize by the buffer from now on, until the next refresh."""
         if self.mode != "scores":
             raise RuntimeError("refresh_threshold needs mode 'scores' (call init_scores first)")
-        self.threshold.copy_(topk_threshold(self.scores, V.check_sparsity(sparsity), backend=self.backend))
+        tau = topk_threshold(self.scores, V.check_sparsity(sparsity), backend=self.backend)
+        self.threshold.copy_(tau)
+        V.remember_checked_like(self.threshold, tau)  # the forward then skips its check of the buffer
         self.target_sparsity = None
 
     def set_target_sparsity(self, sparsity: Optional[float]) -> None:
@@ -293,3 +296,13 @@ class SparseLinear(nn.Linear):
         elif prefix + "scores" in state_dict and self.mode != "scores":
             self.init_scores("constant", dtype=state_dict[prefix + "scores"].dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def check_scores_for_nan(layers: Mapping[str, SparseLinear]) -> None:
+    """Refuse NaN in the scores of many layers at once ({name: layer}, mode "scores"), with one reduction
+    for all of them (`_validate.assert_no_nan_all`), and remember them as checked: each layer's forward then
+    skips its own check (4 kernel launches per layer) until the scores change again. A training loop calls
+    it after its optimizer step (`MaskScheduler.step` does); ValueError naming the layer on the CPU, a
+    device-side assert on a GPU (no host sync)."""
+    V.assert_no_nan_all([(f"the scores of {name}", lin.scores) for name, lin in layers.items()
+                         if lin.mode == "scores"], f"the scores of the {len(layers)} trained SparseLinear layers")

@@ -64,6 +64,13 @@ def _check_scalar_tensor(name: str, t: Tensor, device: torch.device, floating: b
         raise TypeError(f"{name} must be {'a float' if floating else 'an integer'} tensor, got {t.dtype}")
 
 
+def _checked_threshold(tau: Tensor) -> Tensor:
+    """tau is one of the scores, -inf or +inf, and the scores were refused if they held a NaN
+    (`_check_scores`): an op given tau (`as_threshold`) need not check it again."""
+    V.remember_checked(tau)
+    return tau
+
+
 def rank_of_sparsity(sparsity: Tensor, n: int) -> Tensor:
     """k_prune = min(round(sparsity * n), n - 1) as a 0-dim int64 tensor, computed on sparsity's device in
     float64 (round half to even, as Python's round on the float path)."""
@@ -84,13 +91,13 @@ def topk_threshold_at_rank(scores: Union[Tensor, Sequence[Tensor]], k_prune: Uni
     if isinstance(k_prune, Tensor):
         _check_scalar_tensor("k_prune", k_prune, tensors[0].device, floating=False)
         with torch.no_grad():
-            return _topk_threshold_at_rank(flat, k_prune.detach().clamp(0, n).long(), chosen)
+            return _checked_threshold(_topk_threshold_at_rank(flat, k_prune.detach().clamp(0, n).long(), chosen))
     if isinstance(k_prune, bool) or not isinstance(k_prune, int):
         raise TypeError(f"k_prune must be an int or a 0-dim integer tensor, got {type(k_prune).__name__}")
     if not 0 <= k_prune <= n:
         raise ValueError(f"k_prune must satisfy 0 <= k_prune <= {n} (the number of scores), got {k_prune}")
     with torch.no_grad():
-        return _topk_threshold(flat, k_prune, chosen)
+        return _checked_threshold(_topk_threshold(flat, k_prune, chosen))
 
 
 def topk_threshold(scores: Union[Tensor, Sequence[Tensor]], sparsity: Union[float, Tensor], *,
@@ -119,4 +126,4 @@ def topk_threshold(scores: Union[Tensor, Sequence[Tensor]], sparsity: Union[floa
     k_prune = min(int(round(sparsity * n)), n - 1)
     chosen = op_backend(backend, tensors[0].device)
     with torch.no_grad():
-        return _topk_threshold([t.detach().contiguous() for t in tensors], k_prune, chosen)
+        return _checked_threshold(_topk_threshold([t.detach().contiguous() for t in tensors], k_prune, chosen))

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..nn import SparseLinear, sparsify
 from ..nn.granularity import canonical_granularity
+from ..nn.sparse_linear import check_scores_for_nan
 from ..nn.sparsify import head_linears, prunable_linears
 from ..ops import topk_threshold
 from .schedules import SparsitySchedule
@@ -126,7 +127,8 @@ class MaskScheduler:
                     lin.weight.mul_(lin.mask.to(lin.weight.dtype))
         sparsify(model, mode="dense", include_head=self.include_head, backend=self.backend,
                  existing="keep")
-        layers = list(prunable_linears(model, self.include_head).values())
+        self._named = prunable_linears(model, self.include_head)
+        layers = list(self._named.values())
         s0 = self.schedule(0)
         for lin in layers:
             lin.backend = self.backend
@@ -164,7 +166,7 @@ class MaskScheduler:
         else:
             tau = topk_threshold([lin.scores for lin in self.layers], s, backend=self.backend)
             for lin in self.layers:
-                lin.threshold.copy_(tau)
+                lin.set_threshold(tau)  # tau comes from checked scores: the forwards skip its check
                 lin.set_target_sparsity(None)
 
     @torch.no_grad()
@@ -176,7 +178,7 @@ class MaskScheduler:
             tau = topk_threshold([lin.scores for lin in self.layers], s, backend=self.backend)
             for lin in self.layers:
                 lin.set_target_sparsity(None)
-                lin.threshold.copy_(tau)
+                lin.set_threshold(tau)
 
     def _apply(self, step: int, *, start: bool = False) -> None:
         if self._per_forward():
@@ -201,6 +203,9 @@ class MaskScheduler:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         self.steps_done = step
+        # The optimizer step changed every score matrix: one NaN check for all of them here, instead of one
+        # per layer in the next forward (4 launches each; the forwards find them checked and skip it).
+        check_scores_for_nan(self._named)
         if step == 0:
             for lin in self.layers:
                 lin.set_target_sparsity(None)
