@@ -76,6 +76,11 @@ BENCHMARKS = [
      ["bench/bench_structured_speed.py", "--shape", "bert-base", "--flops-keep", "0.4", "--batches", "1", "32",
       "--seq", "128", "--attn", "sdpa"],
      ["bench/bench_structured_speed.py", "--smoke"]),
+    # a mask-training step of BERT-base (32 x 128) against the like-for-like dense step, eager, as a loop runs it
+    ("mask_training_step", 20, 0.10, "quick",
+     ["bench/bench_mask_training_step.py", "--rounds", "3", "--steps", "5",
+      "--variants", "dense", "masked", "masked-unfused", "masked-checks-per-layer"],
+     ["bench/bench_mask_training_step.py", "--smoke", "--variants", "dense", "masked"]),
     # the eager launch path of each op against F.linear, fast path on and off (rows streamed as op_overhead)
     ("op_overhead", 8, 0.03, "quick", ["bench/bench_op_overhead.py", "--calls", "300", "--repeats", "5"],
      ["bench/bench_op_overhead.py", "--smoke"]),

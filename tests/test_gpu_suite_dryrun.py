@@ -51,7 +51,8 @@ def test_dry_run_whole_pipeline(tmp_path):
     assert doc["tests"]["passed"] >= 1 and doc["tests"]["failures"] == 0
     # every benchmark streamed rows, each carrying the environment and a roofline prediction
     benches = {r["bench"] for r in doc["rows"]}
-    assert benches == {"masked_linear", "sparse_inference", "structured_speed", "crossover", "op_overhead"}
+    assert benches == {"masked_linear", "sparse_inference", "structured_speed", "crossover", "op_overhead",
+                       "mask_training_step"}
     for r in doc["rows"]:
         # op_overhead times the host path of a call: no bytes or FLOPs to put a roofline on
         for field in ("git_sha", "gpu", "driver", "torch", "triton", "cuda", "cublas_bf16_reduced_precision",
@@ -59,6 +60,9 @@ def test_dry_run_whole_pipeline(tmp_path):
             assert field in r, (field, r)
     overhead = {(r["op"], r["path"]) for r in doc["rows"] if r["bench"] == "op_overhead"}
     assert ("score_masked_linear", "eager fast path") in overhead and ("score_masked_linear", "registered op") in overhead
+    steps = {r["variant"]: r for r in doc["rows"] if r["bench"] == "mask_training_step"}
+    assert set(steps) == {"dense", "masked"} and steps["dense"]["time_vs_dense"] == 1.0
+    assert all(r["step_ms"] > 0 for r in steps.values())
     fused = [r for r in doc["rows"] if r["bench"] == "masked_linear" and r["version"] == "fused"]
     assert fused and all(r["max_rel_err_vs_unfused"] < 1e-4 for r in fused)
     # the crossover stage: measured rows in the JSON, and a table file the package's loader accepts
