@@ -396,13 +396,23 @@ def linear_fwd_reduce_kernel(partial_ptr, bias_ptr, y_ptr, M, N,
     tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+def _streamk_fixup_in_bench(nargs, exception=None):
+    """Autotuner post-hook of linear_fwd_streamk_kernel (called only while it benchmarks configs, after each
+    timed launch): the fixup launch that config needs, so each config is timed as the forward runs it,
+    main kernel plus fixup (a config with more shared tiles pays a larger fixup)."""
+    if exception is None:
+        launch_streamk_fixup(nargs["partial_ptr"], nargs["bias_ptr"], nargs["y_ptr"], nargs["M"], nargs["N"],
+                             nargs["K"], nargs["HAS_BIAS"], nargs, nargs["PROGRAMS_CAP"])
+
+
 @triton.autotune(configs=_tma_tile_configs("_gemm.linear_fwd_streamk_kernel"), key=["M_BUCKET", "N", "K", "USE_TMA"],
                  prune_configs_by=None if INTERPRET else {
-                     "early_config_prune": _pruner("M", "N", "x_ptr", "mask_ptr")})
+                     "early_config_prune": _pruner("M", "N", "x_ptr", "mask_ptr")},
+                 post_hook=_streamk_fixup_in_bench)
 @triton.jit
 def linear_fwd_streamk_kernel(
     x_ptr, w_ptr, bias_ptr, mask_ptr, y_ptr, partial_ptr, x_desc, w_desc,
-    M, N, K, M_BUCKET, words_per_row, threshold, threshold_ptr,
+    M, N, K, M_BUCKET, words_per_row, threshold, threshold_ptr, PROGRAMS_CAP,
     MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, THRESHOLD_FROM_PTR: tl.constexpr,
     IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -416,6 +426,8 @@ def linear_fwd_streamk_kernel(
     otherwise the program stores its fp32 partial tile, valid elements only, in workspace slot 2 * p (the
     program's first tile) or 2 * p + 1 (its last), and linear_fwd_streamk_fixup_kernel later sums the
     tile's slots in program order (deterministic). The launcher `fwd(schedule="streamk")` caps P at I.
+    PROGRAMS_CAP (the launcher's cap on P, unused by the kernel) lets the autotuner's post-hook launch the
+    fixup of the config it is timing (`_streamk_fixup_in_bench`).
 
     Worked example (H200: 132 SMs; quick tile 64x64x64, the one a <= 64-token launch keeps), bf16, K=768,
     M=8 or 64, N=3072: 48 tiles x 12 iterations = 576 iterations over 132 programs: 4 or 5 each (4.36);
@@ -924,8 +936,8 @@ def _fwd_streamk(x, weight, bias, mask_src, kind, words, threshold_val, threshol
     (m, k), n = x.shape, weight.shape[0]
     use_tma, descs = _operand_descs(x, weight, tma)
     programs = sm_count(x.device) if num_sms is None else num_sms
-    slots, slot_elems = _streamk_workspace_shape(m, n, k, x, mask_src, programs)
-    partial = torch.empty((slots, slot_elems), device=x.device, dtype=torch.float32)
+    partial = torch.empty(_streamk_workspace_shape(m, n, k, x, mask_src, programs), device=x.device,
+                          dtype=torch.float32)
     ieee, upcast = dot_flags(x.dtype)
     bias_arg = bias if bias is not None else weight
 
@@ -934,20 +946,26 @@ def _fwd_streamk(x, weight, bias, mask_src, kind, words, threshold_val, threshol
 
     linear_fwd_streamk_kernel[grid](
         x, weight, bias_arg, mask_src, y, partial, *descs,
-        m, n, k, bucket(m), words, threshold_val, threshold_ptr if threshold_ptr is not None else x,
+        m, n, k, bucket(m), words, threshold_val, threshold_ptr if threshold_ptr is not None else x, programs,
         MASK_KIND=kind, HAS_BIAS=bias is not None, THRESHOLD_FROM_PTR=threshold_ptr is not None,
         IEEE_DOT=ieee, UPCAST_DOT=upcast, USE_TMA=use_tma)
-    cfg = linear_fwd_streamk_kernel.best_config.kwargs
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    launch_streamk_fixup(partial, bias_arg, y, m, n, k, bias is not None,
+                         linear_fwd_streamk_kernel.best_config.kwargs, programs)
+    return y
+
+
+def launch_streamk_fixup(partial, bias_arg, y, m, n, k, has_bias, blocks, programs):
+    """linear_fwd_streamk_fixup_kernel for the main kernel launched with `blocks` (a dict holding BLOCK_M,
+    BLOCK_N, BLOCK_K, GROUP_M) on min(programs, its K-iterations) programs: one program per tile."""
+    bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
     launched = streamk_programs(m, n, k, bm, bn, bk, programs)
-    if bm * bn > slot_elems or 2 * launched > slots:  # _streamk_workspace_shape disagrees with the autotuner
+    if bm * bn > partial.shape[1] or 2 * launched > partial.shape[0]:  # the workspace was sized for less
         raise RuntimeError(f"stream-K config {bm}x{bn}x{bk} on {launched} programs outgrew its workspace "
-                           f"({slots} slots of {slot_elems} elements)")
+                           f"({partial.shape[0]} slots of {partial.shape[1]} elements)")
     linear_fwd_streamk_fixup_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
         partial, bias_arg, y, m, n, k, launched,
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+        HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=blocks["GROUP_M"],
         num_warps=1 if INTERPRET else 4)
-    return y
 
 
 def bwd_input(dy, weight, mask_src, kind, words, threshold_val, threshold_ptr):

@@ -233,7 +233,7 @@ def _streamk_fwd_launches(_gemm, gemm_scalars, div, bf16_dot) -> list[Launch]:
     for label, use_tma in (("streamk, packed", False), ("streamk+TMA, packed", True)):
         for cfg in configs:
             c = cfg.kwargs
-            types = {**_fwd_operand_types(c, use_tma), **gemm_scalars}
+            types = {**_fwd_operand_types(c, use_tma), **gemm_scalars, "PROGRAMS_CAP": "i32"}
             constexprs = {"MASK_KIND": _gemm.MASK_PACKED, "HAS_BIAS": True, "THRESHOLD_FROM_PTR": False,
                           "USE_TMA": use_tma, **bf16_dot, **c}
             out.append(Launch("_gemm.linear_fwd_streamk_kernel", label, fn, types, div, constexprs, cfg.num_warps,

@@ -177,3 +177,37 @@ def test_bad_streamk_arguments_raise_before_launch(monkeypatch):
     with pytest.raises(ValueError, match="schedule must be one of"):
         masked_linear_fwd(x, w, b, packed, True, schedule="stream_k")
     assert launches.main == [] and launches.fixup == []
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="swaps the autotuner's benchmarker for a recording one: on a GPU "
+                    "the real autotuner runs these kernels (tests/test_gpu_kernels.py)")
+def test_autotuning_times_each_config_with_its_fixup(monkeypatch):
+    """While the autotuner benchmarks stream-K configs, each timed call is the main kernel and the fixup
+    that config needs (the post-hook `_streamk_fixup_in_bench`), so y is complete after every timed call;
+    without the hook the shared tiles would hold no result and the fixup's cost would go untimed."""
+    import triton
+    kern = _gemm.linear_fwd_streamk_kernel
+    m, k, n = 37, 100, 45  # 32x32x32: 4 tiles x 4 iterations, 16x32x32: 6 tiles x 4; num_sms 3 shares tiles
+    x, w, b, _, keep = inputs(m, k, n, torch.float32, seed=21)
+    packed = packed_with_padding_set(keep)
+    want = exact_fwd(x, w, keep, b)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3}, num_warps=1, num_stages=1,
+                             pre_hook=_gemm._set_tma_blocks) for bm in (32, 16)]
+    timed = []
+
+    def recording_bench(kernel_call, quantiles=None):
+        y = kern.nargs["y_ptr"]
+        y.fill_(float("nan"))
+        kernel_call()
+        timed.append(y.clone())
+        return [float(len(timed))] * 3  # the first config "wins"
+
+    monkeypatch.setattr(kern, "configs", configs)
+    monkeypatch.setattr(kern, "cache", {})
+    monkeypatch.setitem(vars(kern), "do_bench", recording_bench)  # over the cached_property, undone after
+    y = _gemm.fwd(x, w, b, packed, _gemm.MASK_PACKED, 4, 0.0, None, schedule="streamk", num_sms=3)
+    assert len(timed) == 2
+    for got in (*timed, y):
+        assert not got.isnan().any()
+        assert_close_to_exact(got, *want, k, torch.float32)
+    assert kern.best_config is configs[0]
