@@ -167,3 +167,22 @@ def test_the_fused_check_is_a_device_side_assert_on_a_gpu():
     # torch's CUDA `_assert_async` may drop the message: the failure is what is asserted, not its words
     assert r.returncode != 0 and ("the five contain NaN" in r.stderr or "assert" in r.stderr.lower()), \
         r.stderr[-2000:]
+
+
+def test_a_checked_threshold_tensor_is_taken_as_is():
+    """as_threshold returns a checked 0-dim fp32 tensor on the right device itself (what detach, reshape
+    and to would alias anyway); any other tensor still goes through the conversion and the check."""
+    tau = topk_threshold(torch.randn(6, 6), 0.5)
+    assert V.as_threshold(tau, tau.device) is tau
+    fresh = torch.tensor(0.25)  # never checked: converted and checked, not returned as is
+    assert V.as_threshold(fresh, fresh.device) is not fresh
+    assert V.as_threshold(fresh, fresh.device) is fresh  # ... once; then it counts as checked
+    with pytest.raises(ValueError, match="threshold is NaN"):
+        V.as_threshold(torch.tensor(float("nan")), torch.device("cpu"))
+    grad = torch.tensor(0.5, requires_grad=True)
+    V.remember_checked(grad)
+    out = V.as_threshold(grad, grad.device)
+    assert out is not grad and not out.requires_grad
+    half = torch.tensor(0.5, dtype=torch.float16)
+    V.remember_checked(half)
+    assert V.as_threshold(half, half.device).dtype == torch.float32

@@ -140,6 +140,9 @@ def as_threshold(threshold, device: torch.device) -> Tensor:
     the device (`torch._assert_async`: an error on the CPU, a device-side assert on a GPU), once per version
     of its values (see _CHECKED)."""
     if isinstance(threshold, Tensor):
+        if (threshold.dim() == 0 and threshold.dtype == torch.float32 and not threshold.requires_grad
+                and threshold.device == device and _checked_before(threshold)):
+            return threshold  # what the detach/reshape/to below would return (an alias), without their cost
         if threshold.numel() != 1:
             raise ValueError(f"threshold must be a scalar or a 1-element tensor, got shape {tuple(threshold.shape)}")
         t = threshold.detach().reshape(()).to(device=device, dtype=torch.float32)

@@ -116,8 +116,16 @@ _masked_weight.register_autograd(_backward_weight, setup_context=_setup_weight)
 
 
 def pass_backend(device: torch.device) -> str:
-    """The kernel of the weight pass on `device`: Triton where it runs, else torch."""
-    return "triton" if "triton" in available_backends(device) else "torch"
+    """The kernel of the weight pass on `device`: Triton where it runs, else torch (cached per device
+    type and TRITON_INTERPRET: it runs on every call of the weight pass)."""
+    key = (device.type, os.environ.get("TRITON_INTERPRET"))
+    hit = _PASS_BACKEND.get(key)
+    if hit is None:
+        hit = _PASS_BACKEND[key] = "triton" if "triton" in available_backends(device) else "torch"
+    return hit
+
+
+_PASS_BACKEND = {}
 
 
 def masked_linear_weight_pass(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, *,
