@@ -9,8 +9,11 @@ AdamW step (+ `MaskScheduler.step()` for the masked variants), timed eagerly, as
                       scores for (the encoder's six linears per layer, the pooler and the classifier), the
                       rest frozen: the same dX, a dW for each dScores, AdamW over as many elements
     dense-all         full fine-tuning (every parameter, embeddings included): context, not the ratio basis
-    masked            MaskScheduler(backend="auto"): the library's path (on a GPU: the weight pass + cuBLAS
-                      at or above the crossover, the fused kernels below)
+    masked            MaskScheduler(backend="auto"): the library's path (the weight pass: W * m written once
+                      per step, shared by the forward and input-gradient GEMMs, cuBLAS / MKL; on a GPU
+                      below the measured crossover, the fused kernels)
+    masked-fused      the same with the fused kernels forced (backend "cpp" on a CPU, "triton" on a GPU): the
+                      mask built in the forward and again in the input gradient, no W * m kept between them
     masked-unfused    the same with backend="torch": W * [s >= tau] materialized, F.linear, autograd's
                       GEMMs (what the paper's MaskedLinear does)
     masked-checks-per-layer
@@ -52,7 +55,7 @@ from sparsebert.pruning import scheduler as scheduler_module  # noqa: E402
 SHAPES = {"bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
           "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
           "toy": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)}
-VARIANTS = ("dense", "dense-all", "masked", "masked-unfused", "masked-checks-per-layer")
+VARIANTS = ("dense", "dense-all", "masked", "masked-fused", "masked-unfused", "masked-checks-per-layer")
 
 
 @contextlib.contextmanager
@@ -85,7 +88,8 @@ class Trainer:
             for prm in params:
                 prm.requires_grad_(True)
         else:
-            backend = "torch" if variant == "masked-unfused" else "auto"
+            backend = {"masked-unfused": "torch", "masked-fused": "triton" if device.type == "cuda" else "cpp"
+                       }.get(variant, "auto")
             # total_steps: the paper's MNLI length, so no threshold refresh (every 1,000 steps) falls inside
             # the timed steps; a refresh is one top-k per matrix, amortized over 1,000 steps
             self.sched = MaskScheduler(self.model, sparsity=sparsity, total_steps=61360, backend=backend)

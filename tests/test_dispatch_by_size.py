@@ -13,7 +13,7 @@ from sparsebert.ops.score_masked_linear import score_masked_linear_weight_pass
 from _helpers import REL_TOL, assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PASS_KERNELS = [k for k in ("torch", "triton") if k in ops.available_backends("cpu")]
+PASS_KERNELS = [k for k in ("torch", "cpp", "triton") if k in ops.available_backends("cpu")]
 TABLE = {"default_tokens": 0, "gpus": {
     "NVIDIA H200": {"masked_linear": {"bfloat16": 1024, "float16": 512},
                     "score_masked_linear": {"bfloat16": 256}}}}
@@ -41,9 +41,39 @@ def test_selection_by_token_count_with_a_stubbed_table(monkeypatch, op, gpu, dty
     assert _crossover.use_weight_pass(op, torch.device("cuda:0"), dtype, tokens, TABLE) is want
 
 
-def test_cpu_never_takes_the_weight_pass_in_auto():
+def test_cpu_takes_the_weight_pass_in_auto_only_to_train():
+    """On the CPU the token-count table does not apply; "auto" takes the weight pass (C++ kernels) exactly
+    when a gradient will be taken, where the C++ kernels are built."""
     assert not _crossover.use_weight_pass("masked_linear", torch.device("cpu"), torch.float32, 10**6, TABLE)
-    assert not _auto_takes_weight_pass("masked_linear", "auto", torch.randn(4096, 8))
+    x = torch.randn(4096, 8)
+    assert not _auto_takes_weight_pass("masked_linear", "auto", x)
+    assert not _auto_takes_weight_pass("masked_linear", "cpp", x, True)  # an explicit backend is obeyed
+    assert _auto_takes_weight_pass("masked_linear", "auto", x, True) is ("cpp" in ops.available_backends("cpu"))
+
+
+@pytest.mark.skipif("cpp" not in ops.available_backends("cpu"), reason="needs the C++ CPU kernels (sparsebert._C)")
+@pytest.mark.parametrize("op", ["masked_linear", "score_masked_linear"])
+def test_cpu_training_runs_the_weight_pass_and_inference_the_fused_op(op, monkeypatch):
+    import importlib
+    mod = importlib.import_module(f"sparsebert.ops.{op}")  # the module (sparsebert.ops.<op> is the function)
+    calls = []
+    real = mod._weight_pass
+    monkeypatch.setattr(mod, "_weight_pass", lambda *a: calls.append(a[-1]) or real(*a))
+    torch.manual_seed(24)
+    x, w, b = torch.randn(6, 40), torch.randn(9, 40), torch.randn(9)
+    s = torch.randn(9, 40)
+    keep = s >= 0.3
+    call = ((lambda x_, w_: ops.masked_linear(x_, w_, b, keep)) if op == "masked_linear"
+            else (lambda x_, w_: ops.score_masked_linear(x_, w_, b, s, 0.3)))
+    with torch.no_grad():
+        y_infer = call(x, w)
+    assert calls == []  # no gradient: the fused C++ op
+    ws = w.clone().requires_grad_()
+    y = call(x, ws)
+    assert calls == [None]  # training: the weight pass, its kernel chosen per device (C++ here)
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), y_infer, rtol=0, atol=1e-5)
+    assert torch.equal(ws.grad, torch.where(keep, torch.ones(6, 9).t() @ x, 0.0))
 
 
 def test_auto_on_cuda_asks_the_table_with_the_token_count(monkeypatch):

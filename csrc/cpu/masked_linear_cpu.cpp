@@ -61,15 +61,25 @@ at::Tensor masked_linear_bwd_weight_cpu(const at::Tensor& dy, const at::Tensor& 
   return dweight;
 }
 
+// The weight pass on the CPU (the ops layer's `pass_kernel="cpp"`): W ⊙ m once per step (also the mask
+// applied to autograd's gradient of W ⊙ m).
+at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& mask, bool packed) {
+  check_float_2d(weight, "weight");
+  check_mask(mask, packed, weight.size(0), weight.size(1));
+  return masked_weight(weight, mask, packed);
+}
+
 }  // namespace sparsebert
 
 TORCH_LIBRARY_FRAGMENT(sparsebert_ext, m) {
+  m.def("masked_weight(Tensor weight, Tensor mask, bool packed) -> Tensor");
   m.def("masked_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor mask, bool packed) -> Tensor");
   m.def("masked_linear_bwd_input(Tensor dy, Tensor weight, Tensor mask, bool packed) -> Tensor");
   m.def("masked_linear_bwd_weight(Tensor dy, Tensor x, Tensor mask, bool packed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsebert_ext, CPU, m) {
+  m.impl("masked_weight", &sparsebert::masked_weight_cpu);
   m.impl("masked_linear_fwd", &sparsebert::masked_linear_fwd_cpu);
   m.impl("masked_linear_bwd_input", &sparsebert::masked_linear_bwd_input_cpu);
   m.impl("masked_linear_bwd_weight", &sparsebert::masked_linear_bwd_weight_cpu);

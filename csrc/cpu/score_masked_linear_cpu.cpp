@@ -1,5 +1,7 @@
 // score_masked_linear on CPU: y = x @ (W ⊙ [scores >= τ])ᵀ + b, the mask derived from learned scores.
 // Forward / input backward: one parallel pass builds the effective weight, then at::addmm / at::mm.
+// The weight pass (training): that effective weight exposed alone (`score_masked_weight`), and the
+// epilogue on a given G (`score_masked_weight_grad`), so the forward and the input gradient share one.
 // Weight+score backward: G = dyᵀ x once (fp32), then ONE fused parallel epilogue writes
 // dscores = G ⊙ W (scores dtype) and, when asked, dweight = G ⊙ [scores >= τ] (weight dtype).
 #include <torch/library.h>
@@ -34,6 +36,36 @@ at::Tensor score_masked_linear_bwd_input_cpu(const at::Tensor& dy, const at::Ten
   return at::mm(dy, score_masked_weight(weight, scores, threshold));
 }
 
+// From G (N, K) fp32: dscores = G ⊙ W (scores dtype) and dweight = G ⊙ [scores >= τ] (weight dtype), each
+// when asked, in ONE parallel pass over G.
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> score_grad_epilogue(
+    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& scores, double threshold, bool need_dscores,
+    bool need_dweight) {
+  const int64_t NK = weight.numel();
+  at::Tensor dscores = need_dscores ? at::empty_like(scores) : at::Tensor();
+  at::Tensor dweight = need_dweight ? at::empty_like(weight) : at::Tensor();
+  const float* g = grad.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "score_grad_epilogue", [&] {
+    using weight_t = scalar_t;
+    const weight_t* w = weight.data_ptr<weight_t>();
+    weight_t* dw = need_dweight ? dweight.data_ptr<weight_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "score_grad_epilogue", [&] {
+      const scalar_t* s = scores.data_ptr<scalar_t>();
+      scalar_t* ds = need_dscores ? dscores.data_ptr<scalar_t>() : nullptr;
+      const float thr = rounded_threshold<scalar_t>(threshold);
+      at::parallel_for(0, NK, 16384, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const float gi = g[i];
+          if (ds != nullptr) ds[i] = static_cast<scalar_t>(gi * static_cast<float>(w[i]));
+          if (dw != nullptr) dw[i] = static_cast<weight_t>(static_cast<float>(s[i]) >= thr ? gi : 0.f);
+        }
+      });
+    });
+  });
+  return std::make_tuple(need_dscores ? std::optional<at::Tensor>(dscores) : std::nullopt,
+                         need_dweight ? std::optional<at::Tensor>(dweight) : std::nullopt);
+}
+
 std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight_scores_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores, double threshold,
     bool need_dweight) {
@@ -48,27 +80,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight
   check_scores(scores, N, K);
 
   const at::Tensor grad = weight_gradient_fp32(dy, x);  // (N, K) fp32, computed once for both outputs
-  at::Tensor dscores = at::empty({N, K}, scores.options());
-  at::Tensor dweight = need_dweight ? at::empty({N, K}, weight.options()) : at::Tensor();
-  const float* g = grad.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "score_bwd_weight_scores", [&] {
-    using weight_t = scalar_t;
-    const weight_t* w = weight.data_ptr<weight_t>();
-    weight_t* dw = need_dweight ? dweight.data_ptr<weight_t>() : nullptr;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "score_bwd_weight_scores", [&] {
-      const scalar_t* s = scores.data_ptr<scalar_t>();
-      scalar_t* ds = dscores.data_ptr<scalar_t>();
-      const float thr = rounded_threshold<scalar_t>(threshold);
-      at::parallel_for(0, N * K, 16384, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const float gi = g[i];
-          ds[i] = static_cast<scalar_t>(gi * static_cast<float>(w[i]));
-          if (dw != nullptr) dw[i] = static_cast<weight_t>(static_cast<float>(s[i]) >= thr ? gi : 0.f);
-        }
-      });
-    });
-  });
-  return std::make_tuple(dscores, need_dweight ? std::optional<at::Tensor>(dweight) : std::nullopt);
+  auto [dscores, dweight] = score_grad_epilogue(grad, weight, scores, threshold, true, need_dweight);
+  return std::make_tuple(*dscores, dweight);
 }
 
 // The `.tensor` overloads take the threshold as a 0-dim tensor (what the ops layer holds: a threshold
@@ -99,9 +112,33 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> score_masked_linear_bwd_weight
   return score_masked_linear_bwd_weight_scores_cpu(dy, x, weight, scores, threshold_value(threshold), need_dweight);
 }
 
+// The weight pass on the CPU (the ops layer's `pass_kernel="cpp"`): W ⊙ [scores >= τ] written once per
+// step, shared by the forward GEMM and the input gradient, and the epilogue on autograd's G = dyᵀ x.
+at::Tensor score_masked_weight_cpu(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& threshold) {
+  check_float_2d(weight, "weight");
+  check_scores(scores, weight.size(0), weight.size(1));
+  return score_masked_weight(weight, scores, threshold_value(threshold));
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> score_masked_weight_grad_cpu(
+    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& threshold,
+    bool need_dscores, bool need_dweight) {
+  check_float_2d(grad, "grad");
+  check_float_2d(weight, "weight");
+  TORCH_CHECK(grad.sizes() == weight.sizes(), "grad must have the weight's shape ", weight.sizes(), ", got ",
+              grad.sizes());
+  check_scores(scores, weight.size(0), weight.size(1));
+  return score_grad_epilogue(grad.to(at::kFloat).contiguous(), weight, scores, threshold_value(threshold),
+                             need_dscores, need_dweight);
+}
+
 }  // namespace sparsebert
 
 TORCH_LIBRARY_FRAGMENT(sparsebert_ext, m) {
+  m.def("score_masked_weight(Tensor weight, Tensor scores, Tensor threshold) -> Tensor");
+  m.def(
+      "score_masked_weight_grad(Tensor grad, Tensor weight, Tensor scores, Tensor threshold, bool need_dscores, "
+      "bool need_dweight) -> (Tensor?, Tensor?)");
   m.def("score_masked_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scores, float threshold) -> Tensor");
   m.def("score_masked_linear_bwd_input(Tensor dy, Tensor weight, Tensor scores, float threshold) -> Tensor");
   m.def(
@@ -117,6 +154,8 @@ TORCH_LIBRARY_FRAGMENT(sparsebert_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(sparsebert_ext, CPU, m) {
+  m.impl("score_masked_weight", &sparsebert::score_masked_weight_cpu);
+  m.impl("score_masked_weight_grad", &sparsebert::score_masked_weight_grad_cpu);
   m.impl("score_masked_linear_fwd", &sparsebert::score_masked_linear_fwd_cpu);
   m.impl("score_masked_linear_bwd_input", &sparsebert::score_masked_linear_bwd_input_cpu);
   m.impl("score_masked_linear_bwd_weight_scores", &sparsebert::score_masked_linear_bwd_weight_scores_cpu);

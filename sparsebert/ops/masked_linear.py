@@ -10,7 +10,9 @@ Size dispatch (issue 10 item 1): with backend="auto" on CUDA and at least the cr
 (`_crossover`, a measured per-GPU table), the layer runs as the weight pass: `sparsebert::masked_weight`
 writes W * m once (one elementwise kernel), F.linear does the forward GEMM with the bias in cuBLAS's
 epilogue, autograd's input-gradient GEMM reads the same W * m, and the weight gradient is cuBLAS dY^T X
-followed by the same elementwise pass (dW = G * m); db is autograd's reduction of dY.
+followed by the same elementwise pass (dW = G * m); db is autograd's reduction of dY. On the CPU, "auto"
+takes the weight pass (C++ elementwise kernels, MKL GEMMs) whenever a gradient will be taken: the fused C++
+ops build W * m in the forward and again in the input gradient, the weight pass once per step.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from . import _crossover
 from . import _validate as V
 from ._backends import available_backends, impl, op_backend, resolve_backend
 
-PASS_BACKENDS = ("triton", "torch")  # the kernels of the elementwise weight pass
+PASS_BACKENDS = ("triton", "cpp", "torch")  # the kernels of the elementwise weight pass
 
 
 @custom_op("sparsebert::masked_linear", mutates_args=())
@@ -91,6 +93,8 @@ def _masked_weight(weight: Tensor, mask: Tensor, packed: bool, backend: str) -> 
     if backend == "triton":
         from sparsebert.kernels import _gemm, mask_weight
         return mask_weight.masked_weight(weight, mask, _gemm.MASK_PACKED if packed else _gemm.MASK_UINT8)
+    if backend == "cpp":
+        return torch.ops.sparsebert_ext.masked_weight(weight, mask, packed)
     from ._torch_backend import _keep, _masked
     return _masked(weight, _keep(mask, packed, weight.shape[1]))
 
@@ -116,12 +120,15 @@ _masked_weight.register_autograd(_backward_weight, setup_context=_setup_weight)
 
 
 def pass_backend(device: torch.device) -> str:
-    """The kernel of the weight pass on `device`: Triton where it runs, else torch (cached per device
-    type and TRITON_INTERPRET: it runs on every call of the weight pass)."""
+    """The kernel of the weight pass on `device`: on a GPU Triton, else torch; on the CPU the C++ kernels
+    where built, else Triton's interpreter where it is on, else torch (cached per device type and
+    TRITON_INTERPRET: it runs on every call of the weight pass)."""
     key = (device.type, os.environ.get("TRITON_INTERPRET"))
     hit = _PASS_BACKEND.get(key)
     if hit is None:
-        hit = _PASS_BACKEND[key] = "triton" if "triton" in available_backends(device) else "torch"
+        usable = available_backends(device)
+        order = ("cpp", "triton", "torch") if device.type == "cpu" else ("triton", "torch")
+        hit = _PASS_BACKEND[key] = next(b for b in order if b in usable)
     return hit
 
 
@@ -148,11 +155,27 @@ def _weight_pass(x, weight, bias, mask, packed, pass_kernel):
     return torch.nn.functional.linear(x, w_eff, bias)
 
 
-def _auto_takes_weight_pass(op: str, backend: str, x: Tensor) -> bool:
-    if backend != "auto" or x.device.type != "cuda" or os.environ.get("SPARSEBERT_BACKEND", "auto") != "auto":
+def _auto_takes_weight_pass(op: str, backend: str, x: Tensor, training: bool = False) -> bool:
+    """Whether backend="auto" runs the layer as the weight pass. On CUDA: at or above the measured
+    crossover (`_crossover`). On the CPU: when a gradient will be taken (`training`), where the C++
+    kernels are built: the fused C++ ops build W * m twice per step (forward, input gradient), the weight
+    pass once (a MiniLM mask-training step, bench/bench_mask_training_step.py: see bench/results/README.md);
+    without a gradient both build it once, and the fused op stays, as it does under torch.compile and
+    torch.export (the graph keeps backend "auto", resolved where it runs)."""
+    if backend != "auto" or os.environ.get("SPARSEBERT_BACKEND", "auto") != "auto":
+        return False
+    if x.device.type == "cpu":  # eager only: a traced or exported graph keeps the portable fused op ("auto")
+        return (training and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+                and pass_backend(x.device) == "cpp")
+    if x.device.type != "cuda":
         return False
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return _crossover.use_weight_pass(op, x.device, x.dtype, tokens)
+
+
+def _needs_grad(*tensors) -> bool:
+    """A gradient will be taken through the op: grad mode on and an input that requires it."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, *, backend: str = "auto") -> Tensor:
@@ -165,7 +188,7 @@ def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tenso
     """
     V.check_linear(x, weight, bias)
     packed = V.check_mask(mask, weight)
-    if _auto_takes_weight_pass("masked_linear", backend, x):
+    if _auto_takes_weight_pass("masked_linear", backend, x, _needs_grad(x, weight, bias)):
         return _weight_pass(x, weight, bias, mask, packed, None)
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)

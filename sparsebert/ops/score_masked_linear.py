@@ -22,7 +22,7 @@ from torch import Tensor
 from ._fastpath import custom_op
 from . import _validate as V
 from ._backends import impl, op_backend, resolve_backend
-from .masked_linear import PASS_BACKENDS, _auto_takes_weight_pass, pass_backend
+from .masked_linear import PASS_BACKENDS, _auto_takes_weight_pass, _needs_grad, pass_backend
 
 
 def _tau(threshold: Tensor, backend: str) -> Tensor:
@@ -106,6 +106,8 @@ def _score_masked_weight(weight: Tensor, scores: Tensor, threshold: Tensor, back
     if backend == "triton":
         from sparsebert.kernels import _gemm, mask_weight
         return mask_weight.masked_weight(weight, scores, _gemm.MASK_SCORES, threshold)
+    if backend == "cpp":
+        return torch.ops.sparsebert_ext.score_masked_weight(weight, scores, threshold)
     from ._torch_backend import _masked
     return _masked(weight, scores >= threshold)
 
@@ -124,6 +126,9 @@ def _score_masked_weight_grad(grad: Tensor, weight: Tensor, scores: Tensor, thre
         from sparsebert.kernels import _gemm, mask_weight
         ds, dw = mask_weight.weight_grad_epilogue(grad, weight, scores, _gemm.MASK_SCORES, threshold,
                                                   need_dscores=need_dscores, need_dweight=need_dweight)
+    elif backend == "cpp":
+        ds, dw = torch.ops.sparsebert_ext.score_masked_weight_grad(grad, weight, scores, threshold, need_dscores,
+                                                                   need_dweight)
     else:
         from ._torch_backend import _masked
         g = grad.float()
@@ -184,7 +189,7 @@ def score_masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], score
     V.check_linear(x, weight, bias)
     V.check_scores(scores, weight)
     tau = V.as_threshold(threshold, weight.device)
-    if _auto_takes_weight_pass("score_masked_linear", backend, x):
+    if _auto_takes_weight_pass("score_masked_linear", backend, x, _needs_grad(x, weight, bias, scores)):
         return _weight_pass(x, weight, bias, scores, tau, None)
     chosen = op_backend(backend, x.device)
     lead = x.shape[:-1]
