@@ -186,3 +186,26 @@ def test_a_checked_threshold_tensor_is_taken_as_is():
     half = torch.tensor(0.5, dtype=torch.float16)
     V.remember_checked(half)
     assert V.as_threshold(half, half.device).dtype == torch.float32
+
+
+@pytest.mark.parametrize("granularity", ["2:4", "block:4"])
+def test_structured_mask_training_checks_nothing_per_forward(granularity):
+    """The group-mask surrogate is exactly 0/1 (`_StraightThrough`): the op takes it unchecked, and the
+    scores' gradient is the straight-through one, as with `s + (m - s).detach()`."""
+    torch.manual_seed(7)
+    lin = SparseLinear(16, 8)
+    lin.init_scores("magnitude")
+    lin.set_granularity(granularity)
+    lin.set_target_sparsity(0.5)
+    check_scores_for_nan({"lin": lin})
+    x = torch.randn(5, 16)
+    with CountChecks() as c:
+        y = lin(x)
+    assert c.calls == {name: 0 for name in CHECK_OPS}
+    y.square().sum().backward()
+    got = lin.scores.grad.clone()
+    lin.scores.grad = None
+    keep = lin._group_mask()
+    surrogate = lin.scores + (keep.to(lin.scores.dtype) - lin.scores).detach()
+    score_masked_linear(x, lin.weight, lin.bias, surrogate, 0.5).square().sum().backward()
+    assert torch.equal(got, lin.scores.grad)

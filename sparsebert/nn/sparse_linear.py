@@ -35,6 +35,19 @@ MODES = ("dense", "mask", "scores")
 SCORE_INITS = ("magnitude", "magnitude_binary", "constant", "kaiming")
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Values: the group mask as 0/1 in the scores' dtype (never NaN, even where a score is inf, where
+    `s + (m - s).detach()` gives inf - inf); gradient: passed to the scores unchanged (the STE)."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, keep: Tensor) -> Tensor:
+        return keep.to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
 def _check_target_sparsity(sparsity, granularity) -> None:
     """target_sparsity: None or a float in [0, 1); exactly 0.5 with granularity "2:4"."""
     if sparsity is None:
@@ -243,8 +256,8 @@ class SparseLinear(nn.Linear):
         if self._structured():
             V.assert_no_nan(f"the scores of SparseLinear({self.in_features}, {self.out_features})", self.scores)
             # Value m (0/1) with the gradient of the scores: the fused kernel at threshold 0.5 is the STE.
-            m = self._group_mask().to(self.scores.dtype)
-            surrogate = self.scores + (m - self.scores).detach()
+            surrogate = _StraightThrough.apply(self.scores, self._group_mask())
+            V.remember_checked(surrogate)  # exactly 0 or 1: the op need not check it (4 launches a forward)
             return score_masked_linear(x, self.weight, self.bias, surrogate, 0.5, backend=self.backend)
         if not self._has_target:  # (with a target, topk_threshold refuses NaN scores itself)
             V.assert_no_nan(f"the scores of SparseLinear({self.in_features}, {self.out_features})", self.scores)
