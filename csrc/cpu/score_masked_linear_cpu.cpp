@@ -128,7 +128,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> score_masked_we
   TORCH_CHECK(grad.sizes() == weight.sizes(), "grad must have the weight's shape ", weight.sizes(), ", got ",
               grad.sizes());
   check_scores(scores, weight.size(0), weight.size(1));
-  return score_grad_epilogue(grad.to(at::kFloat).contiguous(), weight, scores, threshold_value(threshold),
+  return score_grad_epilogue(grad.to(at::kFloat), weight, scores, threshold_value(threshold),
                              need_dscores, need_dweight);
 }
 

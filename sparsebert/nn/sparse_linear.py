@@ -187,9 +187,9 @@ class SparseLinear(nn.Linear):
         sync) and binarize by the buffer from now on, until the next refresh."""
         if self.mode != "scores":
             raise RuntimeError("refresh_threshold needs mode 'scores' (call init_scores first)")
-        tau = topk_threshold(self.scores, V.check_sparsity(sparsity), backend=self.backend)
-        self.threshold.copy_(tau)
-        V.remember_checked_like(self.threshold, tau)  # the forward then skips its check of the buffer
+        # set_threshold takes the checked top-k threshold as is and marks the buffer checked: the forward
+        # then skips its check of the buffer
+        self.set_threshold(topk_threshold(self.scores, V.check_sparsity(sparsity), backend=self.backend))
         self.target_sparsity = None
 
     def set_target_sparsity(self, sparsity: Optional[float]) -> None:
@@ -317,5 +317,5 @@ def check_scores_for_nan(layers: Mapping[str, SparseLinear]) -> None:
     skips its own check (4 kernel launches per layer) until the scores change again. A training loop calls
     it after its optimizer step (`MaskScheduler.step` does); ValueError naming the layer on the CPU, a
     device-side assert on a GPU (no host sync)."""
-    V.assert_no_nan_all([(f"the scores of {name}", lin.scores) for name, lin in layers.items()
-                         if lin.mode == "scores"], f"the scores of the {len(layers)} trained SparseLinear layers")
+    named = [(f"the scores of {name}", lin.scores) for name, lin in layers.items() if lin.mode == "scores"]
+    V.assert_no_nan_all(named, f"the scores of the {len(named)} trained SparseLinear layers")

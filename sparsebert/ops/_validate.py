@@ -227,12 +227,6 @@ def remember_checked(t: Tensor) -> None:
     _remember_checked(t)
 
 
-def remember_checked_like(dst: Tensor, src: Tensor) -> None:
-    """After dst.copy_(src): dst's values are src's, so dst counts as checked (see _CHECKED) when src does."""
-    if _checked_before(src):
-        _remember_checked(dst)
-
-
 def check_sparsity(sparsity, name: str = "sparsity") -> float:
     """A float in [0, 1) (NaN fails the range test); errors name `name`. Also takes the symbolic float
     torch.compile passes for a sparsity that changes between calls: no math.isnan or float() on it, so the
