@@ -40,23 +40,8 @@ at::Tensor masked_linear_bwd_weight_cpu(const at::Tensor& dy, const at::Tensor& 
   check_mask(mask, packed, N, K);
   const at::Tensor grad = weight_gradient_fp32(dy, x);  // (N, K) fp32
   at::Tensor dweight = at::empty({N, K}, x.options());
-  const float* g = grad.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_linear_bwd_weight", [&] {
-    scalar_t* dw = dweight.data_ptr<scalar_t>();
-    if (packed) {
-      const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
-      const int64_t W = packed_words(K);
-      at::parallel_for(0, N, rows_per_task(K), [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n)
-          for (int64_t k = 0; k < K; ++k)
-            dw[n * K + k] = static_cast<scalar_t>(((words[n * W + (k >> 5)] >> (k & 31)) & 1u) ? g[n * K + k] : 0.f);
-      });
-    } else {
-      const uint8_t* m = static_cast<const uint8_t*>(mask.data_ptr());
-      at::parallel_for(0, N * K, 32768, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) dw[i] = static_cast<scalar_t>(m[i] ? g[i] : 0.f);
-      });
-    }
+    select_by_mask(grad.data_ptr<float>(), dweight.data_ptr<scalar_t>(), mask, packed, N, K);
   });
   return dweight;
 }

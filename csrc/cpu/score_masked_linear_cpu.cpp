@@ -37,7 +37,7 @@ at::Tensor score_masked_linear_bwd_input_cpu(const at::Tensor& dy, const at::Ten
 }
 
 // From G (N, K) fp32: dscores = G ⊙ W (scores dtype) and dweight = G ⊙ [scores >= τ] (weight dtype), each
-// when asked, in ONE parallel pass over G.
+// when asked: one branch-free pass over G for each.
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> score_grad_epilogue(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& scores, double threshold, bool need_dscores,
     bool need_dweight) {
@@ -53,13 +53,15 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> score_grad_epil
       const scalar_t* s = scores.data_ptr<scalar_t>();
       scalar_t* ds = need_dscores ? dscores.data_ptr<scalar_t>() : nullptr;
       const float thr = rounded_threshold<scalar_t>(threshold);
-      at::parallel_for(0, NK, 16384, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const float gi = g[i];
-          if (ds != nullptr) ds[i] = static_cast<scalar_t>(gi * static_cast<float>(w[i]));
-          if (dw != nullptr) dw[i] = static_cast<weight_t>(static_cast<float>(s[i]) >= thr ? gi : 0.f);
-        }
-      });
+      if (dw != nullptr) select_by_scores(g, dw, s, thr, NK);  // [s >= thr] ? g : +0, branch-free
+      if (ds != nullptr) {
+        at::parallel_for(0, NK, 32768, [&](int64_t i0, int64_t i1) {
+          const float* __restrict gr = g;
+          const weight_t* __restrict wr = w;
+          scalar_t* __restrict dsr = ds;
+          for (int64_t i = i0; i < i1; ++i) dsr[i] = static_cast<scalar_t>(gr[i] * static_cast<float>(wr[i]));
+        });
+      }
     });
   });
   return std::make_tuple(need_dscores ? std::optional<at::Tensor>(dscores) : std::nullopt,
