@@ -119,6 +119,8 @@ def op_backend(name: str, device: torch.device | str, supports: Optional[Iterabl
     """The backend argument an op wrapper passes to its torch.library op: `name` is checked now (ValueError
     for one that cannot run on `device`), but "auto" stays "auto" and the op resolves it where it runs, so a
     torch.export / torch.compile graph does not bake in the backend found at trace time."""
+    if name == "auto" and supports is None:  # the torch backend runs everywhere: nothing to check here, and
+        return "auto"                        # the op resolves it where it runs (one resolve per call, not two)
     chosen = resolve_backend(name, device, supports)
     return "auto" if name == "auto" else chosen
 
