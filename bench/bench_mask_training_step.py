@@ -9,9 +9,9 @@ AdamW step (+ `MaskScheduler.step()` for the masked variants), timed eagerly, as
                       scores for (the encoder's six linears per layer, the pooler and the classifier), the
                       rest frozen: the same dX, a dW for each dScores, AdamW over as many elements
     dense-all         full fine-tuning (every parameter, embeddings included): context, not the ratio basis
-    masked            MaskScheduler(backend="auto"): the library's path (the weight pass: W * m written once
-                      per step, shared by the forward and input-gradient GEMMs, cuBLAS / MKL; on a GPU
-                      below the measured crossover, the fused kernels)
+    masked            MaskScheduler(backend="auto"): the library's path (on a GPU the weight pass: W * m
+                      written once per step, shared by the forward and input-gradient GEMMs, cuBLAS; below
+                      the measured crossover the fused kernels; on a CPU the fused C++ ops, as masked-fused)
     masked-fused      the same with the fused kernels forced (backend "cpp" on a CPU, "triton" on a GPU): the
                       mask built in the forward and again in the input gradient, no W * m kept between them
     masked-unfused    the same with backend="torch": W * [s >= tau] materialized, F.linear, autograd's

@@ -10,9 +10,11 @@ Size dispatch (issue 10 item 1): with backend="auto" on CUDA and at least the cr
 (`_crossover`, a measured per-GPU table), the layer runs as the weight pass: `sparsebert::masked_weight`
 writes W * m once (one elementwise kernel), F.linear does the forward GEMM with the bias in cuBLAS's
 epilogue, autograd's input-gradient GEMM reads the same W * m, and the weight gradient is cuBLAS dY^T X
-followed by the same elementwise pass (dW = G * m); db is autograd's reduction of dY. On the CPU, "auto"
-takes the weight pass (C++ elementwise kernels, MKL GEMMs) whenever a gradient will be taken: the fused C++
-ops build W * m in the forward and again in the input gradient, the weight pass once per step.
+followed by the same elementwise pass (dW = G * m); db is autograd's reduction of dY. On the CPU "auto" keeps
+the fused C++ ops: they build W * m in the forward and again in the input gradient, the weight pass once per
+step but keeps it alive from the forward to the backward (one W-sized tensor per layer); since the C++
+passes became branch-free (~0.08 ms for 590k fp32 elements) the two measure the same per step
+(bench/results/README.md), so the path without the extra memory stays.
 """
 from __future__ import annotations
 
@@ -155,27 +157,17 @@ def _weight_pass(x, weight, bias, mask, packed, pass_kernel):
     return torch.nn.functional.linear(x, w_eff, bias)
 
 
-def _auto_takes_weight_pass(op: str, backend: str, x: Tensor, training: bool = False) -> bool:
-    """Whether backend="auto" runs the layer as the weight pass. On CUDA: at or above the measured
-    crossover (`_crossover`). On the CPU: when a gradient will be taken (`training`), where the C++
-    kernels are built: the fused C++ ops build W * m twice per step (forward, input gradient), the weight
-    pass once (a MiniLM mask-training step, bench/bench_mask_training_step.py: see bench/results/README.md);
-    without a gradient both build it once, and the fused op stays, as it does under torch.compile and
-    torch.export (the graph keeps backend "auto", resolved where it runs)."""
-    if backend != "auto" or os.environ.get("SPARSEBERT_BACKEND", "auto") != "auto":
-        return False
-    if x.device.type == "cpu":  # eager only: a traced or exported graph keeps the portable fused op ("auto")
-        return (training and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-                and pass_backend(x.device) == "cpp")
-    if x.device.type != "cuda":
+def _auto_takes_weight_pass(op: str, backend: str, x: Tensor) -> bool:
+    """Whether backend="auto" runs the layer as the weight pass: on CUDA at or above the measured crossover
+    (`_crossover`), in training and inference alike. On the CPU never: since their passes are branch-free,
+    the fused C++ ops cost the same per training step without the W-sized tensor per layer that the weight
+    pass keeps for the backward (a MiniLM mask-training step, bench/bench_mask_training_step.py: 1.06x
+    dense fused, 1.07x weight pass, same run; bench/results/README.md). The explicit `*_weight_pass`
+    functions still take pass_kernel="cpp"."""
+    if backend != "auto" or x.device.type != "cuda" or os.environ.get("SPARSEBERT_BACKEND", "auto") != "auto":
         return False
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return _crossover.use_weight_pass(op, x.device, x.dtype, tokens)
-
-
-def _needs_grad(*tensors) -> bool:
-    """A gradient will be taken through the op: grad mode on and an input that requires it."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, *, backend: str = "auto") -> Tensor:
@@ -188,7 +180,7 @@ def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tenso
     """
     V.check_linear(x, weight, bias)
     packed = V.check_mask(mask, weight)
-    if _auto_takes_weight_pass("masked_linear", backend, x, _needs_grad(x, weight, bias)):
+    if _auto_takes_weight_pass("masked_linear", backend, x):
         return _weight_pass(x, weight, bias, mask, packed, None)
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)

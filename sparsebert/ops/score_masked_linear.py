@@ -22,7 +22,7 @@ from torch import Tensor
 from ._fastpath import custom_op
 from . import _validate as V
 from ._backends import impl, op_backend, resolve_backend
-from .masked_linear import PASS_BACKENDS, _auto_takes_weight_pass, _needs_grad, pass_backend
+from .masked_linear import PASS_BACKENDS, _auto_takes_weight_pass, pass_backend
 
 
 def _tau(threshold: Tensor, backend: str) -> Tensor:
@@ -189,7 +189,7 @@ def score_masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], score
     V.check_linear(x, weight, bias)
     V.check_scores(scores, weight)
     tau = V.as_threshold(threshold, weight.device)
-    if _auto_takes_weight_pass("score_masked_linear", backend, x, _needs_grad(x, weight, bias, scores)):
+    if _auto_takes_weight_pass("score_masked_linear", backend, x):
         return _weight_pass(x, weight, bias, scores, tau, None)
     chosen = op_backend(backend, x.device)
     lead = x.shape[:-1]
