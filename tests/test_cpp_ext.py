@@ -180,6 +180,35 @@ def test_topk_threshold_ties_and_signed_zero():
         assert ops().topk_threshold([t], k).item() == t.sort().values[k].item()
 
 
+@pytest.mark.parametrize("case", ["normal", "one_bin", "few_values", "specials"])
+def test_topk_threshold_exact_over_many_chunks_and_threads(case):
+    """Large inputs: the radix pass runs over many parallel chunks and threads; ranks on both sides of
+    the histogram bins' edges, a bin holding every key, ties, and -0 / inf / -inf among the keys."""
+    g = torch.Generator().manual_seed(9)
+    if case == "normal":
+        tensors = [torch.randn(700, 301, generator=g), torch.randn(90001, generator=g).bfloat16()]
+    elif case == "one_bin":  # every key shares its top 12 bits: the finish runs over all of them
+        tensors = [1.0 + torch.rand(400_000, generator=g) * 0.001]
+    elif case == "few_values":
+        tensors = [torch.randint(0, 3, (300_000,), generator=g).float() - 1.0]
+    else:
+        t = torch.randn(250_000, generator=g)
+        t[::7] = 0.0
+        t[1::7] = -0.0
+        t[2::97] = float("inf")
+        t[3::89] = float("-inf")
+        tensors = [t, t[:77_777].half()]
+    n = sum(t.numel() for t in tensors)
+    flat = torch.cat([t.reshape(-1).float() for t in tensors]).sort().values
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for k_prune in (1, 2, n // 10, n // 2, n // 2 + 1, n - 2, n - 1):
+            assert ops().topk_threshold(tensors, k_prune).item() == flat[k_prune].item(), k_prune
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_topk_threshold_rejects_bad_k():
     with pytest.raises(RuntimeError, match="k_prune"):
         ops().topk_threshold([torch.randn(10)], 11)
