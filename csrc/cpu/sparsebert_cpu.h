@@ -11,10 +11,12 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -181,6 +183,18 @@ inline void select_range(const in_t* __restrict in, out_t* __restrict o, int64_t
   for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<out_t>(keep_or_zero(in[i], keep(i)));
 }
 
+// bytes_of_bits()[b]: the 8 bits of b as 8 bytes 0/1 (bit j -> byte j).
+using ByteExpansion = std::array<std::array<uint8_t, 8>, 256>;
+inline const ByteExpansion& bytes_of_bits() {
+  static const ByteExpansion table = [] {
+    ByteExpansion t{};
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) t[b][j] = static_cast<uint8_t>((b >> j) & 1);
+    return t;
+  }();
+  return table;
+}
+
 // The same over a whole (N, K) matrix whose mask is bytes (nonzero keeps), packed int32 words (bit k%32 of
 // word k/32, LSB first) or scores compared with a threshold; one parallel pass.
 template <typename in_t, typename out_t>
@@ -189,18 +203,20 @@ inline void select_by_mask(const in_t* in, out_t* o, const at::Tensor& mask, boo
     const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
     const int64_t W = packed_words(K);
     at::parallel_for(0, N, rows_per_task(K), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
+      // Each row's words expanded to one byte per element (a 256-entry table: 8 bytes per mask byte), then
+      // the byte-mask select, which vectorizes for every dtype (a per-element bit test did not for 16-bit
+      // values: 2.5 GB/s in bf16 on one thread)
+      std::vector<uint8_t> keep(static_cast<size_t>(W * 32));
+      const ByteExpansion& table = bytes_of_bits();
+      for (int64_t n = n0; n < n1; ++n) {
         for (int64_t w = 0; w < W; ++w) {
-          // (word & (1 << j)) != 0, not (word >> j) & 1: a constant per lane, so a full word vectorizes as
-          // a broadcast, an AND and a compare (a variable shift per lane needs AVX2)
           const uint32_t word = words[n * W + w];
-          const int64_t base = n * K + w * 32;
-          const auto bit = [word](int64_t j) { return (word & (1u << j)) != 0u; };
-          if (K - w * 32 >= 32)
-            select_range(in + base, o + base, 0, 32, bit);
-          else
-            select_range(in + base, o + base, 0, K - w * 32, bit);
+          for (int b = 0; b < 4; ++b)
+            std::memcpy(keep.data() + w * 32 + b * 8, table[(word >> (8 * b)) & 0xffu].data(), 8);
         }
+        const uint8_t* __restrict kp = keep.data();
+        select_range(in + n * K, o + n * K, 0, K, [kp](int64_t k) { return kp[k] != 0; });
+      }
     });
   } else {
     const uint8_t* __restrict m = static_cast<const uint8_t*>(mask.data_ptr());  // bool and uint8 share a layout
