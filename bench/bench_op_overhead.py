@@ -100,16 +100,15 @@ def main(argv=None) -> int:
     rows = []
     base = best_us(fns["F.linear"], args.calls, args.repeats, cuda)
     rows.append(dict(op="F.linear", path="dense", us=base, vs_linear=1.0))
-    fast_path = _fastpath.eager_with_plain_tensors
     for name, fn in fns.items():
         if name == "F.linear":
             continue
         fast = best_us(fn, args.calls, args.repeats, cuda)
-        _fastpath.eager_with_plain_tensors = lambda a: False
+        _fastpath.ENABLED = False
         try:
             registered = best_us(fn, args.calls, args.repeats, cuda)
         finally:
-            _fastpath.eager_with_plain_tensors = fast_path
+            _fastpath.ENABLED = True
         rows.append(dict(op=name, path="eager fast path", us=fast, vs_linear=fast / base))
         rows.append(dict(op=name, path="registered op", us=registered, vs_linear=registered / base))
     env = environment()

@@ -15,13 +15,12 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import os
 from types import SimpleNamespace
 from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from . import _ext
+from . import _env, _ext
 
 log = logging.getLogger("sparsebert.ops")
 
@@ -44,7 +43,7 @@ def triton_available() -> bool:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _env.triton_interpret() == "1"
 
 
 def _probe(device_type: str, interpreting: bool) -> tuple:
@@ -85,8 +84,8 @@ def resolve_backend(name: str, device: torch.device | str, supports: Optional[It
     supports: the backends the op has (default: all); an op without a C++ kernel passes ("triton", "torch").
     """
     if isinstance(name, str):
-        key = (name, device if isinstance(device, str) else str(device),
-               None if supports is None else tuple(supports), os.environ.get("SPARSEBERT_BACKEND", "auto"),
+        # the device as given (a torch.device hashes without building its string, which cost ~3 us a call)
+        key = (name, device, None if supports is None else tuple(supports), _env.backend_override(),
                _interpreting())
         hit = _RESOLVED.get(key)
         if hit is None:
@@ -100,7 +99,7 @@ def _resolve_backend(name: str, device: torch.device | str, supports: Optional[I
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}, got {type(name).__name__}")
     usable = [b for b in available_backends(device) if supports is None or b in supports]
     if name == "auto":
-        forced = os.environ.get("SPARSEBERT_BACKEND", "auto")
+        forced = _env.backend_override()
         # A run-wide choice applies where the op has it; otherwise the op's own best.
         order = ("triton", "cuda", "torch") if torch.device(device).type == "cuda" else ("cpp", "torch")
         choice = forced if forced in usable else next(b for b in order if b in usable)

@@ -25,6 +25,8 @@ from torch import Tensor
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 
+ENABLED = True  # False: every call takes the registered op (the op-overhead benchmark's A/B, tests)
+
 
 def _is_plain(value) -> bool:
     if isinstance(value, Tensor):
@@ -34,15 +36,6 @@ def _is_plain(value) -> bool:
     return True
 
 
-def eager_with_plain_tensors(args) -> bool:
-    """True when a call may skip the registered op: not tracing, no mode active, no tensor subclass."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return False
-    if torch._C._is_torch_function_mode_enabled():
-        return False
-    return all(_is_plain(a) for a in args)
-
-
 def _requires_grad(args) -> bool:
     for a in args:
         if isinstance(a, Tensor) and a.requires_grad:
@@ -50,6 +43,33 @@ def _requires_grad(args) -> bool:
         if isinstance(a, (list, tuple)) and _requires_grad(a):
             return True
     return False
+
+
+def _tracing() -> bool:
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled())
+
+
+def _scan(args) -> Optional[bool]:
+    """None when an argument is a tensor subclass (or holds one); else whether a tensor argument requires grad.
+    One pass: it runs on every eager call, where each Python-level helper call showed in the op-overhead
+    benchmark."""
+    needs_grad = False
+    for a in args:
+        if isinstance(a, Tensor):
+            if type(a) not in _PLAIN:
+                return None
+            needs_grad = needs_grad or a.requires_grad
+        elif isinstance(a, (list, tuple)):
+            if not _is_plain(a):
+                return None
+            needs_grad = needs_grad or _requires_grad(a)
+    return needs_grad
+
+
+def eager_with_plain_tensors(args) -> bool:
+    """True when a call may skip the registered op: not tracing, no mode active, no tensor subclass."""
+    return ENABLED and not _tracing() and _scan(args) is not None
 
 
 class FastCustomOp:
@@ -87,9 +107,10 @@ class FastCustomOp:
         self._function = _Eager
 
     def __call__(self, *args):
-        if not eager_with_plain_tensors(args):
+        needs_grad = _scan(args) if ENABLED and not _tracing() else None
+        if needs_grad is None:
             return self.op(*args)
-        if torch.is_grad_enabled() and _requires_grad(args):
+        if needs_grad and torch.is_grad_enabled():
             if self._function is None:  # no backward registered: the op's own error on backward, not a silent
                 return self.op(*args)   # no-grad output (a Triton body) or an unplanned torch-op gradient
             return self._function.apply(*args)

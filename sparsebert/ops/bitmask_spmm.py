@@ -13,14 +13,13 @@ dtypes, not contents: `validate_tc_bitmask_format` checks those once where a com
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ._fastpath import custom_op
-from . import _ext
+from . import _env, _ext
 from . import reference_formats as ref
 from ._backends import op_backend, resolve_backend
 from ._validate import check_float, check_same_device, check_tensor
@@ -41,7 +40,7 @@ def _resolve(backend: str, x: Tensor) -> str:
     """"auto" on CUDA prefers the CUDA kernel (unlike the other ops) unless SPARSEBERT_BACKEND names one."""
     supports = spmm_backends(x.dtype)
     if (backend == "auto" and x.device.type == "cuda" and "cuda" in supports
-            and os.environ.get("SPARSEBERT_BACKEND", "auto") == "auto"):
+            and _env.backend_override() == "auto"):
         return "cuda"
     return resolve_backend(backend, x.device, supports)
 

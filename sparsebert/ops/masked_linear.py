@@ -18,14 +18,13 @@ passes became branch-free (~0.08 ms for 590k fp32 elements) the two measure the 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._fastpath import custom_op
-from . import _crossover
+from . import _crossover, _env
 from . import _validate as V
 from ._backends import available_backends, impl, op_backend, resolve_backend
 
@@ -125,7 +124,7 @@ def pass_backend(device: torch.device) -> str:
     """The kernel of the weight pass on `device`: on a GPU Triton, else torch; on the CPU the C++ kernels
     where built, else Triton's interpreter where it is on, else torch (cached per device type and
     TRITON_INTERPRET: it runs on every call of the weight pass)."""
-    key = (device.type, os.environ.get("TRITON_INTERPRET"))
+    key = (device.type, _env.triton_interpret())
     hit = _PASS_BACKEND.get(key)
     if hit is None:
         usable = available_backends(device)
@@ -164,7 +163,7 @@ def _auto_takes_weight_pass(op: str, backend: str, x: Tensor) -> bool:
     pass keeps for the backward (a MiniLM mask-training step, bench/bench_mask_training_step.py: 1.06x
     dense fused, 1.07x weight pass, same run; bench/results/README.md). The explicit `*_weight_pass`
     functions still take pass_kernel="cpp"."""
-    if backend != "auto" or x.device.type != "cuda" or os.environ.get("SPARSEBERT_BACKEND", "auto") != "auto":
+    if backend != "auto" or x.device.type != "cuda" or _env.backend_override() != "auto":
         return False
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return _crossover.use_weight_pass(op, x.device, x.dtype, tokens)

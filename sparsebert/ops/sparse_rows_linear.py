@@ -19,14 +19,13 @@ under torch.compile the registered op (without slots) runs.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ._fastpath import custom_op
-from . import _ext
+from . import _env, _ext
 from . import reference_formats as ref
 from ._backends import op_backend, resolve_backend
 from ._validate import check_same_device, check_tensor
@@ -205,7 +204,7 @@ def sparse_rows_linear(x: Tensor, values: Tensor, col_indices: Tensor, row_offse
     layout. N = row_offsets.numel() - 1. slots: the weight's row-group slots (`sparse_rows_slots`), used for
     an x of one token on the CPU (the C++ one-token kernel); None: every token count takes the gather kernel."""
     if (isinstance(x, Tensor) and x.is_cpu and not torch.compiler.is_compiling() and cpp_available()
-            and (backend == "cpp" or (backend == "auto" and os.environ.get("SPARSEBERT_BACKEND") != "torch"))):
+            and (backend == "cpp" or (backend == "auto" and _env.backend_override() != "torch"))):
         if slots is not None and x.numel() == in_features and x.shape[-1] == in_features and slots_available():
             return _slots_matvec(x, slots, values, col_indices, row_offsets, bias, in_features)
         # Eager CPU fast path (what resolve_backend answers for CPU tensors: "auto" is cpp unless
