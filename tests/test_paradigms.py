@@ -82,7 +82,7 @@ def test_selection_keeps_the_ood_bound_apart():
     assert chosen["last"]["step"] == 4 and chosen["id_selected"]["step"] == 2 and chosen["select_by_ood_dev"]["step"] == 3
 
 
-def test_config_and_paradigm_errors():
+def test_config_and_paradigm_errors(tmp_path):
     with pytest.raises(ValueError, match="paradigm"):
         SRNetConfig(paradigm="d", **BASE).validate()
     with pytest.raises(ValueError, match="loss"):
@@ -91,8 +91,11 @@ def test_config_and_paradigm_errors():
         SRNetConfig(sparsity=1.0, **BASE).validate()
     with pytest.raises(ValueError, match="search_from"):
         SRNetConfig(paradigm="c", search_from=0.5, **BASE).validate()
+    for bad in (-0.1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="weight_decay"):
+            SRNetConfig(weight_decay=bad, **BASE).validate()
     with pytest.raises(ValueError, match="model"):
-        Runner("/tmp/unused", log_fn=None).run(SRNetConfig(**{**BASE, "model": "/nonexistent/ckpt"}))
+        Runner(tmp_path, log_fn=None).run(SRNetConfig(**{**BASE, "model": "/nonexistent/ckpt"}))
     with pytest.raises(ValueError, match="paradigm"):
         find_subnetwork("d", torch.nn.Linear(2, 2), [], sparsity=0.5, loss_fn=None)
     with pytest.raises(ValueError, match="rewind_state"):

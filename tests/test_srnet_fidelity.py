@@ -232,6 +232,9 @@ def test_paradigm_b_retrains_the_mask_training_masks(tmp_path):
     model = build_model(cfg, runner.data(cfg), 0)
     a_masks, b_masks = masks_from_state(a_state, model), masks_from_state(b_state, model)
     assert a_masks.keys() == b_masks.keys() and all(torch.equal(a_masks[k], b_masks[k]) for k in a_masks)
+    # the authors' retraining masks the pooler too (run_glue.py: pruning_model_with_mask), not the classifier
+    assert "bert.pooler.dense" in b_masks and not any("classifier" in k for k in b_masks)
+    assert "bert.pooler.dense.mask" in b_state and not b_masks["bert.pooler.dense"].all()
     pre = model.state_dict()  # the pre-trained weights it was rewound to, then retrained: kept weights moved
     name = next(iter(a_masks))
     kept = a_masks[name]

@@ -47,6 +47,16 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not v >= 0.0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..pruning.srnet import LOSS_NAMES, PARADIGMS
     p = subparsers.add_parser(
@@ -104,6 +114,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=2e-5)
     t.add_argument("--lr-scores", type=_positive_float, default=5e-5, help="learning rate of the mask scores "
                    "(the paper's 5e-5)")
+    t.add_argument("--weight-decay", type=_nonnegative_float, default=0.0, help="AdamW weight decay of the model "
+                   "weights in dense, IMP and retraining runs (the authors' code: 0; the scores never decay)")
     t.add_argument("--batch-size", type=_positive_int, default=32)
     t.add_argument("--max-length", type=_positive_int, default=128)
     t.add_argument("--max-train", type=_positive_int, default=None, help="subsample the training set")
@@ -204,7 +216,8 @@ def run(args) -> int:
                        schedule=args.schedule, initial_sparsity=args.initial_sparsity, end_frac=args.end_frac,
                        scope=args.scope, granularity=args.granularity, imp_rounds=args.imp_rounds,
                        imp_rate=args.imp_rate, rewind=args.rewind, epochs=args.epochs, mask_epochs=args.mask_epochs,
-                       lr=args.lr, lr_scores=args.lr_scores, batch_size=args.batch_size, max_length=args.max_length,
+                       lr=args.lr, lr_scores=args.lr_scores, weight_decay=args.weight_decay,
+                       batch_size=args.batch_size, max_length=args.max_length,
                        max_train=args.max_train, max_eval=args.max_eval, max_ood=args.max_ood,
                        hans_per_subcase=args.hans_per_subcase, eval_points=args.eval_points, device=args.device,
                        out=args.out)

@@ -7,7 +7,8 @@
       weights -- by IMP, or given (`masks`, e.g. found by mask training in paradigm a) -- weights rewound
       to the pre-trained ones (or an early fine-tuning checkpoint), then the subnetwork is trained from
       there with its mask fixed (lottery-ticket style);
-  (c) train masks on the frozen pre-trained model (only the scores and the classification head learn).
+  (c) train masks on the frozen pre-trained model (only the scores learn: the classification head is
+      masked and frozen, as in the authors' `mask_on_plm_pt` scripts; `train_head=True` trains it).
 
 Mask search from an intermediate fine-tuning checkpoint ("when to start searching") is paradigm (a)
 applied to that checkpoint. These functions work on a model and a loader; the experiment driver
@@ -20,7 +21,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 from torch import Tensor, nn
 
 from ..nn import sparsity_report
-from ..nn.sparsify import encoder_linears
+from ..nn.sparsify import encoder_linears, prunable_linears
 from ..train import finetune
 from .imp import apply_masks, iterative_magnitude_pruning, rewind_weights
 from .mask_training import train_masks
@@ -30,19 +31,25 @@ METHODS = ("mask", "imp")
 
 
 def masks_from_state(state: Mapping[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
-    """The keep-masks (name -> bool) of `model`'s encoder linears stored in a saved state dict (the
-    ``<name>.mask`` buffers of frozen SparseLinear layers, e.g. a finished mask-training run)."""
-    names = list(encoder_linears(model))
-    missing = [n for n in names if f"{n}.mask" not in state]
+    """The keep-masks (name -> bool) stored in a saved state dict (the ``<name>.mask`` buffers of frozen
+    SparseLinear layers, e.g. a finished mask-training run): every encoder linear's (required) and the
+    pooler's when the state has one. The classifier's is not taken: the authors' retraining of given masks
+    masks the encoder and the pooler, not the classifier (`run_glue.py: pruning_model_with_mask`, with
+    `mask_classifier false` in their retrain scripts)."""
+    encoder = encoder_linears(model)
+    missing = [n for n in encoder if f"{n}.mask" not in state]
     if missing:
         raise ValueError(f"state: no mask for {len(missing)} encoder linears (first: {missing[0]!r}); expected "
                          "the state dict of a finished mask-training or IMP run")
+    linears = prunable_linears(model, include_head="pooler")
     out = {}
-    for n in names:
+    for n, lin in linears.items():
+        if f"{n}.mask" not in state:
+            continue  # a pooler without a mask (an encoder-only run): it stays dense
         m = state[f"{n}.mask"]
-        if m.shape != encoder_linears(model)[n].weight.shape:
+        if m.shape != lin.weight.shape:
             raise ValueError(f"state: mask of {n!r} has shape {tuple(m.shape)}, the weight has "
-                             f"{tuple(encoder_linears(model)[n].weight.shape)}")
+                             f"{tuple(lin.weight.shape)}")
         out[n] = m.bool()
     return out
 

@@ -46,7 +46,8 @@ MASK_FROM = ("imp", "mask_training")
 SNAPSHOT_FRACS = (0.1, 0.25, 0.5)
 DEFAULT_MODEL = "minilm"
 MODEL_FILE = "model.safetensors"
-RUN_FORMAT = 2  # part of every run's identity: bump when the recipe changes the results of an unchanged config
+RUN_FORMAT = 3  # part of every run's identity: bump when the recipe changes the results of an unchanged config
+# (3: paradigm b retrains the pooler's mask with the encoder's, as the authors' code does)
 _NOT_IDENTITY = ("out", "device")  # where a run is written and on which device do not change what it is
 _NOT_DENSE = ("method", "search_from", "schedule", "initial_sparsity", "end_frac", "scope", "granularity",
               "score_init", "threshold_refresh_steps", "include_head", "train_head", "mask_warmup_ratio", "imp_mode",
@@ -88,6 +89,7 @@ class SRNetConfig:
     mask_epochs: Optional[float] = None
     lr: float = 2e-5
     lr_scores: float = 5e-5          # the paper's mask lr
+    weight_decay: float = 0.0        # AdamW decay of the model weights (dense, IMP, retraining): the authors' 0
     batch_size: int = 32
     max_length: int = 128
     max_train: Optional[int] = None
@@ -149,6 +151,9 @@ class SRNetConfig:
         for name in ("epochs", "lr", "lr_scores"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
+                or not 0.0 <= self.weight_decay < float("inf"):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         for name in ("batch_size", "max_length", "eval_points", "imp_rounds", "hans_per_subcase"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -514,7 +519,8 @@ class Runner:
                       progress=self.progress, log_fn=self.log, log_every=max(10, total // 10), device=cfg.device)
         if cfg.paradigm == "dense":
             from ..train import finetune
-            train = finetune(model, loader, loss_fn=loss_fn, lr=cfg.lr, step_callback=on_step,
+            train = finetune(model, loader, loss_fn=loss_fn, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             step_callback=on_step,
                              desc=f"{cfg.run_name}", **common)
             record: Dict[str, Any] = {"train": _train_summary(train)}
         else:
@@ -556,7 +562,7 @@ class Runner:
             dense_dir = self.run_dir(cfg.dense_dependency())
             name = MODEL_FILE if cfg.search_from in (None, 1.0) else snapshot_file(cfg.search_from)
             if cfg.search_from == 0.0:
-                return model  # mask search from the pre-trained weights (with a trainable head), as in c
+                return model  # mask search from the pre-trained weights (the head as `train_head` says), as in c
             path = dense_dir / name
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing; search_from must be one of {SNAPSHOT_FRACS} or 1")
@@ -576,6 +582,7 @@ class Runner:
         from .scheduler import PAPER_WARMUP_RATIO
         mask_kwargs = dict(schedule=cfg.schedule, initial_sparsity=cfg.initial_sparsity, end_frac=cfg.end_frac,
                            scope=scope, granularity=cfg.granularity, lr_scores=cfg.lr_scores, lr=cfg.lr,
+                           weight_decay=cfg.weight_decay,
                            score_init=cfg.score_init, threshold_refresh_steps=cfg.threshold_refresh_steps,
                            include_head=cfg.include_head, train_head=cfg.train_head,
                            warmup_ratio=PAPER_WARMUP_RATIO if cfg.mask_warmup_ratio is None else cfg.mask_warmup_ratio,
@@ -587,7 +594,7 @@ class Runner:
             rounds = dict(imp_mode=cfg.imp_mode, rounds=None if cfg.imp_rate else cfg.imp_rounds, rate=cfg.imp_rate)
         else:
             rounds = dict(imp_mode=cfg.imp_mode)
-        imp_kwargs = dict(**rounds, scope=scope, granularity=cfg.granularity, lr=cfg.lr,
+        imp_kwargs = dict(**rounds, scope=scope, granularity=cfg.granularity, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           epochs=common["epochs"], max_steps=common["max_steps"], ckpt_every=common["ckpt_every"],
                           log_every=common["log_every"], device=cfg.device)
         masks = None
