@@ -257,6 +257,34 @@ def test_kprune_ablations():
         prune_structured(model, bt, 0.6, seq_len=SEQ, predictive=False, representational=False)
 
 
+def test_an_emptied_sublayer_drops_its_output_bias_as_the_authors_code():
+    """The authors' code removes a sublayer left with no head/neuron and computes LayerNorm(h)
+    (`utils/arch.py`: prune_sublayer); "keep" leaves LayerNorm(h + b), what the masked model computes."""
+    model, bt = tiny(), batched(rows(), 8)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                mod.bias.normal_(0, 0.5)
+    logits = {}
+    for mode in ("drop", "keep"):
+        pruned, rep = prune_structured(model, bt, 0.08, seq_len=SEQ, empty_sublayer_bias=mode)
+        empty = [(r["layer"], r["sublayer"]) for r in rep["sublayers"] if r["kept"] == 0]
+        assert empty, "the budget should empty at least one sublayer"
+        for i, kind in empty:
+            layer = pruned.bert.encoder.layer[i]
+            out = layer.attention.output.dense if kind == "mha" else layer.output.dense
+            dense = model.bert.encoder.layer[i]
+            dense_out = dense.attention.output.dense if kind == "mha" else dense.output.dense
+            if mode == "drop":
+                assert torch.count_nonzero(out.bias) == 0
+            else:
+                assert torch.equal(out.bias, dense_out.bias)
+        logits[mode] = pruned(**{k: v for k, v in bt[0].items() if k != "labels"}).logits
+    assert not torch.allclose(logits["drop"], logits["keep"])  # the choice reaches the pruned model's outputs
+    with pytest.raises(ValueError, match="empty_sublayer_bias"):
+        prune_structured(model, bt, 0.5, seq_len=SEQ, empty_sublayer_bias="zero")
+
+
 # ------------------------------------------------------------------------------ regression end to end
 def test_float_labels_survive_tokenization_and_collation():
     exs = [Example("a b", "c", 3.8), Example("d", "e f", 1.25)]

@@ -77,6 +77,10 @@ class KpruneConfig:
     predictive: bool = True
     representational: bool = True
     sublayerwise: bool = True
+    # A sublayer left with no head / neuron: "drop" its output bias (the authors' code removes the sublayer
+    # and computes LayerNorm(h), `utils/arch.py` prune_sublayer), or "keep" it (LayerNorm(h + b), what the
+    # masked model computes; this package's behaviour before the option existed)
+    empty_sublayer_bias: str = "drop"
 
 
 def log_progress(progress, msg: str) -> None:
@@ -357,6 +361,9 @@ def kprune(model, batches, flops_keep: float, *, seq_len: int | None = None, con
         setattr(cfg, k, v)
     if not (cfg.predictive or cfg.representational):
         raise ValueError("Kprune needs at least one knowledge term: predictive and representational are both False")
+    if cfg.empty_sublayer_bias not in ("drop", "keep"):
+        raise ValueError(f"empty_sublayer_bias must be 'drop' (the authors' code) or 'keep', "
+                         f"got {cfg.empty_sublayer_bias!r}")
     dev, t_start, sample, seq_len, fl, budget, heads, neurons, seq_src = start_pruning(
         "kprune", model, batches, flops_keep, seq_len, cfg.num_tokens, cfg.knowledge_batch_size)
     lam_pred = cfg.lam_pred if cfg.predictive else 0.0
@@ -485,6 +492,9 @@ def kprune(model, batches, flops_keep: float, *, seq_len: int | None = None, con
             (head_keep if kind == "mha" else neuron_keep)[idx] = keep.float()
             times["search"] += time.perf_counter() - t0
 
+            if not bool(keep.any()) and cfg.empty_sublayer_bias == "drop" and cur.out_dense.bias is not None:
+                with torch.no_grad():  # the later sublayers are measured on LayerNorm(h), as the authors'
+                    cur.out_dense.bias.zero_()
             t0 = time.perf_counter()
             if cfg.weight_tuning and bool(keep.any()):
                 cols = keep.nonzero().flatten()
