@@ -243,6 +243,27 @@ def test_paradigm_b_retrains_the_mask_training_masks(tmp_path):
         masks_from_state(pre, model)
 
 
+def test_paradigm_b_retrains_poe_masks_with_ce_as_the_authors_retrain_std(tmp_path):
+    """The authors search masks with PoE and retrain them with CE (scripts/.../retrain/std): mask_loss."""
+    runner = Runner(tmp_path, progress=False, log_fn=None)
+    cfg = SRNetConfig(paradigm="b", loss="ce", mask_loss="poe", sparsity=0.5, mask_from="mask_training",
+                      **BASE).validate()
+    dep = cfg.mask_dependency()
+    assert (dep.paradigm, dep.loss, dep.mask_loss) == ("a", "poe", None) and "masktrainpoe" in cfg.run_name
+    res = runner.run(cfg)
+    assert res["loss"] == "ce" and json.loads((tmp_path / "synthetic" / dep.run_name / "run.json").read_text())[
+        "loss"] == "poe"
+    same = SRNetConfig(paradigm="b", loss="ce", mask_loss="ce", mask_from="mask_training", **BASE).validate()
+    assert same.mask_loss is None  # one run, one name
+    with pytest.raises(ValueError, match="mask_loss"):
+        SRNetConfig(paradigm="a", loss="ce", mask_loss="poe", **BASE).validate()
+    with pytest.raises(ValueError, match="mask_loss"):
+        SRNetConfig(paradigm="b", loss="ce", mask_loss="focal", mask_from="mask_training", **BASE).validate()
+    grid = expand_grid(SRNetConfig(mask_from="mask_training", mask_loss="poe", **BASE), paradigms=["dense", "a", "b"],
+                       losses=["ce"], sparsities=[0.5], seeds=[0])
+    assert [c.mask_loss for c in grid] == [None, None, "poe"]
+
+
 # ------------------------------------------------------------------------------------ report columns
 def _run(method, seed, one_class):
     base = {"id": 0.5, "ood": 0.5, "id_dev": 0.5, "ood_dev": 0.5, "step": 1}

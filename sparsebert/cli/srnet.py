@@ -102,6 +102,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--mask-from", choices=("imp", "mask_training"), default="imp",
                    help="paradigm b: masks found by IMP, or by mask training on the fine-tuned model (paradigm a "
                         "run), then the subnetwork retrained from the rewound weights")
+    g.add_argument("--mask-loss", choices=LOSS_NAMES, default=None,
+                   help="paradigm b with --mask-from mask_training: the loss the masks were trained with "
+                        "(default: --loss); the authors retrain PoE masks with CE: --loss ce --mask-loss poe")
     g.add_argument("--ood-informed", action="store_true",
                    help="mnli, mask training: add the HANS-style train part (templates disjoint from the OOD "
                         "evaluation part) to the training data -- the paper's OOD-informed upper bound")
@@ -177,6 +180,8 @@ def check_args(args) -> None:
     # options of one paradigm given without it would be dropped without a word
     if args.mask_from != "imp" and "b" not in args.paradigm:
         raise ValueError(f"--mask-from {args.mask_from}: applies to paradigm b, not in --paradigm {' '.join(args.paradigm)}")
+    if args.mask_loss is not None and args.mask_from != "mask_training":
+        raise ValueError(f"--mask-loss {args.mask_loss}: applies to --mask-from mask_training (paradigm b)")
     if args.rewind != "pretrained" and "b" not in args.paradigm:
         raise ValueError(f"--rewind {args.rewind}: applies to paradigm b, not in --paradigm {' '.join(args.paradigm)}")
     if args.method != "mask" and "a" not in args.paradigm:
@@ -211,7 +216,8 @@ def run(args) -> int:
               "process (the training loops are data parallel: see README, 'Several GPUs')", file=sys.stderr)
         return 2
     base = SRNetConfig(task=args.task, model=args.model, method=args.method, search_from=args.search_from,
-                       source=args.source, mask_from=args.mask_from, ood_informed=args.ood_informed,
+                       source=args.source, mask_from=args.mask_from, mask_loss=args.mask_loss,
+                       ood_informed=args.ood_informed,
                        hans_rule=args.hans_rule,
                        schedule=args.schedule, initial_sparsity=args.initial_sparsity, end_frac=args.end_frac,
                        scope=args.scope, granularity=args.granularity, imp_rounds=args.imp_rounds,

@@ -51,7 +51,7 @@ RUN_FORMAT = 3  # part of every run's identity: bump when the recipe changes the
 _NOT_IDENTITY = ("out", "device")  # where a run is written and on which device do not change what it is
 _NOT_DENSE = ("method", "search_from", "schedule", "initial_sparsity", "end_frac", "scope", "granularity",
               "score_init", "threshold_refresh_steps", "include_head", "train_head", "mask_warmup_ratio", "imp_mode",
-              "imp_rounds", "imp_rate", "rewind", "mask_epochs", "lr_scores", "mask_from", "ood_informed")
+              "imp_rounds", "imp_rate", "rewind", "mask_epochs", "lr_scores", "mask_from", "mask_loss", "ood_informed")
 TINY_MODEL = "tiny"
 
 
@@ -83,6 +83,8 @@ class SRNetConfig:
     imp_rate: Optional[float] = None
     rewind: str = "pretrained"       # paradigm b: "pretrained" or "early" (the 10% dense snapshot)
     mask_from: str = "imp"           # paradigm b: masks from "imp" or from "mask_training" (the paradigm-a run)
+    mask_loss: Optional[str] = None  # paradigm b, mask_from "mask_training": the loss the masks were trained with
+                                     # (None: `loss`); the authors retrain PoE masks with CE (retrain/std)
     ood_informed: bool = False       # mnli: masks trained with the HANS-style train part added (an upper bound)
     hans_rule: str = "argmax"        # mnli -> HANS-style scoring: "argmax" (3-way argmax first) or "sum"
     epochs: float = 1.0
@@ -120,6 +122,15 @@ class SRNetConfig:
             raise ValueError(f"mask_from must be one of {MASK_FROM}, got {self.mask_from!r}")
         if self.mask_from != "imp" and self.paradigm != "b":
             raise ValueError(f"mask_from applies to paradigm 'b', got paradigm {self.paradigm!r}")
+        if self.mask_loss is not None:
+            if self.mask_loss not in LOSS_NAMES:
+                raise ValueError(f"mask_loss must be one of {LOSS_NAMES} or None, got {self.mask_loss!r}")
+            if self.paradigm != "b" or self.mask_from != "mask_training":
+                raise ValueError("mask_loss applies to paradigm 'b' with mask_from 'mask_training' (the loss its "
+                                 f"masks were trained with); got paradigm {self.paradigm!r}, mask_from "
+                                 f"{self.mask_from!r}")
+            if self.mask_loss == self.loss:
+                self.mask_loss = None  # one run, one name
         from ..data import HANS_RULES
         if self.hans_rule not in HANS_RULES:
             raise ValueError(f"hans_rule must be one of {HANS_RULES}, got {self.hans_rule!r}")
@@ -188,7 +199,8 @@ class SRNetConfig:
         if self.paradigm in ("a", "c") and self.method == "imp" and self.paradigm == "a":
             parts.append("imp10pct" if self.imp_mode == "paper" else f"imp{self.imp_rounds}")
         elif self.paradigm == "b" and self.mask_from == "mask_training":
-            parts.append(f"masktrain-{self.schedule}-rw{self.rewind}")
+            masks = "" if self.mask_loss is None else f"{self.mask_loss}"
+            parts.append(f"masktrain{masks}-{self.schedule}-rw{self.rewind}")
         elif self.paradigm == "b":
             parts.append(f"{'imp10pct' if self.imp_mode == 'paper' else f'imp{self.imp_rounds}'}-rw{self.rewind}")
         else:
@@ -229,11 +241,12 @@ class SRNetConfig:
         """The dense run this one starts from: fine-tuned with `loss`, by default this run's `source`."""
         loss = loss or self.source
         return dataclasses.replace(self, paradigm="dense", loss=loss, source=loss, sparsity=0.0, search_from=None,
-                                   mask_from="imp", ood_informed=False)
+                                   mask_from="imp", mask_loss=None, ood_informed=False)
 
     def mask_dependency(self) -> "SRNetConfig":
         """Paradigm b with mask_from "mask_training": the paradigm-a mask-training run whose masks it retrains."""
-        return dataclasses.replace(self, paradigm="a", method="mask", mask_from="imp", rewind="pretrained")
+        return dataclasses.replace(self, paradigm="a", method="mask", mask_from="imp", rewind="pretrained",
+                                   loss=self.mask_loss or self.loss, mask_loss=None)
 
 
 def snapshot_file(frac: float) -> str:
@@ -650,8 +663,9 @@ def run_experiment(cfg: SRNetConfig, *, progress: bool = True, log_fn=_log.info)
 
 def expand_grid(base: SRNetConfig, *, paradigms: Sequence[str], losses: Sequence[str], sparsities: Sequence[float],
                 seeds: Sequence[int]) -> List[SRNetConfig]:
-    """The configs of a sweep (dense runs once per loss and seed, whatever the sparsities). `mask_from` and
-    `ood_informed` of `base` apply to the paradigms they concern and are dropped from the others."""
+    """The configs of a sweep (dense runs once per loss and seed, whatever the sparsities). `mask_from`,
+    `mask_loss` and `ood_informed` of `base` apply to the paradigms they concern and are dropped from the
+    others."""
     out, seen = [], set()
     for seed in seeds:
         for loss in losses:
@@ -660,8 +674,9 @@ def expand_grid(base: SRNetConfig, *, paradigms: Sequence[str], losses: Sequence
                     mask_from = base.mask_from if paradigm == "b" else "imp"
                     ood = base.ood_informed and (paradigm == "c" or (paradigm == "a" and base.method == "mask")
                                                  or (paradigm == "b" and mask_from == "mask_training"))
+                    mask_loss = base.mask_loss if mask_from == "mask_training" else None
                     cfg = dataclasses.replace(base, paradigm=paradigm, loss=loss, sparsity=s, seed=seed,
-                                              mask_from=mask_from, ood_informed=ood).validate()
+                                              mask_from=mask_from, mask_loss=mask_loss, ood_informed=ood).validate()
                     if cfg.run_name not in seen:
                         seen.add(cfg.run_name)
                         out.append(cfg)
