@@ -264,6 +264,23 @@ def test_paradigm_b_retrains_poe_masks_with_ce_as_the_authors_retrain_std(tmp_pa
     assert [c.mask_loss for c in grid] == [None, None, "poe"]
 
 
+def test_checkpoint_selection_starts_where_the_authors_start_it():
+    """mask_run_glue.py: in paradigm a mask training, a best checkpoint only from start_step_ratio = 0.7 of the
+    run; the cubic schedule from where it reaches the target; elsewhere from the start; select_after sets it."""
+    from sparsebert.pruning.srnet import _eval_steps, _select_after
+    a = SRNetConfig(paradigm="a", method="mask", **BASE).validate()
+    assert _select_after(a, True) == 0.7
+    assert _select_after(SRNetConfig(paradigm="a", schedule="cubic", end_frac=0.8, **BASE).validate(), True) == 0.8
+    assert _select_after(SRNetConfig(paradigm="c", **BASE).validate(), True) == 0.0
+    assert _select_after(SRNetConfig(paradigm="a", method="imp", **BASE).validate(), False) == 0.0
+    assert _select_after(SRNetConfig(paradigm="a", select_after=0.25, **BASE).validate(), True) == 0.25
+    assert _eval_steps(100, 4, round(0.7 * 100)) == [70, 80, 90, 100]
+    assert a.dense_dependency().select_after is None
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="select_after"):
+            SRNetConfig(select_after=bad, **BASE).validate()
+
+
 # ------------------------------------------------------------------------------------ report columns
 def _run(method, seed, one_class):
     base = {"id": 0.5, "ood": 0.5, "id_dev": 0.5, "ood_dev": 0.5, "step": 1}

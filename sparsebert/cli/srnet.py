@@ -127,6 +127,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--hans-per-subcase", type=_positive_int, default=50, help="mnli: HANS-style examples per subcase")
     t.add_argument("--eval-points", type=_positive_int, default=1,
                    help="evaluation points per run (checkpoint selection on ID dev, and the OOD-informed bound)")
+    t.add_argument("--select-after", type=float, default=None, metavar="FRAC",
+                   help="checkpoint selection (id_selected): evaluation points before this fraction of the run are "
+                        "not eligible (default: the authors' 0.7 for paradigm-a mask training, the cubic "
+                        "schedule's end, else 0)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--no-report", action="store_true", help="do not draw the report at the end")
@@ -175,6 +179,8 @@ def check_args(args) -> None:
         raise ValueError(f"--initial-sparsity: must be in [0, 1), got {args.initial_sparsity}")
     if args.seed_offset < 0:
         raise ValueError(f"--seed-offset: must be >= 0, got {args.seed_offset}")
+    if args.select_after is not None and not 0.0 <= args.select_after <= 1.0:
+        raise ValueError(f"--select-after: must be in [0, 1], got {args.select_after}")
     if not 0.0 < args.end_frac <= 1.0:
         raise ValueError(f"--end-frac: must be in (0, 1], got {args.end_frac}")
     # options of one paradigm given without it would be dropped without a word
@@ -225,7 +231,8 @@ def run(args) -> int:
                        lr=args.lr, lr_scores=args.lr_scores, weight_decay=args.weight_decay,
                        batch_size=args.batch_size, max_length=args.max_length,
                        max_train=args.max_train, max_eval=args.max_eval, max_ood=args.max_ood,
-                       hans_per_subcase=args.hans_per_subcase, eval_points=args.eval_points, device=args.device,
+                       hans_per_subcase=args.hans_per_subcase, eval_points=args.eval_points,
+                       select_after=args.select_after, device=args.device,
                        out=args.out)
     try:
         from ..pruning.srnet import resolve_model_path

@@ -100,6 +100,9 @@ class SRNetConfig:
     hans_per_subcase: int = 50
     data_seed: int = 0
     eval_points: int = 1
+    select_after: Optional[float] = None  # id_selected: the fraction of the run before which no evaluation
+                                     # point is eligible; None: the authors' rule (paradigm a mask training:
+                                     # 0.7, `start_step_ratio`; cubic: end_frac, where the target is reached)
     device: str = "cpu"
     out: str = "runs/srnet"
 
@@ -162,6 +165,10 @@ class SRNetConfig:
         for name in ("epochs", "lr", "lr_scores"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.select_after is not None and (isinstance(self.select_after, bool)
+                                              or not isinstance(self.select_after, (int, float))
+                                              or not 0.0 <= self.select_after <= 1.0):
+            raise ValueError(f"select_after must be None or a fraction in [0, 1], got {self.select_after!r}")
         if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
                 or not 0.0 <= self.weight_decay < float("inf"):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
@@ -241,7 +248,7 @@ class SRNetConfig:
         """The dense run this one starts from: fine-tuned with `loss`, by default this run's `source`."""
         loss = loss or self.source
         return dataclasses.replace(self, paradigm="dense", loss=loss, source=loss, sparsity=0.0, search_from=None,
-                                   mask_from="imp", mask_loss=None, ood_informed=False)
+                                   mask_from="imp", mask_loss=None, ood_informed=False, select_after=None)
 
     def mask_dependency(self) -> "SRNetConfig":
         """Paradigm b with mask_from "mask_training": the paradigm-a mask-training run whose masks it retrains."""
@@ -392,6 +399,17 @@ def evaluate_all(model, data: TaskData, cfg: SRNetConfig, *, splits=("id_dev", "
     return out
 
 
+def _select_after(cfg: SRNetConfig, is_mask: bool) -> float:
+    """The fraction of the run from which evaluation points are eligible for checkpoint selection."""
+    if cfg.select_after is not None:
+        return cfg.select_after
+    if is_mask and cfg.schedule == "cubic":
+        return cfg.end_frac  # the target sparsity is reached there
+    # the authors' mask_run_glue.py: a best checkpoint only after start_step_ratio = 0.7 of the run in
+    # paradigm a (their paradigm-c scripts set 0)
+    return 0.7 if (cfg.paradigm == "a" and cfg.method == "mask") else 0.0
+
+
 def _eval_steps(total: int, points: int, first_eligible: int = 0) -> List[int]:
     """`points` evenly spaced steps in [first_eligible, total], always including total."""
     first_eligible = min(max(1, first_eligible), total)
@@ -513,7 +531,7 @@ class Runner:
         epochs = cfg.epochs if cfg.paradigm == "dense" or cfg.mask_epochs is None else cfg.mask_epochs
         total = max(1, math.ceil(epochs * len(loader)))
         is_mask = cfg.paradigm == "c" or (cfg.paradigm == "a" and cfg.method == "mask")
-        first_eligible = round(cfg.end_frac * total) if (is_mask and cfg.schedule == "cubic") else 0
+        first_eligible = round(_select_after(cfg, is_mask) * total)
         eval_at = set(_eval_steps(total, cfg.eval_points, first_eligible)) if (cfg.paradigm == "dense" or is_mask) else set()
         snapshots: Dict[int, List[float]] = {}
         for f in (SNAPSHOT_FRACS if cfg.paradigm == "dense" else ()):
