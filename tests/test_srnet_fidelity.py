@@ -281,6 +281,40 @@ def test_checkpoint_selection_starts_where_the_authors_start_it():
             SRNetConfig(select_after=bad, **BASE).validate()
 
 
+def test_paradigm_b_imp_searches_from_the_rewind_point_then_retrains(tmp_path, monkeypatch):
+    """The authors' IMP-b (scripts/imp/lt/pruning, then lt/retrain): the search runs on the pre-trained
+    weights, then the final mask is retrained from them for a whole run; imp_b="last_round" is the other
+    protocol (search from the fine-tuned model, its last round is the result)."""
+    from sparsebert.checkpoint import load_checkpoint
+    from sparsebert.pruning.srnet import MODEL_FILE, build_model
+    runner = Runner(tmp_path, progress=False, log_fn=None)
+    starts, real = {}, Runner._starting_model
+
+    def spy(self, cfg, data):
+        model = real(self, cfg, data)
+        starts[(cfg.paradigm, cfg.imp_b)] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model
+
+    monkeypatch.setattr(Runner, "_starting_model", spy)
+    res = {}
+    for imp_b in ("authors", "last_round"):
+        cfg = SRNetConfig(paradigm="b", loss="ce", sparsity=0.2, imp_b=imp_b, **BASE).validate()
+        res[imp_b] = runner.run(cfg)
+    assert "lastround" in cfg.run_name and "lastround" not in res["authors"]["run"]
+    key = "bert.encoder.layer.0.output.dense.weight"
+    pre = build_model(cfg, runner.data(cfg), 0).state_dict()[key]
+    dense = load_checkpoint(tmp_path / "synthetic" / cfg.dense_dependency().run_name / MODEL_FILE)[key]
+    assert torch.equal(starts[("b", "authors")][key], pre) and torch.equal(starts[("b", "last_round")][key], dense)
+    authors, last = res["authors"]["pruning"], res["last_round"]["pruning"]
+    assert authors["search"]["round_sparsities"] == pytest.approx([0.1, 0.2]) and "search" not in last
+    assert authors["train"]["steps"] == sum(r["steps"] for r in authors["search"]["rounds"])
+    assert res["authors"]["sparsity"] == pytest.approx(0.2, abs=2e-3)
+    with pytest.raises(ValueError, match="imp_b"):
+        SRNetConfig(paradigm="a", imp_b="last_round", **BASE).validate()
+    with pytest.raises(ValueError, match="imp_b"):
+        SRNetConfig(paradigm="b", imp_b="pretrained", **BASE).validate()
+
+
 # ------------------------------------------------------------------------------------ report columns
 def _run(method, seed, one_class):
     base = {"id": 0.5, "ood": 0.5, "id_dev": 0.5, "ood_dev": 0.5, "step": 1}

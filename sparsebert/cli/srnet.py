@@ -102,6 +102,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--mask-from", choices=("imp", "mask_training"), default="imp",
                    help="paradigm b: masks found by IMP, or by mask training on the fine-tuned model (paradigm a "
                         "run), then the subnetwork retrained from the rewound weights")
+    g.add_argument("--imp-b", choices=("authors", "last_round"), default="authors",
+                   help="paradigm b with IMP: the authors' protocol (IMP on the pre-trained weights, then the final "
+                        "mask retrained from them for a whole run) or last_round (IMP from the fine-tuned model; "
+                        "its last round is the result)")
     g.add_argument("--mask-loss", choices=LOSS_NAMES, default=None,
                    help="paradigm b with --mask-from mask_training: the loss the masks were trained with "
                         "(default: --loss); the authors retrain PoE masks with CE: --loss ce --mask-loss poe")
@@ -186,6 +190,8 @@ def check_args(args) -> None:
     # options of one paradigm given without it would be dropped without a word
     if args.mask_from != "imp" and "b" not in args.paradigm:
         raise ValueError(f"--mask-from {args.mask_from}: applies to paradigm b, not in --paradigm {' '.join(args.paradigm)}")
+    if args.imp_b != "authors" and ("b" not in args.paradigm or args.mask_from != "imp"):
+        raise ValueError(f"--imp-b {args.imp_b}: applies to paradigm b with --mask-from imp")
     if args.mask_loss is not None and args.mask_from != "mask_training":
         raise ValueError(f"--mask-loss {args.mask_loss}: applies to --mask-from mask_training (paradigm b)")
     if args.rewind != "pretrained" and "b" not in args.paradigm:
@@ -222,7 +228,7 @@ def run(args) -> int:
               "process (the training loops are data parallel: see README, 'Several GPUs')", file=sys.stderr)
         return 2
     base = SRNetConfig(task=args.task, model=args.model, method=args.method, search_from=args.search_from,
-                       source=args.source, mask_from=args.mask_from, mask_loss=args.mask_loss,
+                       source=args.source, mask_from=args.mask_from, mask_loss=args.mask_loss, imp_b=args.imp_b,
                        ood_informed=args.ood_informed,
                        hans_rule=args.hans_rule,
                        schedule=args.schedule, initial_sparsity=args.initial_sparsity, end_frac=args.end_frac,

@@ -16,6 +16,7 @@ applied to that checkpoint. These functions work on a model and a loader; the ex
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
 from torch import Tensor, nn
@@ -75,14 +76,17 @@ def find_subnetwork(paradigm: str, model: nn.Module, train_loader, *, sparsity: 
                     method: str = "mask", rewind_state: Optional[Mapping] = None,
                     masks: Optional[Mapping[str, Tensor]] = None,
                     mask_kwargs: Optional[Mapping[str, Any]] = None, imp_kwargs: Optional[Mapping[str, Any]] = None,
-                    ckpt_dir=None, log_fn=None, progress: bool = True) -> Dict[str, Any]:
+                    retrain_kwargs: Optional[Mapping[str, Any]] = None, ckpt_dir=None, log_fn=None,
+                    progress: bool = True) -> Dict[str, Any]:
     """Run one paradigm in place on `model` (which must already hold the right starting weights: the
     fine-tuned model for "a" and "b", the pre-trained one for "c"). Returns the pruning record.
 
     mask_kwargs go to `train_masks` (sparsity schedule, scope, lr_scores, epochs, ...); imp_kwargs to
     `iterative_magnitude_pruning` (rounds/rate, scope, epochs, lr, ...). Paradigm "b" needs `rewind_state`;
     with `masks` (e.g. from a paradigm-a mask-training run) it retrains those masks instead of running IMP,
-    with the finetune options of imp_kwargs (epochs, lr, max_steps, ...).
+    with the finetune options of imp_kwargs (epochs, lr, max_steps, ...). Paradigm "b" with IMP and
+    `retrain_kwargs` (finetune options) retrains the final IMP mask from `rewind_state` for a whole run after
+    the search, as the authors' lt/retrain; the record's "search" holds the IMP rounds.
     """
     if paradigm not in PARADIGMS:
         raise ValueError(f"paradigm must be one of {PARADIGMS}, got {paradigm!r}")
@@ -107,4 +111,11 @@ def find_subnetwork(paradigm: str, model: nn.Module, train_loader, *, sparsity: 
         return {"paradigm": paradigm, "method": "mask_training", **rec}
     rec = iterative_magnitude_pruning(model, train_loader, target_sparsity=sparsity, rewind_state=rewind_state,
                                       **common, **imp_kwargs)
-    return {"paradigm": paradigm, "method": "imp", **rec}
+    if retrain_kwargs is None:
+        return {"paradigm": paradigm, "method": "imp", **rec}
+    found = {n: lin.mask.bool().clone() for n, lin in prunable_linears(model, include_head="pooler").items()
+             if getattr(lin, "mode", None) == "mask"}
+    retrain_common = dict(common, ckpt_dir=None if ckpt_dir is None else Path(ckpt_dir) / "retrain")
+    retrained = retrain_with_masks(model, train_loader, found, rewind_state=rewind_state, **retrain_common,
+                                   **retrain_kwargs)
+    return {"paradigm": paradigm, "method": "imp", "search": rec, **retrained}

@@ -43,6 +43,7 @@ _log = logging.getLogger(__name__)
 PARADIGMS = ("dense", "a", "b", "c")
 LOSS_NAMES = ("ce", "poe", "reweight", "conf_reg")
 MASK_FROM = ("imp", "mask_training")
+IMP_B = ("authors", "last_round")
 SNAPSHOT_FRACS = (0.1, 0.25, 0.5)
 DEFAULT_MODEL = "minilm"
 MODEL_FILE = "model.safetensors"
@@ -51,7 +52,8 @@ RUN_FORMAT = 3  # part of every run's identity: bump when the recipe changes the
 _NOT_IDENTITY = ("out", "device")  # where a run is written and on which device do not change what it is
 _NOT_DENSE = ("method", "search_from", "schedule", "initial_sparsity", "end_frac", "scope", "granularity",
               "score_init", "threshold_refresh_steps", "include_head", "train_head", "mask_warmup_ratio", "imp_mode",
-              "imp_rounds", "imp_rate", "rewind", "mask_epochs", "lr_scores", "mask_from", "mask_loss", "ood_informed")
+              "imp_rounds", "imp_rate", "rewind", "mask_epochs", "lr_scores", "mask_from", "imp_b", "mask_loss",
+              "ood_informed")
 TINY_MODEL = "tiny"
 
 
@@ -83,6 +85,9 @@ class SRNetConfig:
     imp_rate: Optional[float] = None
     rewind: str = "pretrained"       # paradigm b: "pretrained" or "early" (the 10% dense snapshot)
     mask_from: str = "imp"           # paradigm b: masks from "imp" or from "mask_training" (the paradigm-a run)
+    imp_b: str = "authors"           # paradigm b with IMP: "authors" (IMP on the rewind-point weights, then the final
+                                     # mask retrained from there for a whole run, as their lt/pruning + lt/retrain)
+                                     # or "last_round" (IMP from the fine-tuned model; its last round is the result)
     mask_loss: Optional[str] = None  # paradigm b, mask_from "mask_training": the loss the masks were trained with
                                      # (None: `loss`); the authors retrain PoE masks with CE (retrain/std)
     ood_informed: bool = False       # mnli: masks trained with the HANS-style train part added (an upper bound)
@@ -125,6 +130,11 @@ class SRNetConfig:
             raise ValueError(f"mask_from must be one of {MASK_FROM}, got {self.mask_from!r}")
         if self.mask_from != "imp" and self.paradigm != "b":
             raise ValueError(f"mask_from applies to paradigm 'b', got paradigm {self.paradigm!r}")
+        if self.imp_b not in IMP_B:
+            raise ValueError(f"imp_b must be one of {IMP_B}, got {self.imp_b!r}")
+        if self.imp_b != "authors" and (self.paradigm != "b" or self.mask_from != "imp"):
+            raise ValueError(f"imp_b applies to paradigm 'b' with mask_from 'imp', got paradigm {self.paradigm!r}, "
+                             f"mask_from {self.mask_from!r}")
         if self.mask_loss is not None:
             if self.mask_loss not in LOSS_NAMES:
                 raise ValueError(f"mask_loss must be one of {LOSS_NAMES} or None, got {self.mask_loss!r}")
@@ -209,7 +219,8 @@ class SRNetConfig:
             masks = "" if self.mask_loss is None else f"{self.mask_loss}"
             parts.append(f"masktrain{masks}-{self.schedule}-rw{self.rewind}")
         elif self.paradigm == "b":
-            parts.append(f"{'imp10pct' if self.imp_mode == 'paper' else f'imp{self.imp_rounds}'}-rw{self.rewind}")
+            imp = 'imp10pct' if self.imp_mode == 'paper' else f'imp{self.imp_rounds}'
+            parts.append(f"{imp}{'-lastround' if self.imp_b == 'last_round' else ''}-rw{self.rewind}")
         else:
             parts.append(self.schedule)
         if self.ood_informed:
@@ -248,12 +259,13 @@ class SRNetConfig:
         """The dense run this one starts from: fine-tuned with `loss`, by default this run's `source`."""
         loss = loss or self.source
         return dataclasses.replace(self, paradigm="dense", loss=loss, source=loss, sparsity=0.0, search_from=None,
-                                   mask_from="imp", mask_loss=None, ood_informed=False, select_after=None)
+                                   mask_from="imp", imp_b="authors", mask_loss=None, ood_informed=False,
+                                   select_after=None)
 
     def mask_dependency(self) -> "SRNetConfig":
         """Paradigm b with mask_from "mask_training": the paradigm-a mask-training run whose masks it retrains."""
         return dataclasses.replace(self, paradigm="a", method="mask", mask_from="imp", rewind="pretrained",
-                                   loss=self.mask_loss or self.loss, mask_loss=None)
+                                   loss=self.mask_loss or self.loss, mask_loss=None, imp_b="authors")
 
 
 def snapshot_file(frac: float) -> str:
@@ -589,6 +601,13 @@ class Runner:
 
     def _starting_model(self, cfg: SRNetConfig, data: TaskData):
         model = build_model(cfg, data, cfg.seed)
+        if cfg.paradigm == "b" and cfg.mask_from == "imp" and cfg.imp_b == "authors":
+            # their IMP search runs on the rewind-point weights (lt/pruning: from bert-base-uncased, the first
+            # 10% pruned by pre-trained magnitudes)
+            if cfg.rewind == "early":
+                model.load_state_dict(load_checkpoint(self.run_dir(cfg.dense_dependency())
+                                                      / snapshot_file(SNAPSHOT_FRACS[0])))
+            return model
         if cfg.paradigm in ("a", "b"):
             dense_dir = self.run_dir(cfg.dense_dependency())
             name = MODEL_FILE if cfg.search_from in (None, 1.0) else snapshot_file(cfg.search_from)
@@ -628,13 +647,21 @@ class Runner:
         imp_kwargs = dict(**rounds, scope=scope, granularity=cfg.granularity, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           epochs=common["epochs"], max_steps=common["max_steps"], ckpt_every=common["ckpt_every"],
                           log_every=common["log_every"], device=cfg.device)
+        retrain_kwargs = None
+        if cfg.paradigm == "b" and cfg.mask_from == "imp" and cfg.imp_b == "authors":
+            # their lt/retrain: the final mask trained from the rewind point for a whole run, warm-up 3,600 of
+            # 61,360 steps
+            retrain_kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=PAPER_WARMUP_RATIO,
+                                  epochs=common["epochs"], max_steps=common["max_steps"],
+                                  ckpt_every=common["ckpt_every"], log_every=common["log_every"], device=cfg.device)
         masks = None
         if cfg.paradigm == "b" and cfg.mask_from == "mask_training":
             from .paradigms import masks_from_state
             masks = masks_from_state(load_checkpoint(self.run_dir(cfg.mask_dependency()) / MODEL_FILE), model)
         rec = find_subnetwork(cfg.paradigm, model, loader, sparsity=cfg.sparsity, loss_fn=loss_fn, method=cfg.method,
                               rewind_state=rewind_state, masks=masks, mask_kwargs=mask_kwargs, imp_kwargs=imp_kwargs,
-                              ckpt_dir=common["ckpt_dir"], log_fn=self.log, progress=self.progress)
+                              retrain_kwargs=retrain_kwargs, ckpt_dir=common["ckpt_dir"], log_fn=self.log,
+                              progress=self.progress)
         if "train" in rec:
             rec["train"] = _train_summary(rec["train"])
         return rec
@@ -693,8 +720,10 @@ def expand_grid(base: SRNetConfig, *, paradigms: Sequence[str], losses: Sequence
                     ood = base.ood_informed and (paradigm == "c" or (paradigm == "a" and base.method == "mask")
                                                  or (paradigm == "b" and mask_from == "mask_training"))
                     mask_loss = base.mask_loss if mask_from == "mask_training" else None
+                    imp_b = base.imp_b if (paradigm == "b" and mask_from == "imp") else "authors"
                     cfg = dataclasses.replace(base, paradigm=paradigm, loss=loss, sparsity=s, seed=seed,
-                                              mask_from=mask_from, mask_loss=mask_loss, ood_informed=ood).validate()
+                                              mask_from=mask_from, mask_loss=mask_loss, imp_b=imp_b,
+                                              ood_informed=ood).validate()
                     if cfg.run_name not in seen:
                         seen.add(cfg.run_name)
                         out.append(cfg)
