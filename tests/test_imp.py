@@ -120,3 +120,23 @@ def test_block_granularity_masks():
         magnitude_masks(model, 0.5, scope="global", granularity="block:4")
     with pytest.raises(ValueError, match="granularity"):
         magnitude_masks(model, 0.5, scope="per_matrix", granularity="rows")
+
+
+def test_paper_imp_cuts_the_run_into_ten_intervals_as_the_authors():
+    """trainer_imp.py: save_steps = t_total / 10, 10% of the original weights pruned at each; a target s stops
+    after ceil(s / 0.1) of the 10 intervals, the lr decaying over the whole t_total. intervals=None: the run
+    cut into exactly the rounds the target needs."""
+    out = iterative_magnitude_pruning(tiny_bert(), loader(), target_sparsity=0.3, imp_mode="paper", intervals=10,
+                                      scope="per_matrix", max_steps=40, lr=1e-2, progress=False)
+    assert out["round_sparsities"] == pytest.approx([0.1, 0.2, 0.3])
+    assert [r["steps"] for r in out["rounds"]] == [4, 4, 4]
+    out = iterative_magnitude_pruning(tiny_bert(), loader(), target_sparsity=0.3, imp_mode="paper", intervals=None,
+                                      scope="per_matrix", max_steps=40, lr=1e-2, progress=False)
+    assert [r["steps"] for r in out["rounds"]] == [13, 13, 14]
+    for bad in (2, 0, True):  # fewer intervals than the 3 rounds, not a count
+        with pytest.raises(ValueError, match="intervals"):
+            iterative_magnitude_pruning(tiny_bert(), loader(), target_sparsity=0.3, imp_mode="paper", intervals=bad,
+                                        max_steps=40, progress=False)
+    with pytest.raises(ValueError, match="intervals=None"):
+        iterative_magnitude_pruning(tiny_bert(), loader(), target_sparsity=0.3, imp_mode="paper", intervals=10,
+                                    max_steps=8, progress=False)

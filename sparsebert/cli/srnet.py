@@ -95,6 +95,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="top-k per matrix, or one global threshold over all encoder linears")
     g.add_argument("--granularity", default="element", help="element, 2:4 or block:B")
     g.add_argument("--imp-rounds", type=_positive_int, default=1)
+    g.add_argument("--imp-intervals", type=_positive_int, default=10,
+                   help="IMP (10%% of the weights a round): the run is cut into this many rounds and a target s "
+                        "runs the first ceil(s / 0.1), as the authors' trainer_imp.py (10); 0 is not allowed: use "
+                        "--imp-to-target to cut the run into exactly the rounds the target needs")
+    g.add_argument("--imp-to-target", action="store_true",
+                   help="IMP: cut the run into exactly the rounds the target needs (instead of --imp-intervals)")
     g.add_argument("--imp-rate", type=_fraction, default=None, help="IMP: prune this fraction of the remaining "
                    "weights per round (instead of --imp-rounds)")
     g.add_argument("--rewind", choices=("pretrained", "early"), default="pretrained",
@@ -229,6 +235,7 @@ def run(args) -> int:
         return 2
     base = SRNetConfig(task=args.task, model=args.model, method=args.method, search_from=args.search_from,
                        source=args.source, mask_from=args.mask_from, mask_loss=args.mask_loss, imp_b=args.imp_b,
+                       imp_intervals=None if args.imp_to_target else args.imp_intervals,
                        ood_informed=args.ood_informed,
                        hans_rule=args.hans_rule,
                        schedule=args.schedule, initial_sparsity=args.initial_sparsity, end_frac=args.end_frac,

@@ -42,6 +42,7 @@ from .schedules import imp_sparsities
 REWIND_SKIP = ("mask", "scores", "threshold")
 IMP_MODES = ("paper", "per_round_finetune")
 PAPER_ROUND_FRACTION = 0.1
+PAPER_INTERVALS = 10  # trainer_imp.py: save_steps = t_total / 10, a pruning step at each
 
 
 def paper_imp_sparsities(target: float, fraction: float = PAPER_ROUND_FRACTION) -> List[float]:
@@ -106,7 +107,8 @@ def rewind_weights(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
 
 def iterative_magnitude_pruning(model: nn.Module, train_loader, *, target_sparsity: float, imp_mode: str = "paper",
                                 rounds: Optional[int] = None, rate: Optional[float] = None,
-                                round_fraction: float = PAPER_ROUND_FRACTION, scope: str = "global",
+                                round_fraction: float = PAPER_ROUND_FRACTION, intervals: Optional[int] = PAPER_INTERVALS,
+                                scope: str = "global",
                                 granularity="element", include_head=None,
                                 rewind_state: Optional[Mapping[str, Tensor]] = None,
                                 loss_fn: Optional[Callable] = None, ckpt_dir=None, log_fn=None,
@@ -114,8 +116,10 @@ def iterative_magnitude_pruning(model: nn.Module, train_loader, *, target_sparsi
     """Prune `model` to `target_sparsity` in rounds; each round: prune, rewind (if `rewind_state`), train.
 
     imp_mode "paper": `round_fraction` of the original weights per round, the run's steps (`max_steps`,
-    or `epochs` x len(train_loader)) split evenly over the rounds, no warm-up unless `warmup_ratio` is
-    given; `include_head` None means the pooler ("pooler"). imp_mode "per_round_finetune": `rounds` or
+    or `epochs` x len(train_loader)) cut into `intervals` equal rounds of which the target needs the first
+    ceil(target / round_fraction) (the authors' `trainer_imp.py` cuts its run into 10 whatever the target:
+    intervals=10; None cuts the run into exactly the rounds the target needs), no warm-up unless
+    `warmup_ratio` is given, the lr decaying over all `intervals` rounds; `include_head` None means the pooler ("pooler"). imp_mode "per_round_finetune": `rounds` or
     `rate` (see `imp_sparsities`), each round a whole `finetune` run; `include_head` None means none.
     `finetune_kwargs` go to `finetune` (epochs, lr, max_steps, ...). Returns {"imp_mode",
     "round_sparsities", "rounds": [{"sparsity", "steps", ...}], "sparsity", "head_sparsity"}.
@@ -139,8 +143,19 @@ def iterative_magnitude_pruning(model: nn.Module, train_loader, *, target_sparsi
         if total < len(targets):
             raise ValueError(f"imp_mode 'paper' needs at least one step per round: {len(targets)} rounds, "
                              f"{total} steps")
-        interval = total // len(targets)
-        round_steps = [interval] * (len(targets) - 1) + [total - interval * (len(targets) - 1)]
+        if intervals is not None and (isinstance(intervals, bool) or not isinstance(intervals, int)
+                                      or intervals < len(targets)):
+            raise ValueError(f"intervals must be None or an int >= the {len(targets)} rounds that target "
+                             f"{target_sparsity} needs, got {intervals!r}")
+        cuts = len(targets) if intervals is None else intervals
+        if total < cuts:
+            raise ValueError(f"imp_mode 'paper' needs at least one step per interval: {cuts} intervals, "
+                             f"{total} steps (a longer run, fewer intervals, or intervals=None: the run cut into "
+                             f"the {len(targets)} rounds the target needs)")
+        interval = total // cuts
+        # the run's remainder steps go to its last interval: to the last round only when it is the run's last
+        last = total - interval * (cuts - 1) if cuts == len(targets) else interval
+        round_steps = [interval] * (len(targets) - 1) + [last]
         decay = max(round_steps[-1], round(interval / round_fraction))
         finetune_kwargs.setdefault("warmup_ratio", 0.0)
     else:

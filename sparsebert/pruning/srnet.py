@@ -52,8 +52,8 @@ RUN_FORMAT = 3  # part of every run's identity: bump when the recipe changes the
 _NOT_IDENTITY = ("out", "device")  # where a run is written and on which device do not change what it is
 _NOT_DENSE = ("method", "search_from", "schedule", "initial_sparsity", "end_frac", "scope", "granularity",
               "score_init", "threshold_refresh_steps", "include_head", "train_head", "mask_warmup_ratio", "imp_mode",
-              "imp_rounds", "imp_rate", "rewind", "mask_epochs", "lr_scores", "mask_from", "imp_b", "mask_loss",
-              "ood_informed")
+              "imp_rounds", "imp_rate", "imp_intervals", "rewind", "mask_epochs", "lr_scores", "mask_from", "imp_b",
+              "mask_loss", "ood_informed")
 TINY_MODEL = "tiny"
 
 
@@ -77,6 +77,8 @@ class SRNetConfig:
     include_head: bool = True        # mask the pooler and the classifier too
     train_head: bool = False         # train the head's weights during mask training (paper: frozen)
     mask_warmup_ratio: Optional[float] = None  # None: the paper's 3,600 of 61,360 steps (5.87%)
+    imp_intervals: Optional[int] = 10  # IMP "paper": the run cut into this many rounds, a target needing the
+                                     # first ceil(s / 0.1) (the authors' trainer_imp.py); None: into exactly those
     imp_mode: str = "paper"          # IMP: "paper" (10% of the original weights per round, one run) or
                                      # "per_round_finetune" (imp_rounds / imp_rate, a fine-tuning run per round)
     scope: str = "per_layer"         # mask training: per_layer | global; IMP: per_matrix | global
@@ -130,6 +132,9 @@ class SRNetConfig:
             raise ValueError(f"mask_from must be one of {MASK_FROM}, got {self.mask_from!r}")
         if self.mask_from != "imp" and self.paradigm != "b":
             raise ValueError(f"mask_from applies to paradigm 'b', got paradigm {self.paradigm!r}")
+        if self.imp_intervals is not None and (isinstance(self.imp_intervals, bool)
+                                               or not isinstance(self.imp_intervals, int) or self.imp_intervals < 1):
+            raise ValueError(f"imp_intervals must be None or a positive int, got {self.imp_intervals!r}")
         if self.imp_b not in IMP_B:
             raise ValueError(f"imp_b must be one of {IMP_B}, got {self.imp_b!r}")
         if self.imp_b != "authors" and (self.paradigm != "b" or self.mask_from != "imp"):
@@ -643,7 +648,7 @@ class Runner:
         elif cfg.imp_mode == "per_round_finetune":
             rounds = dict(imp_mode=cfg.imp_mode, rounds=None if cfg.imp_rate else cfg.imp_rounds, rate=cfg.imp_rate)
         else:
-            rounds = dict(imp_mode=cfg.imp_mode)
+            rounds = dict(imp_mode=cfg.imp_mode, intervals=cfg.imp_intervals)
         imp_kwargs = dict(**rounds, scope=scope, granularity=cfg.granularity, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           epochs=common["epochs"], max_steps=common["max_steps"], ckpt_every=common["ckpt_every"],
                           log_every=common["log_every"], device=cfg.device)
