@@ -285,6 +285,25 @@ def test_an_emptied_sublayer_drops_its_output_bias_as_the_authors_code():
         prune_structured(model, bt, 0.5, seq_len=SEQ, empty_sublayer_bias="zero")
 
 
+def test_an_ffn_keeping_every_neuron_is_not_tuned_as_the_authors_code(monkeypatch):
+    """`prune_neurons` returns before the tuning when no neuron is pruned (an MHA keeping every head is still
+    tuned); tune_unpruned_ffn=True tunes it. Every unit is kept here (the selection forced), so only the rule
+    decides what moves."""
+    from sparsebert.pruning import kprune as kprune_mod
+    monkeypatch.setattr(kprune_mod, "_threshold_keep", lambda scores, flops, budget: torch.ones_like(scores, dtype=torch.bool))
+    model, bt = tiny(), batched(rows(), 8)
+    dense = model.bert.encoder.layer
+    for tune in (False, True):
+        pruned, rep = prune_structured(model, bt, 0.5, seq_len=SEQ, tune_unpruned_ffn=tune)
+        assert all(r["kept"] == r["total"] for r in rep["sublayers"])
+        layers = pruned.bert.encoder.layer
+        moved_ffn = [not torch.equal(layers[i].output.dense.weight, dense[i].output.dense.weight) for i in range(L)]
+        moved_mha = [not torch.equal(layers[i].attention.output.dense.weight, dense[i].attention.output.dense.weight)
+                     for i in range(1, L)]  # layer 0's MHA sees the teacher's own input: nothing to correct
+        assert any(moved_mha)
+        assert any(moved_ffn) if tune else not any(moved_ffn)
+
+
 # ------------------------------------------------------------------------------ regression end to end
 def test_float_labels_survive_tokenization_and_collation():
     exs = [Example("a b", "c", 3.8), Example("d", "e f", 1.25)]

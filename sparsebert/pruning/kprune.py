@@ -81,6 +81,9 @@ class KpruneConfig:
     # and computes LayerNorm(h), `utils/arch.py` prune_sublayer), or "keep" it (LayerNorm(h + b), what the
     # masked model computes; this package's behaviour before the option existed)
     empty_sublayer_bias: str = "drop"
+    # An FFN keeping every neuron: not tuned (the authors' `prune_neurons` returns before the tuning; an MHA
+    # keeping every head is tuned in both), or tuned like any other sublayer (True)
+    tune_unpruned_ffn: bool = False
 
 
 def log_progress(progress, msg: str) -> None:
@@ -496,7 +499,8 @@ def kprune(model, batches, flops_keep: float, *, seq_len: int | None = None, con
                 with torch.no_grad():  # the later sublayers are measured on LayerNorm(h), as the authors'
                     cur.out_dense.bias.zero_()
             t0 = time.perf_counter()
-            if cfg.weight_tuning and bool(keep.any()):
+            untouched_ffn = kind == "ffn" and bool(keep.all()) and not cfg.tune_unpruned_ffn
+            if cfg.weight_tuning and bool(keep.any()) and not untouched_ffn:
                 cols = keep.nonzero().flatten()
                 if kind == "mha":
                     cols = (cols[:, None] * dh + torch.arange(dh, device=dev)).flatten()

@@ -31,7 +31,7 @@ def prune_structured(model, batches, flops_keep: float | None = None, method: st
     default: the sample's mean number of real tokens per sequence) or ``"max"`` (its padded length); the
     report's ``seq_len_source`` says which. ``cfg``: method options (Kprune: lam_pred, lam_rep, mu,
     temperature, weight_tuning, knowledge_batch_size, predictive, representational, sublayerwise,
-    empty_sublayer_bias; Kwon:
+    empty_sublayer_bias, tune_unpruned_ffn; Kwon:
     rearrange, tune, damping, pseudo_labels, batch_size, latency_table, latency_batch_size,
     latency_cache_dir, latency_search_variant; KCM: kernel_tokens, seed). The input model is left
     untouched unless ``inplace=True``.
