@@ -79,7 +79,8 @@ def find_subnetwork(paradigm: str, model: nn.Module, train_loader, *, sparsity: 
                     retrain_kwargs: Optional[Mapping[str, Any]] = None, ckpt_dir=None, log_fn=None,
                     progress: bool = True) -> Dict[str, Any]:
     """Run one paradigm in place on `model` (which must already hold the right starting weights: the
-    fine-tuned model for "a" and "b", the pre-trained one for "c"). Returns the pruning record.
+    fine-tuned model for "a" and "b", the pre-trained one for "c"; for "b" with IMP run as the authors, with
+    `retrain_kwargs`, the rewind point). Returns the pruning record.
 
     mask_kwargs go to `train_masks` (sparsity schedule, scope, lr_scores, epochs, ...); imp_kwargs to
     `iterative_magnitude_pruning` (rounds/rate, scope, epochs, lr, ...). Paradigm "b" needs `rewind_state`;
