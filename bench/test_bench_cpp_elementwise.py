@@ -30,6 +30,7 @@ import torch
 
 from _cpu_ab import interleaved_medians, write_rows_csv
 from sparsebert.ops import _ext
+from sparsebert.ops.reference import unpack_mask
 
 SHAPES = [(1536, 384), (768, 768), (3072, 768)]  # (out_features, in_features): MiniLM FFN, BERT-base
 REPS = 30
@@ -43,11 +44,6 @@ pytestmark = pytest.mark.skipif(not (_ext.load() and _ext.has_cpu()),
 def _write_csv():
     yield
     write_rows_csv(_rows, "cpp-elementwise")
-
-
-def _unpack(packed, k):
-    bits = (packed.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-    return bits.reshape(packed.shape[0], -1)[:, :k].bool()
 
 
 def _cases(n, k, dtype):
@@ -66,7 +62,7 @@ def _cases(n, k, dtype):
         "masked_weight uint8": (lambda: ext.masked_weight(w, u8, False), lambda: torch.where(u8.bool(), w, zero),
                                 2 * size + 1),
         "masked_weight packed": (lambda: ext.masked_weight(w, packed, True),
-                                 lambda: torch.where(_unpack(packed, k), w, zero), 2 * size + 1 / 8),
+                                 lambda: torch.where(unpack_mask(packed, k), w, zero), 2 * size + 1 / 8),
         "score_masked_weight": (lambda: ext.score_masked_weight(w, s, tau), lambda: torch.where(s >= tau, w, zero),
                                 2 * size + 4),
         "weight grad: dscores": (lambda: ext.score_masked_weight_grad(grad, w, s, tau, True, False)[0],

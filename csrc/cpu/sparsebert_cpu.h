@@ -150,7 +150,7 @@ inline float rounded_threshold(double threshold) {
 // it held (NaN, inf), as before. Written as `m[i] ? w[i] : 0`, the load of w[i] is conditional, so GCC emits
 // a branch per element, mispredicted at about half the elements of a mask: ~2.2 ns an element on the 2-core
 // CI machine, 10x a memory-bound pass (`w * m`). Loaded unconditionally and masked by bits, the loops below
-// vectorize (tests/test_cpp_elementwise.py checks the values, bench_cpp_elementwise.py times them).
+// vectorize (tests/test_cpp_elementwise.py checks the values, bench/test_bench_cpp_elementwise.py times them).
 template <size_t Bytes>
 struct bits_of;
 template <>
@@ -176,7 +176,7 @@ inline T keep_or_zero(T v, bool keep) {
   return v;
 }
 
-// o[i] = keep(i) ? in[i] : +0 for i in [0, n), `keep(i)` a branch-free predicate; in_t -> out_t by a cast
+// o[i] = keep(i) ? in[i] : +0 for i in [i0, i1), `keep(i)` a branch-free predicate; in_t -> out_t by a cast
 // (fp32 gradients into a half/bf16 weight gradient), done after the select so that a pruned entry is +0.
 template <typename in_t, typename out_t, typename Keep>
 inline void select_range(const in_t* __restrict in, out_t* __restrict o, int64_t i0, int64_t i1, Keep keep) {

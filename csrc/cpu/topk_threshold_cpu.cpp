@@ -47,8 +47,8 @@ at::Tensor topk_threshold_cpu(at::TensorList scores, int64_t k_prune) {
   if (k_prune == 0) return at::full({}, -std::numeric_limits<float>::infinity(), out_options);
   if (k_prune == n) return at::full({}, std::numeric_limits<float>::infinity(), out_options);
 
-  // Every tensor's keys, streamed in parallel chunks: chunk(begin_fn) gets each chunk's keys through the
-  // function that begin_fn() returns, then finish() merges that chunk's state under a lock.
+  // Every tensor's keys, streamed in parallel chunks: on_chunk(keys_of_chunk) runs once per chunk, where
+  // keys_of_chunk(fn) calls fn(key) for each of the chunk's keys; on_chunk merges its result under `merge`.
   std::vector<at::Tensor> flats;
   flats.reserve(scores.size());
   for (const at::Tensor& s : scores) flats.push_back(s.contiguous());

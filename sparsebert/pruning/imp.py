@@ -119,7 +119,8 @@ def iterative_magnitude_pruning(model: nn.Module, train_loader, *, target_sparsi
     or `epochs` x len(train_loader)) cut into `intervals` equal rounds of which the target needs the first
     ceil(target / round_fraction) (the authors' `trainer_imp.py` cuts its run into 10 whatever the target:
     intervals=10; None cuts the run into exactly the rounds the target needs), no warm-up unless
-    `warmup_ratio` is given, the lr decaying over all `intervals` rounds; `include_head` None means the pooler ("pooler"). imp_mode "per_round_finetune": `rounds` or
+    `warmup_ratio` is given, the lr decaying over all `intervals` rounds; `include_head` None means the
+    pooler ("pooler"). imp_mode "per_round_finetune": `rounds` or
     `rate` (see `imp_sparsities`), each round a whole `finetune` run; `include_head` None means none.
     `finetune_kwargs` go to `finetune` (epochs, lr, max_steps, ...). Returns {"imp_mode",
     "round_sparsities", "rounds": [{"sparsity", "steps", ...}], "sparsity", "head_sparsity"}.

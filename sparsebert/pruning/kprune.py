@@ -490,17 +490,18 @@ def kprune(model, batches, flops_keep: float, *, seq_len: int | None = None, con
                 keep_all = oneshot_keep
                 cur_slice = (_oneshot_offset(s, n_layers, H, N), H if kind == "mha" else N)
             keep = keep_all[cur_slice[0]:cur_slice[0] + cur_slice[1]]
+            kept, total_units = int(keep.sum()), keep.numel()
             unit_flops = fl.per_head if kind == "mha" else fl.per_neuron
-            budget -= int(keep.sum()) * unit_flops
+            budget -= kept * unit_flops
             (head_keep if kind == "mha" else neuron_keep)[idx] = keep.float()
             times["search"] += time.perf_counter() - t0
 
-            if not bool(keep.any()) and cfg.empty_sublayer_bias == "drop" and cur.out_dense.bias is not None:
+            if kept == 0 and cfg.empty_sublayer_bias == "drop" and cur.out_dense.bias is not None:
                 with torch.no_grad():  # the later sublayers are measured on LayerNorm(h), as the authors'
                     cur.out_dense.bias.zero_()
             t0 = time.perf_counter()
-            untouched_ffn = kind == "ffn" and bool(keep.all()) and not cfg.tune_unpruned_ffn
-            if cfg.weight_tuning and bool(keep.any()) and not untouched_ffn:
+            untouched_ffn = kind == "ffn" and kept == total_units and not cfg.tune_unpruned_ffn
+            if cfg.weight_tuning and kept > 0 and not untouched_ffn:
                 cols = keep.nonzero().flatten()
                 if kind == "mha":
                     cols = (cols[:, None] * dh + torch.arange(dh, device=dev)).flatten()
@@ -510,11 +511,11 @@ def kprune(model, batches, flops_keep: float, *, seq_len: int | None = None, con
                         cur.out_dense.weight[:, cols] = w_new.T.to(cur.out_dense.weight.dtype)
             times["tuning"] += time.perf_counter() - t0
             t_tune = time.perf_counter() - t0
-            per_sublayer.append({"layer": idx, "sublayer": kind, "kept": int(keep.sum()),
-                                 "total": H if kind == "mha" else N, "measure_seconds": t_measure,
+            per_sublayer.append({"layer": idx, "sublayer": kind, "kept": kept, "total": total_units,
+                                 "measure_seconds": t_measure,
                                  "tuning_seconds": t_tune})
-            log_progress(progress, f"kprune layer {idx} {kind.upper()}: kept {int(keep.sum())}/"
-                                   f"{H if kind == 'mha' else N} ({t_measure:.1f}s measuring, {t_tune:.1f}s tuning)")
+            log_progress(progress, f"kprune layer {idx} {kind.upper()}: kept {kept}/{total_units} "
+                                   f"({t_measure:.1f}s measuring, {t_tune:.1f}s tuning)")
             # the stats of the scored sublayer are reused by nobody; free the teacher copy we no longer need
             teacher_y.pop((idx, kind), None)
     finally:

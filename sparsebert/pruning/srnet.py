@@ -239,6 +239,11 @@ class SRNetConfig:
         return "-".join(parts) + f"-seed{self.seed}"
 
     @property
+    def imp_b_two_stage(self) -> bool:
+        """Paradigm b with IMP as the authors: the search on the rewind-point weights, then a retraining run."""
+        return self.paradigm == "b" and self.mask_from == "imp" and self.imp_b == "authors"
+
+    @property
     def method_label(self) -> str:
         """The legend entry of this run in the report."""
         ood = ", + OOD train (upper bound)" if self.ood_informed else ""
@@ -606,12 +611,11 @@ class Runner:
 
     def _starting_model(self, cfg: SRNetConfig, data: TaskData):
         model = build_model(cfg, data, cfg.seed)
-        if cfg.paradigm == "b" and cfg.mask_from == "imp" and cfg.imp_b == "authors":
+        if cfg.imp_b_two_stage:
             # their IMP search runs on the rewind-point weights (lt/pruning: from bert-base-uncased, the first
             # 10% pruned by pre-trained magnitudes)
             if cfg.rewind == "early":
-                model.load_state_dict(load_checkpoint(self.run_dir(cfg.dense_dependency())
-                                                      / snapshot_file(SNAPSHOT_FRACS[0])))
+                model.load_state_dict(self._early_snapshot(cfg))
             return model
         if cfg.paradigm in ("a", "b"):
             dense_dir = self.run_dir(cfg.dense_dependency())
@@ -624,13 +628,17 @@ class Runner:
             model.load_state_dict(load_checkpoint(path))
         return model
 
+    def _early_snapshot(self, cfg: SRNetConfig) -> Dict[str, torch.Tensor]:
+        """The dense run's first snapshot (10% of its training): paradigm b's `rewind="early"` point."""
+        return load_checkpoint(self.run_dir(cfg.dense_dependency()) / snapshot_file(SNAPSHOT_FRACS[0]))
+
     def _prune(self, cfg, model, loader, loss_fn, common, on_step) -> Dict[str, Any]:
         rewind_state = None
         if cfg.paradigm == "b":
             if cfg.rewind == "pretrained":
                 rewind_state = build_model(cfg, self.data(cfg), cfg.seed).state_dict()
             else:
-                rewind_state = load_checkpoint(self.run_dir(cfg.dense_dependency()) / snapshot_file(SNAPSHOT_FRACS[0]))
+                rewind_state = self._early_snapshot(cfg)
         is_mask = cfg.paradigm == "c" or cfg.method == "mask"
         scope = ("per_layer" if cfg.scope in ("per_layer", "per_matrix") else "global") if is_mask else \
             ("per_matrix" if cfg.scope in ("per_layer", "per_matrix") else "global")
@@ -653,7 +661,7 @@ class Runner:
                           epochs=common["epochs"], max_steps=common["max_steps"], ckpt_every=common["ckpt_every"],
                           log_every=common["log_every"], device=cfg.device)
         retrain_kwargs = None
-        if cfg.paradigm == "b" and cfg.mask_from == "imp" and cfg.imp_b == "authors":
+        if cfg.imp_b_two_stage:
             # their lt/retrain: the final mask trained from the rewind point for a whole run, warm-up 3,600 of
             # 61,360 steps
             retrain_kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=PAPER_WARMUP_RATIO,
