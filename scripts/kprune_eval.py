@@ -77,16 +77,63 @@ def permuted(examples, n, seed):
     return [examples[i] for i in (order if n is None else order[:n])]
 
 
+# Every option of each method as the runs before 2026-11-30 (commit 3461c5c and earlier) used it. Those runs
+# keyed a result by the options given on the command line only, so a changed library default would have been
+# taken for the old result; since then a key holds every option (`method_options`). Kprune's two defaults
+# changed to the authors' behaviour on 2026-11-30 (2ef5cba, b38d88a); Kwon et al.'s and KCM's are unchanged.
+LEGACY_OPTIONS = {
+    "kprune": {"lam_pred": 1.0, "lam_rep": 2.5e-4, "mu": 64.0, "temperature": 2.0, "weight_tuning": True,
+               "tuning_ridge": 0.0, "knowledge_batch_size": 32, "predictive": True, "representational": True,
+               "sublayerwise": True, "empty_sublayer_bias": "keep", "tune_unpruned_ffn": True},
+    "kwon": {"rearrange": True, "tune": True, "damping": 1.0, "pseudo_labels": False, "batch_size": 32,
+             "teacher_exponent": 0.5, "latency_table": None, "latency_batch_size": 32, "latency_cache_dir": None,
+             "latency_search_variant": "corrected"},
+    "kcm": {"kernel_tokens": 4096, "seed": 0},
+}
+
+
+def resolved_options(method, options):
+    from sparsebert.pruning.structured_api import method_options
+    return method_options(method, **options)
+
+
+def variant_label(cfg):
+    """The variant a prune result reports under: its ``variant``, with ``@earlier`` when it ran with the
+    pre-2026-11-30 Kprune defaults, or ``@k=v,...`` for any other option off the variant's own settings."""
+    if cfg["method"] != "kprune":
+        return cfg["variant"]
+    own = resolved_options("kprune", ABLATIONS.get(cfg["variant"], {}))
+    diff = {k: v for k, v in cfg["options"].items() if own.get(k) != v}
+    if not diff:
+        return cfg["variant"]
+    defaults = resolved_options("kprune", {})
+    legacy = {k: v for k, v in LEGACY_OPTIONS["kprune"].items() if defaults[k] != v}
+    if diff == legacy:
+        return cfg["variant"] + "@earlier"
+    return cfg["variant"] + "@" + ",".join(f"{k}={v}" for k, v in sorted(diff.items()))
+
+
 class Results:
-    """Append-only JSON lines, one per result, indexed by ``key``."""
+    """Append-only JSON lines, one per result, indexed by ``key``. Rows written before method options were
+    resolved (see LEGACY_OPTIONS) are re-keyed on load, in memory, by the options they actually ran with,
+    and the speed rows that refer to them follow; the file itself is never rewritten."""
 
     def __init__(self, path: Path):
         self.path = path
         self.rows = {}
+        renamed = {}
         if path.is_file():
             for line in path.read_text().splitlines():
                 if line.strip():
                     r = json.loads(line)
+                    c = r["config"]
+                    if c.get("kind") == "prune" and set(c["options"]) != set(LEGACY_OPTIONS[c["method"]]):
+                        c["options"] = {**LEGACY_OPTIONS[c["method"]], **c["options"]}
+                        renamed[r["key"]], r["legacy_key"] = key_of(c), r["key"]
+                        r["key"] = renamed[r["legacy_key"]]
+                    elif c.get("kind") == "speed" and c["prune"] in renamed:
+                        c["prune"] = renamed[c["prune"]]
+                        r["legacy_key"], r["key"] = r["key"], key_of(c)
                     self.rows[r["key"]] = r
 
     def get(self, key):
@@ -191,7 +238,7 @@ class Experiment:
     def prune_one(self, task, model, teacher_rec, method, keep, seed, tokens, variant="full", options=None):
         from sparsebert.eval import classification_summary, dense_agreement
         from sparsebert.pruning.structured_api import prune_structured
-        options = dict(options or {})
+        options = resolved_options(method, dict(options or {}))  # every option, defaults included: see LEGACY_OPTIONS
         cfg = {"kind": "prune", "teacher": teacher_rec["key"], "task": task, "method": method, "flops_keep": keep,
                "sample_seed": seed, "sample_tokens": tokens, "variant": variant, "options": options,
                "seq_len": "average", "dev": DEV_SOURCE[task]}
@@ -230,7 +277,7 @@ class Experiment:
         from sparsebert.nn.structured import shrink_to_structure
         a = self.args
         done = [r for r in self.results.rows.values() if r["config"].get("kind") == "prune"
-                and r["config"]["teacher"] == teacher_rec["key"] and r["config"]["variant"] == "full"
+                and r["config"]["teacher"] == teacher_rec["key"] and variant_label(r["config"]) == "full"
                 and r["config"]["sample_seed"] == a.seeds[0] and r["config"]["sample_tokens"] == a.sample_tokens
                 and "heads_per_layer" in r]
         g = torch.Generator().manual_seed(0)
@@ -335,7 +382,7 @@ def aggregate(results, args):
         c = r["config"]
         if c.get("kind") != "prune" or c["teacher"] not in teachers:
             continue
-        gk = (c["task"], c["method"], c["variant"], c["sample_tokens"], c["flops_keep"], c["teacher"])
+        gk = (c["task"], c["method"], variant_label(c), c["sample_tokens"], c["flops_keep"], c["teacher"])
         groups.setdefault(gk, []).append(r)
     for (task, method, variant, tokens, keep, tkey), recs in sorted(groups.items()):
         t = teachers[tkey]
@@ -375,7 +422,8 @@ def pairwise(groups, teachers):
         by[(task, variant if method == "kprune" else "full", tokens, keep, tkey, method if variant == "full" else
             f"kprune/{variant}")] = {r["config"]["sample_seed"]: r for r in recs if "preds" in r}
     pairs = [("kprune", "kwon"), ("kprune", "kcm"), ("kwon", "kcm")] + \
-            [("kprune", f"kprune/{v}") for v in ABLATIONS]
+            [("kprune", f"kprune/{v}") for v in ABLATIONS] + \
+            sorted({("kprune", k[5]) for k in by if "@" in k[5]})  # the same variant with other options
     for (task, variant, tokens, keep, tkey, method), recs_a in sorted(by.items()):
         for a, b in pairs:
             if method != a or variant != "full":
@@ -421,8 +469,10 @@ def write_outputs(results, out: Path, args):
     teacher_rows = [{"task": t["config"]["task"], **{k: v for k, v in t["config"].items() if k not in ("kind", "task")},
                      "train_steps": t["train_steps"], "train_seconds": t["train_seconds"], **t["summary"]}
                     for t in teachers.values()]
-    speed = [{k: v for k, v in r.items() if k != "key"} for r in results.rows.values()
-             if r["config"].get("kind") == "speed"]
+    reported = {k for k, r in results.rows.items() if r["config"].get("kind") == "prune"
+                and variant_label(r["config"]) == "full"}
+    speed = [{k: v for k, v in r.items() if k not in ("key", "legacy_key")} for r in results.rows.values()
+             if r["config"].get("kind") == "speed" and r["config"]["prune"] in reported]
     runs = [{k: v for k, v in r.items() if k not in ("preds", "labels", "dev_probs")} for r in results.rows.values()
             if r["config"].get("kind") == "prune"]
     scale = {k: v for k, v in vars(args).items() if k not in ("runs", "out", "report_only")}

@@ -496,3 +496,29 @@ def test_atomic_save_keeps_the_old_model_when_the_write_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp folder left behind
     save_atomically(lambda tmp: (tmp / "config.json").write_text("new"), out)
     assert (out / "config.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+# ------------------------------------------------------------------------------ resolved method options
+def test_method_options_name_every_default_and_reproduce_the_default_call():
+    """`method_options(m)` is what a cache keys a result by: every option with the value the call uses.
+    Passing it back must give the same pruned model as passing nothing, and a changed default must change it."""
+    from sparsebert.pruning.kprune import KpruneConfig
+    from sparsebert.pruning.structured_api import method_options
+    kp = method_options("kprune")
+    assert kp["empty_sublayer_bias"] == KpruneConfig.empty_sublayer_bias == "drop"
+    assert kp["tune_unpruned_ffn"] is False and "num_tokens" not in kp and "progress" not in kp
+    assert method_options("kprune", mu=8.0)["mu"] == 8.0 and method_options("kprune")["mu"] == 64.0
+    assert set(method_options("kcm")) == {"kernel_tokens", "seed"}
+    assert method_options("kwon")["latency_search_variant"] == "corrected"
+    json.dumps([method_options(m) for m in ("kprune", "kwon", "kcm")])  # a cache key must serialize
+    model, data = tiny(), rows(n=40)
+    for method, keep in (("kprune", 0.6), ("kwon", 0.6), ("kcm", 0.8)):  # KCM: FFN only, attention is 0.68 here
+        plain = prune_structured(model, batched(data, 8), keep, method=method, num_tokens=10**9)[1]
+        explicit = prune_structured(model, batched(data, 8), keep, method=method, num_tokens=10**9,
+                                    **method_options(method))[1]
+        assert explicit["head_mask"] == plain["head_mask"]
+        assert explicit["neurons_per_layer"] == plain["neurons_per_layer"]
+    with pytest.raises(TypeError, match="unknown kprune option.*'damping'"):
+        method_options("kprune", damping=1.0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        method_options("magnitude")

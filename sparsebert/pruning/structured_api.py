@@ -7,18 +7,43 @@ method=...)`` -> ``(pruned_model, report)``. The pruned model is physically smal
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import time
 
 from ..flops import check_flops_keep, encoder_flops, masked_flops
 from ..latency import measure_model_ms
 from ..nn.structured import remove_pruned
 from .kcm import kcm_prune
-from .kprune import check_finite_weights, check_model_family, kprune, prepare_batches, rebatch, resolve_seq_len
+from .kprune import KpruneConfig, check_finite_weights, check_model_family, kprune, prepare_batches, rebatch, resolve_seq_len
 from .kwon import kwon_prune
 
-__all__ = ["prune_structured", "STRUCTURED_METHODS"]
+__all__ = ["prune_structured", "method_options", "STRUCTURED_METHODS"]
 
 STRUCTURED_METHODS = ("kprune", "kwon", "kcm")
+
+
+# arguments of the method functions that are not method options (prune_structured sets them itself)
+_NOT_OPTIONS = ("model", "batches", "flops_keep", "seq_len", "num_tokens", "latency_keep", "progress", "config")
+
+
+def method_options(method: str, **cfg) -> dict:
+    """Every option of ``method`` with the value a ``prune_structured(..., method=method, **cfg)`` call uses:
+    the method's defaults updated by ``cfg``. A record keyed by this dict (an experiment's cache) changes
+    when a default changes, so an old result is never taken for a new one. Unknown names raise ``TypeError``.
+    """
+    if method not in STRUCTURED_METHODS:
+        raise ValueError(f"method must be one of {STRUCTURED_METHODS}, got {method!r}")
+    if method == "kprune":
+        known = {f.name: f.default for f in dataclasses.fields(KpruneConfig) if f.name not in _NOT_OPTIONS}
+    else:
+        fn = kwon_prune if method == "kwon" else kcm_prune
+        known = {n: p.default for n, p in inspect.signature(fn).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY and n not in _NOT_OPTIONS}
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:
+        raise TypeError(f"unknown {method} option(s) {unknown}; known: {sorted(known)}")
+    return {**known, **cfg}
 
 
 def prune_structured(model, batches, flops_keep: float | None = None, method: str = "kprune", *,
