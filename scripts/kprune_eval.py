@@ -382,7 +382,10 @@ def aggregate(results, args):
         c = r["config"]
         if c.get("kind") != "prune" or c["teacher"] not in teachers:
             continue
-        gk = (c["task"], c["method"], variant_label(c), c["sample_tokens"], c["flops_keep"], c["teacher"])
+        label = variant_label(c)
+        if label.endswith("@earlier") and c["variant"] != "full":
+            continue  # the ablations are reported under today's defaults only; the earlier ones stay in the jsonl
+        gk = (c["task"], c["method"], label, c["sample_tokens"], c["flops_keep"], c["teacher"])
         groups.setdefault(gk, []).append(r)
     for (task, method, variant, tokens, keep, tkey), recs in sorted(groups.items()):
         t = teachers[tkey]
@@ -471,11 +474,28 @@ def write_outputs(results, out: Path, args):
                     for t in teachers.values()]
     reported = {k for k, r in results.rows.items() if r["config"].get("kind") == "prune"
                 and variant_label(r["config"]) == "full"}
-    speed = [{k: v for k, v in r.items() if k not in ("key", "legacy_key")} for r in results.rows.values()
-             if r["config"].get("kind") == "speed" and r["config"]["prune"] in reported]
+    latest = {}  # one row per structure and setting: the last measured (a rerun with other --speed-reps)
+    for r in results.rows.values():
+        c = r["config"]
+        if c.get("kind") == "speed" and c["prune"] in reported:
+            latest[(c["prune"], c["batch"], c["seq"], c["threads"])] = {k: v for k, v in r.items()
+                                                                        if k not in ("key", "legacy_key")}
+    speed = list(latest.values())
     runs = [{k: v for k, v in r.items() if k not in ("preds", "labels", "dev_probs")} for r in results.rows.values()
             if r["config"].get("kind") == "prune"]
-    scale = {k: v for k, v in vars(args).items() if k not in ("runs", "out", "report_only")}
+    # the scale as it ran, from the records (a --report-only call's own arguments say nothing about it)
+    scale = {}
+    for r in results.rows.values():
+        c = r["config"]
+        if c.get("kind") == "prune" and c["teacher"] in teachers:
+            t = scale.setdefault(c["task"], {"teacher": teachers[c["teacher"]]["config"], "runs": {}})
+            cell = t["runs"].setdefault(f"{variant_label(c)} @ {c['sample_tokens']} tokens",
+                                        {"methods": set(), "flops_keep": set(), "sample_seeds": set()})
+            cell["methods"].add(c["method"]), cell["flops_keep"].add(c["flops_keep"]), cell["sample_seeds"].add(c["sample_seed"])
+    for t in scale.values():
+        for cell in t["runs"].values():
+            for k in cell:
+                cell[k] = sorted(cell[k])
     (out / "results.json").write_text(json.dumps({"scale": scale, "teachers": teacher_rows, "aggregates": rows,
                                                   "pairwise": pairs, "speed": speed, "runs": runs}, indent=1))
     plot(rows, teachers, out / "metric_vs_flops.png", args)
@@ -553,8 +573,13 @@ def plot(rows, teachers, path, args):
         return
     panels = [(t, m) for t in tasks for m in (("accuracy", "f1") if main and any(
         r["task"] == t and r.get("f1") is not None for r in main) else ("accuracy",))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
-    for ax, (task, metric) in zip(axes[0], panels):
+    cols = max(sum(1 for t, _ in panels if t == task) for task in tasks)  # one row per task
+    fig, axes = plt.subplots(len(tasks), cols, figsize=(4.2 * cols, 3.2 * len(tasks)), squeeze=False)
+    slots = [axes[tasks.index(t)][[p for p in panels if p[0] == t].index((t, m))] for t, m in panels]
+    for ax in axes.flat:
+        if not any(ax is s for s in slots):
+            ax.set_visible(False)
+    for ax, (task, metric) in zip(slots, panels):
         for method, style, color in zip(METHODS, ("o-", "s--", "^:"), ("C0", "C1", "C2")):
             pts = sorted((r["flops_keep"], r[metric], r[f"{metric}_low"], r[f"{metric}_high"]) for r in main
                          if r["task"] == task and r["method"] == method)
