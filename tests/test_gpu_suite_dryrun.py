@@ -45,9 +45,10 @@ def test_dry_run_whole_pipeline(tmp_path):
     assert doc["dry_run"] and doc["finished"] and doc["elapsed_s"] <= doc["total_budget_s"]
     assert [s["stage"] for s in doc["stages"]] == ["build", "tests", "sanitize", "crossover", "bench", "profile"]
     assert all(s["status"] == "ok" for s in doc["stages"]), doc["stages"]
-    # CPU time per stage is accounted, and the dry run stays a dry run: under 60 s of CPU when it was written (issue 8),
-    # 67 s in a CI run beside a second busy process, while full-size shapes slipping into it would cost thousands of seconds.
-    # The bound catches that slip; it is not a timing claim, so it leaves room for a loaded CI machine.
+    # CPU time per stage is accounted, and the dry run stays a dry run: under 60 s of CPU when it was written
+    # (issue 8), 67 s in a CI run beside a second busy process, while full-size shapes slipping into it would
+    # cost thousands of seconds. The bound catches that slip; it is not a timing claim, so it leaves room for a
+    # loaded CI machine.
     assert all(s["cpu_seconds"] > 0 for s in doc["stages"])
     assert sum(s["cpu_seconds"] for s in doc["stages"]) < 240, [(s["stage"], s["cpu_seconds"]) for s in doc["stages"]]
     assert doc["tests"]["passed"] >= 1 and doc["tests"]["failures"] == 0
