@@ -317,14 +317,9 @@ def _diff_ci(correct_per_seed, reference, mask=None, level: float = 0.95) -> Dic
     else:
         ref = (reference[mask] if mask is not None else reference).double()
     d = x - ref
-    g = torch.Generator().manual_seed(1)
-    s, n = d.shape
-    seed_idx = torch.randint(0, s, (N_BOOT, s), generator=g)
-    ex_idx = torch.randint(0, n, (N_BOOT, n), generator=g)
-    per_seed = torch.cat([d[:, ex_idx[i:i + 256]].mean(-1).T for i in range(0, N_BOOT, 256)])
-    means = per_seed.gather(1, seed_idx).mean(1)
-    a = (1 - level) / 2
-    return {"mean": float(d.mean()), "low": float(torch.quantile(means, a)), "high": float(torch.quantile(means, 1 - a))}
+    from sparsebert.eval import seed_example_bootstrap
+    ci = seed_example_bootstrap(d, N_BOOT, level, seed=1)
+    return {"mean": ci["mean"], "low": ci["low"], "high": ci["high"]}
 
 
 def _macro_f1(preds, labels, k: int) -> float:

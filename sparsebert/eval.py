@@ -125,6 +125,36 @@ def classification_summary(preds, labels, num_classes: Optional[int] = None) -> 
             "one_class": bool((pred_counts > 0).sum().item() == 1), "pred_counts": pred_counts.tolist()}
 
 
+def seed_example_bootstrap(x: torch.Tensor, n_boot: int, level: float, seed: int) -> Dict[str, float]:
+    """Percentile interval of x.mean() for x (seeds, examples): each replicate draws the seeds with
+    replacement and, shared by those seeds (the examples are paired), the examples with replacement."""
+    if not 0.0 < level < 1.0 or n_boot < 1:
+        raise ValueError(f"level must be in (0, 1) and n_boot >= 1, got {level} and {n_boot}")
+    g = torch.Generator().manual_seed(seed)
+    s, n = x.shape
+    seed_idx = torch.randint(0, s, (n_boot, s), generator=g)
+    ex_idx = torch.randint(0, n, (n_boot, n), generator=g)
+    # (n_boot, S): each seed's mean on each replicate's examples (in chunks to bound memory)
+    per_seed = torch.cat([x[:, ex_idx[i:i + 256]].mean(-1).T for i in range(0, n_boot, 256)])
+    means = per_seed.gather(1, seed_idx).mean(1)
+    alpha = (1.0 - level) / 2
+    return {"mean": x.mean().item(), "low": torch.quantile(means, alpha).item(),
+            "high": torch.quantile(means, 1 - alpha).item(), "level": level, "n_seeds": s, "n_examples": n}
+
+
+def _per_seed_correct(arrays: Sequence, name: str) -> torch.Tensor:
+    if len(arrays) == 0:
+        raise ValueError(f"{name}: expected at least one seed's array")
+    rows = [torch.as_tensor(a).reshape(-1).double() for a in arrays]
+    n = rows[0].numel()
+    if n == 0 or any(r.numel() != n for r in rows):
+        raise ValueError(f"{name}: expected non-empty arrays of one length, got lengths {[r.numel() for r in rows]}")
+    x = torch.stack(rows)
+    if not bool(((x == 0) | (x == 1)).all()):
+        raise ValueError(f"{name}: expected 0/1 (correct or not) entries")
+    return x
+
+
 def bootstrap_ci(per_seed_correct: Sequence, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
                  ) -> Dict[str, float]:
     """Percentile bootstrap interval of the mean accuracy over seeds and examples.
@@ -132,28 +162,21 @@ def bootstrap_ci(per_seed_correct: Sequence, *, n_boot: int = 2000, level: float
     `per_seed_correct`: one 0/1 (or bool) array per seed, all over the same N examples. Each replicate
     draws the seeds with replacement and, shared by those seeds (the examples are paired), N examples
     with replacement. Returns {"mean", "low", "high", "level", "n_seeds", "n_examples"}."""
-    if len(per_seed_correct) == 0:
-        raise ValueError("per_seed_correct: expected at least one seed's array")
-    rows = [torch.as_tensor(a).reshape(-1).double() for a in per_seed_correct]
-    n = rows[0].numel()
-    if n == 0 or any(r.numel() != n for r in rows):
-        raise ValueError(f"per_seed_correct: expected non-empty arrays of one length, got lengths "
-                         f"{[r.numel() for r in rows]}")
-    x = torch.stack(rows)
-    if not bool(((x == 0) | (x == 1)).all()):
-        raise ValueError("per_seed_correct: expected 0/1 (correct or not) entries")
-    if not 0.0 < level < 1.0 or n_boot < 1:
-        raise ValueError(f"level must be in (0, 1) and n_boot >= 1, got {level} and {n_boot}")
-    g = torch.Generator().manual_seed(seed)
-    s = x.shape[0]
-    seed_idx = torch.randint(0, s, (n_boot, s), generator=g)
-    ex_idx = torch.randint(0, n, (n_boot, n), generator=g)
-    # (n_boot, S): each seed's accuracy on each replicate's examples (in chunks to bound memory)
-    per_seed = torch.cat([x[:, ex_idx[i:i + 256]].mean(-1).T for i in range(0, n_boot, 256)])
-    means = per_seed.gather(1, seed_idx).mean(1)
-    alpha = (1.0 - level) / 2
-    return {"mean": x.mean().item(), "low": torch.quantile(means, alpha).item(),
-            "high": torch.quantile(means, 1 - alpha).item(), "level": level, "n_seeds": s, "n_examples": n}
+    return seed_example_bootstrap(_per_seed_correct(per_seed_correct, "per_seed_correct"), n_boot, level, seed)
+
+
+def bootstrap_diff_ci(per_seed_correct_a: Sequence, per_seed_correct_b: Sequence, *, n_boot: int = 2000,
+                      level: float = 0.95, seed: int = 0) -> Dict[str, float]:
+    """Interval of accuracy(a) - accuracy(b), paired by seed and by example: a's and b's seed i share a
+    seed (e.g. a pruned model and the dense model it came from) and both arrays cover the same examples.
+    Resampled as `bootstrap_ci`, on the per-example differences. Same keys as `bootstrap_ci`, "mean"
+    being the difference."""
+    a = _per_seed_correct(per_seed_correct_a, "per_seed_correct_a")
+    b = _per_seed_correct(per_seed_correct_b, "per_seed_correct_b")
+    if a.shape != b.shape:
+        raise ValueError(f"per_seed_correct_a and per_seed_correct_b: expected the same seeds x examples, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    return seed_example_bootstrap(a - b, n_boot, level, seed)
 
 
 def evaluate(model: nn.Module, loader: Iterable, *, metric: str, examples: Optional[Sequence] = None,

@@ -13,7 +13,7 @@ from sparsebert.data import (
 from sparsebert.data.hans_style import SUBCASES, part_patterns
 from sparsebert.data.tasks import default_data_dir
 from sparsebert.debias import ClaimWordsFeaturizer, cross_fit_bias_probs, fit_bias_model, make_featurizer
-from sparsebert.eval import bootstrap_ci, classification_summary
+from sparsebert.eval import bootstrap_ci, bootstrap_diff_ci, classification_summary
 from sparsebert.pruning.paradigms import masks_from_state
 from sparsebert.pruning.srnet import Runner, SRNetConfig, expand_grid, load_data, ood_training_examples
 from sparsebert.report import markdown_table, summarize
@@ -79,6 +79,27 @@ def test_bootstrap_ci():
     with pytest.raises(ValueError, match="0/1"):
         bootstrap_ci([torch.tensor([0.5, 1.0])])
 
+
+
+def test_bootstrap_diff_ci_is_paired_by_seed_and_example():
+    g = torch.Generator().manual_seed(2)
+    base = [(torch.rand(500, generator=g) < 0.6).float() for _ in range(3)]
+    # b = a with 10% of the examples flipped to wrong: the paired difference is known exactly per seed
+    flip = torch.rand(500, generator=g) < 0.1
+    worse = [torch.where(flip, torch.zeros_like(a), a) for a in base]
+    d = bootstrap_diff_ci(base, worse, n_boot=500, seed=3)
+    exact = sum(float(a.mean() - w.mean()) for a, w in zip(base, worse)) / 3
+    assert d["mean"] == pytest.approx(exact) and 0 < d["low"] <= d["mean"] <= d["high"]
+    # pairing: the same difference between unpaired models (independent draws) has a far wider interval
+    other = [(torch.rand(500, generator=g) < 0.6 - exact).float() for _ in range(3)]
+    unpaired = bootstrap_diff_ci(base, other, n_boot=500, seed=3)
+    assert unpaired["high"] - unpaired["low"] > 2 * (d["high"] - d["low"])
+    assert bootstrap_diff_ci(base, base, n_boot=50) == {**bootstrap_diff_ci(base, base, n_boot=50), "mean": 0.0,
+                                                         "low": 0.0, "high": 0.0}
+    with pytest.raises(ValueError, match="same seeds x examples"):
+        bootstrap_diff_ci(base, base[:2])
+    with pytest.raises(ValueError, match="per_seed_correct_b.*0/1"):
+        bootstrap_diff_ci(base, [a * 0.5 for a in base])
 
 # ------------------------------------------------------------------------- PAWS-QQP overlap-biased subset
 def test_overlap_biased_split_on_fixture():

@@ -304,13 +304,26 @@ def _device_info(device: str) -> dict:
     return {"type": "cpu", "name": f"{name}, {n} thread{'s' if n != 1 else ''}"}
 
 
+def srnet_configs(out, size: DemoSize, backbone, device: str, seed: int = 0):
+    """The demo's two SRNet runs: dense CE fine-tuning of `backbone`, then paradigm-(a) PoE mask training of it
+    to `size.sparsity`. `seed` orders the data and seeds the classifier (the demo itself: 0)."""
+    from ..pruning.srnet import SRNetConfig
+    common = dict(task="synthetic", model=str(backbone), seed=seed, epochs=size.epochs, mask_epochs=size.mask_epochs,
+                  lr=size.lr, lr_scores=size.lr_scores, weight_decay=DEMO_WEIGHT_DECAY, max_train=size.max_train,
+                  max_eval=size.max_eval, max_ood=size.max_eval, device=device, out=str(out))
+    dense_cfg = SRNetConfig(paradigm="dense", loss="ce", **common).validate()
+    srnet_cfg = SRNetConfig(paradigm="a", source="ce", loss="poe", sparsity=size.sparsity, schedule="cubic",
+                            **common).validate()
+    return dense_cfg, srnet_cfg
+
+
 def run_demo(out, size: DemoSize, *, progress: bool = False) -> dict:
     """The whole demo; returns the result dict (rows, device, settings) and writes the report files."""
     import torch
 
     from ..flops import encoder_flops
     from ..nn import compress, for_inference
-    from ..pruning.srnet import Runner, SRNetConfig, evaluate_all
+    from ..pruning.srnet import Runner, evaluate_all
     from ..pruning.structured_api import prune_structured
 
     out = Path(out)
@@ -319,13 +332,7 @@ def run_demo(out, size: DemoSize, *, progress: bool = False) -> dict:
     backbone = write_backbone(out, size)
     log.info(f"demo: random BERT hidden {size.hidden}, {size.layers} layers, FFN {size.ffn} at {backbone}; "
              f"device {device}")
-    common = dict(task="synthetic", model=str(backbone), seed=0, epochs=size.epochs, mask_epochs=size.mask_epochs,
-                  lr=size.lr, lr_scores=size.lr_scores, weight_decay=DEMO_WEIGHT_DECAY, max_train=size.max_train,
-                  max_eval=size.max_eval,
-                  max_ood=size.max_eval, device=device, out=str(out / "srnet"))
-    dense_cfg = SRNetConfig(paradigm="dense", loss="ce", **common).validate()
-    srnet_cfg = SRNetConfig(paradigm="a", source="ce", loss="poe", sparsity=size.sparsity, schedule="cubic",
-                            **common).validate()
+    dense_cfg, srnet_cfg = srnet_configs(out / "srnet", size, backbone, device)
     runner = Runner(out / "srnet", progress=progress, log_fn=log.info)
     log.info("demo: SRNet runs (dense CE fine-tuning, then mask training with PoE; resumable)")
     srnet_run = runner.run(srnet_cfg)
