@@ -1,6 +1,6 @@
 """SRNet experiments at CPU scale (MiniLM backbone): run the planned sweep, then write results/srnet.
 
-    python scripts/srnet_eval.py run [--stage teacher main cecontrol highsparsity paradigms pawsqqp longmask] [--out DIR]
+    python scripts/srnet_eval.py run [--stage teacher main cecontrol highsparsity paradigms pawsqqp longmask] [--out DIR] [--match TEXT ...]
     python scripts/srnet_eval.py report [--out DIR] [--report-dir results/srnet]
 
 `run` executes the runs of each stage in priority order, one at a time, in this process (one thread:
@@ -26,7 +26,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -171,6 +171,14 @@ def paws_plan(out: str, **recipe) -> List[SharedTeacherConfig]:
 STAGES = ("teacher", "main", "cecontrol", "highsparsity", "paradigms", "pawsqqp", "longmask")
 
 
+def selected(cfgs: List[SharedTeacherConfig], match: Optional[List[str]]) -> List[SharedTeacherConfig]:
+    """The runs whose name contains one of `match` (all when None), with the dense runs they start from:
+    a mask run needs its teacher, so a selection never cuts it off."""
+    if not match:
+        return cfgs
+    return [c for c in cfgs if c.paradigm == "dense" or any(m in c.run_name for m in match)]
+
+
 def cmd_run(args) -> int:
     import logging
     import time
@@ -178,7 +186,7 @@ def cmd_run(args) -> int:
     runner = PredictionSavingRunner(args.out, progress=False, log_fn=logging.getLogger("srnet_eval").info)
     t0 = time.time()
     for stage in args.stage:
-        for cfg in plan(stage, args.out):
+        for cfg in selected(plan(stage, args.out), args.match):
             try:
                 r = runner.run(cfg)
             except RunLocked as e:  # another `run` process holds it: take the next one (two processes share a stage)
@@ -195,6 +203,9 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run the sweep (resumable)")
     r.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES))
     r.add_argument("--out", default=DEFAULT_OUT)
+    r.add_argument("--match", nargs="+", metavar="TEXT",
+                   help="only the stages' runs whose name contains one of these (e.g. +poe-s0.5 +ce-s0.5); "
+                        "their teachers run as needed")
     rep = sub.add_parser("report", help="tables, intervals and pictures from the finished runs")
     rep.add_argument("--out", default=DEFAULT_OUT)
     rep.add_argument("--report-dir", default="results/srnet")

@@ -180,6 +180,20 @@ def test_longmask_stage_is_its_own_run_beside_the_main_one():
     assert run_identity(long[0].dense_dependency()) == run_identity(short.dense_dependency())
 
 
+
+def test_match_selects_runs_by_name_and_keeps_their_teacher():
+    """`run --match`: a partial sweep (e.g. one loss) keeps the plan's order and never drops the dense teacher
+    the selected mask runs start from; no match selects nothing but the teacher; no --match selects all."""
+    paws = SE.plan("pawsqqp", "/tmp/never-written")
+    assert SE.selected(paws, None) == paws
+    picked = SE.selected(paws, ["+poe-s0.5-constant-seed1", "+ce-s0.5"])
+    assert [c.run_name for c in picked] == ["dense-ce-seed0", "a-ce+ce-s0.5-constant-seed0-t0",
+                                            "a-ce+poe-s0.5-constant-seed1-t0"]
+    assert picked[0] is paws[0] and picked[0].paradigm == "dense"
+    assert [c.paradigm for c in SE.selected(paws, ["no-such-run"])] == ["dense"]
+    main = SE.selected(SE.plan("main", "/tmp/never-written"), ["+reweight-s0.7"])
+    assert [c.run_name for c in main] == [f"a-ce+reweight-s0.7-constant-seed{s}-t0" for s in (0, 1, 2)]
+
 # ------------------------------------------------------------------------- a tiny end-to-end run + report
 def test_pawsqqp_stage_runs_and_reports_on_a_tiny_model(paws_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEBERT_DATA", str(paws_dir))
