@@ -28,6 +28,7 @@ import copy
 import csv
 import hashlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -457,6 +458,10 @@ def pairwise(groups, teachers):
 
 
 def write_outputs(results, out: Path, args):
+    """table.csv, pairwise.csv, results.json, tables.md and the plot in `out`, each written atomically (a
+    kill mid-report leaves the previous file, never half of one)."""
+    import io
+    from sparsebert.checkpoint import atomic_write_text
     out.mkdir(parents=True, exist_ok=True)
     rows, groups, teachers = aggregate(results, args)
     pairs = pairwise(groups, teachers)
@@ -464,11 +469,12 @@ def write_outputs(results, out: Path, args):
         keys = []
         for r in data:
             keys += [k for k in r if k not in keys]
-        with open(out / name, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            for r in data:
-                w.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()})
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        for r in data:
+            w.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()})
+        atomic_write_text(buf.getvalue(), out / name)
     teacher_rows = [{"task": t["config"]["task"], **{k: v for k, v in t["config"].items() if k not in ("kind", "task")},
                      "train_steps": t["train_steps"], "train_seconds": t["train_seconds"], **t["summary"]}
                     for t in teachers.values()]
@@ -496,10 +502,10 @@ def write_outputs(results, out: Path, args):
         for cell in t["runs"].values():
             for k in cell:
                 cell[k] = sorted(cell[k])
-    (out / "results.json").write_text(json.dumps({"scale": scale, "teachers": teacher_rows, "aggregates": rows,
-                                                  "pairwise": pairs, "speed": speed, "runs": runs}, indent=1))
+    atomic_write_text(json.dumps({"scale": scale, "teachers": teacher_rows, "aggregates": rows, "pairwise": pairs,
+                                  "speed": speed, "runs": runs}, indent=1), out / "results.json")
     plot(rows, teachers, out / "metric_vs_flops.png", args)
-    (out / "tables.md").write_text(markdown_tables(rows, pairs, teacher_rows, speed))
+    atomic_write_text(markdown_tables(rows, pairs, teacher_rows, speed), out / "tables.md")
 
 
 def _pct(x):
@@ -598,8 +604,10 @@ def plot(rows, teachers, path, args):
         ax.legend(fontsize=7)
     fig.suptitle("MiniLM-L6, mean of sample seeds, 95% bootstrap bands", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 def task_map(values, cast):

@@ -75,3 +75,45 @@ def test_variant_label_names_options_off_the_variants_own(given, label):
     assert KE.variant_label(_prune_cfg("kprune", KE.resolved_options("kprune", given))) == label
     abl = _prune_cfg("kprune", KE.resolved_options("kprune", {"weight_tuning": False}), "no_tuning")
     assert KE.variant_label(abl) == "no_tuning"
+
+
+def _records(task="mnli", n=60, classes=3):
+    """A teacher and two methods x two seeds over `n` dev examples, shaped as the study writes them."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, classes, (n,), generator=g).tolist()
+    binary = classes == 2
+    teacher_cfg = {"kind": "teacher", "task": task, "backbone": "b", "max_length": 64, "train_examples": None,
+                   "epochs": 3.0, "lr": 1e-4, "batch_size": 32, "seed": 0, "dev": "d"}
+    tkey = KE.key_of(teacher_cfg)
+    summ = {"accuracy": 0.6, "f1": 0.5 if binary else None, "majority_accuracy": 0.4,
+            "constant_f1": 0.3 if binary else None, "one_class": False, "pred_counts": [20] * classes}
+    recs = [{"key": tkey, "config": teacher_cfg, "train_steps": 10, "train_seconds": 1.0, "summary": summ,
+             "labels": labels, "preds": labels, "dev_probs": [[1.0 / classes] * classes] * n}]
+    for method in ("kprune", "kwon"):
+        for seed in (0, 1):
+            cfg = {**_prune_cfg(method, KE.resolved_options(method, {})), "task": task, "teacher": tkey,
+                   "sample_seed": seed}
+            preds = torch.randint(0, classes, (n,), generator=g).tolist()
+            recs.append({"key": KE.key_of(cfg), "config": cfg, "preds": preds, "summary": {**summ, "one_class": False},
+                         "agreement": 0.8, "mean_kl": 0.1, "flops_keep_reached": 0.4, "prune_seconds": 2.0,
+                         "seq_len": 30.0})
+    return recs
+
+
+@pytest.mark.parametrize("classes", [3, 2])
+def test_report_files_are_written_whole_and_hold_every_group(tmp_path, classes):
+    import argparse
+    import csv
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _records(classes=classes)))
+    out = tmp_path / "report"
+    KE.write_outputs(KE.Results(path), out, argparse.Namespace())
+    assert sorted(p.name for p in out.iterdir()) == ["metric_vs_flops.png", "pairwise.csv", "results.json",
+                                                     "table.csv", "tables.md"]  # no temporary file left
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert sorted(r["method"] for r in rows) == ["kprune", "kwon"] and all(r["seeds"] == "2" for r in rows)
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["scale"]["mnli"]["runs"]["full @ 4096 tokens"]["sample_seeds"] == [0, 1]
+    (pair,) = list(csv.DictReader((out / "pairwise.csv").open()))
+    assert ("f1_diff" in pair) == (classes == 2)  # F1 only where the task is binary
