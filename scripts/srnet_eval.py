@@ -2,6 +2,7 @@
 
     python scripts/srnet_eval.py run [--stage teacher main cecontrol highsparsity paradigms pawsqqp longmask] [--out DIR] [--match TEXT ...]
     python scripts/srnet_eval.py report [--out DIR] [--report-dir results/srnet]
+    python scripts/srnet_eval.py compare BEFORE/runs AFTER/runs [--write FILE]   # two reports, run by run
 
 `run` executes the runs of each stage in priority order, one at a time, in this process (one thread:
 OMP_NUM_THREADS=1); finished runs are skipped and interrupted ones resume (sparsebert.pruning.srnet.Runner).
@@ -213,9 +214,16 @@ def main(argv=None) -> int:
     mag.add_argument("--out", default=DEFAULT_OUT)
     mag.add_argument("--sparsity", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     mag.add_argument("--report-dir", default="results/srnet")
+    cmp = sub.add_parser("compare", help="two reports' run JSONs side by side, run by run (e.g. before and after "
+                                         "a change of defaults): last ID, HANS-style and its halves, test halves")
+    cmp.add_argument("before", help="a report's runs/ folder (run JSONs)")
+    cmp.add_argument("after", help="another report's runs/ folder")
+    cmp.add_argument("--write", help="also write the table (markdown) to this file")
     args = p.parse_args(argv)
     if args.cmd == "run":
         return cmd_run(args)
+    if args.cmd == "compare":
+        return cmd_compare(args)
     if args.cmd == "magnitude":
         return cmd_magnitude(args)
     return cmd_report(args)
@@ -509,6 +517,47 @@ def plot(rows, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+COMPARE_FIELDS = (("id", "ID"), ("ood", "HANS-style"), ("ood_entailed", "entailed"),
+                  ("ood_non_entailed", "non-entailed"))
+
+
+def compare_runs(before: Path, after: Path) -> str:
+    """Markdown: for every run JSON present in both folders (same run name), the last evaluation's numbers
+    before -> after (test halves, as the run JSONs hold them); the runs in one folder only are counted (the
+    ones only after are named: a rerun's new runs)."""
+    for d, name in ((before, "before"), (after, "after")):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{name}: {d} is not a folder of run JSONs")
+    a = {p.stem: json.loads(p.read_text()) for p in sorted(before.glob("*.json"))}
+    b = {p.stem: json.loads(p.read_text()) for p in sorted(after.glob("*.json"))}
+    both = [k for k in a if k in b]
+    lines = ["| run | " + " | ".join(f"{title} before -> after" for _, title in COMPARE_FIELDS) + " |",
+             "|---|" + "---|" * len(COMPARE_FIELDS)]
+    for k in both:
+        cells = []
+        for field, _ in COMPARE_FIELDS:
+            x, y = a[k]["last"].get(field), b[k]["last"].get(field)
+            cells.append("" if x is None or y is None else f"{100 * x:.1f} -> {100 * y:.1f} ({100 * (y - x):+.1f})")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    a_only, b_only = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if a_only or b_only:
+        lines += ["", f"Not compared: {len(a_only)} runs only before" +
+                  (f"; only after: {', '.join(b_only)}" if b_only else "") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_compare(args) -> int:
+    try:
+        text = compare_runs(Path(args.before), Path(args.after))
+    except FileNotFoundError as e:
+        print(f"srnet_eval compare: {e}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    if args.write:
+        atomic_write_text(text, Path(args.write))
+    return 0
 
 
 def cmd_report(args) -> int:

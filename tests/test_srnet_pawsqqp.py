@@ -340,3 +340,30 @@ def test_run_skips_a_run_another_process_holds(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "dense-ce-seed0" in out and "skipped" in out
     assert len(done) == 7  # every mask run still went ahead
+
+
+def test_compare_puts_two_reports_runs_side_by_side(tmp_path, capsys):
+    """`compare BEFORE AFTER`: the runs in both, field by field, with the difference; the others counted."""
+    def run_json(folder, name, id_acc, ood, ent=None, non=None):
+        folder.mkdir(exist_ok=True)
+        last = {"id": id_acc, "ood": ood, **({"ood_entailed": ent, "ood_non_entailed": non} if ent is not None else {})}
+        (folder / f"{name}.json").write_text(json.dumps({"run": name, "last": last}))
+
+    before, after = tmp_path / "v4", tmp_path / "v5"
+    run_json(before, "dense-ce-seed0", 0.6385, 0.52, 0.969, 0.071)
+    run_json(after, "dense-ce-seed0", 0.6365, 0.5222, 0.96, 0.0844)
+    run_json(before, "a-ce+poe-s0.5-constant-seed0-t0", 0.59, 0.53)
+    run_json(before, "a-ce+poe-s0.7-constant-seed0-t0", 0.50, 0.52)
+    run_json(after, "a-ce+poe-s0.5-constant-seed0-t0", 0.5927, 0.52)
+    run_json(after, "new-run", 0.1, 0.1)
+    out = tmp_path / "cmp.md"
+    assert SE.main(["compare", str(before), str(after), "--write", str(out)]) == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines()[2:] if line.startswith("| ")}
+    assert set(rows) == {"dense-ce-seed0", "a-ce+poe-s0.5-constant-seed0-t0"}
+    assert "63.8 -> 63.6 (-0.2)" in rows["dense-ce-seed0"] and "7.1 -> 8.4 (+1.3)" in rows["dense-ce-seed0"]
+    assert "59.0 -> 59.3 (+0.3)" in rows["a-ce+poe-s0.5-constant-seed0-t0"]
+    assert "Not compared: 1 runs only before; only after: new-run." in text
+    assert SE.main(["compare", str(tmp_path / "missing"), str(after)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
