@@ -47,9 +47,9 @@ def seed_predictions(runner, size, backbone, device: str, seed: int) -> dict:
         for split in SPLITS:
             probs, labels = predict(model, data.loader(split, batch_size=64), device=device)
             pred = probs.argmax(-1)
-            summary = classification_summary(pred, labels)
+            summary = classification_summary(pred, labels, probs.shape[-1])
             out["models"][name][split] = {"correct": (pred == labels).to(torch.int8).tolist(),
-                                          "accuracy": float((pred == labels).double().mean()),
+                                          "accuracy": summary["accuracy"],
                                           "majority_accuracy": summary["majority_accuracy"],
                                           "one_class": summary["one_class"]}
     return out
@@ -125,6 +125,7 @@ def write_report(report_dir: Path, per_seed: list, settings: dict) -> list:
 
 def _plot(per_seed: list, summary: dict, path: Path) -> None:
     import matplotlib
+    from sparsebert.checkpoint import atomic_write_bytes
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
@@ -144,10 +145,10 @@ def _plot(per_seed: list, summary: dict, path: Path) -> None:
     fig.suptitle("dots: one seed each; bars: mean and 95% bootstrap interval", fontsize=8)
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(png.getvalue(), path)
 
 
 def main(argv=None) -> int:

@@ -26,15 +26,18 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import functools
 import hashlib
+import io
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from sparsebert.checkpoint import atomic_write_bytes, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("sst2", "mrpc", "mnli", "paws_qqp")
@@ -98,18 +101,29 @@ def resolved_options(method, options):
     return method_options(method, **options)
 
 
+@functools.lru_cache(maxsize=None)
+def _kprune_variant_options(variant):
+    """Every Kprune option of a variant (the full method or an ablation), resolved once per variant."""
+    return resolved_options("kprune", ABLATIONS.get(variant, {}))
+
+
+@functools.lru_cache(maxsize=None)
+def _kprune_legacy_changes():
+    """The Kprune options whose pre-2026-11-30 value differs from today's default, with that old value."""
+    defaults = _kprune_variant_options("full")
+    return tuple(sorted((k, v) for k, v in LEGACY_OPTIONS["kprune"].items() if defaults[k] != v))
+
+
 def variant_label(cfg):
     """The variant a prune result reports under: its ``variant``, with ``@earlier`` when it ran with the
     pre-2026-11-30 Kprune defaults, or ``@k=v,...`` for any other option off the variant's own settings."""
     if cfg["method"] != "kprune":
         return cfg["variant"]
-    own = resolved_options("kprune", ABLATIONS.get(cfg["variant"], {}))
+    own = _kprune_variant_options(cfg["variant"])
     diff = {k: v for k, v in cfg["options"].items() if own.get(k) != v}
     if not diff:
         return cfg["variant"]
-    defaults = resolved_options("kprune", {})
-    legacy = {k: v for k, v in LEGACY_OPTIONS["kprune"].items() if defaults[k] != v}
-    if diff == legacy:
+    if tuple(sorted(diff.items())) == _kprune_legacy_changes():
         return cfg["variant"] + "@earlier"
     return cfg["variant"] + "@" + ",".join(f"{k}={v}" for k, v in sorted(diff.items()))
 
@@ -460,8 +474,6 @@ def pairwise(groups, teachers):
 def write_outputs(results, out: Path, args):
     """table.csv, pairwise.csv, results.json, tables.md and the plot in `out`, each written atomically (a
     kill mid-report leaves the previous file, never half of one)."""
-    import io
-    from sparsebert.checkpoint import atomic_write_text
     out.mkdir(parents=True, exist_ok=True)
     rows, groups, teachers = aggregate(results, args)
     pairs = pairwise(groups, teachers)
@@ -604,10 +616,10 @@ def plot(rows, teachers, path, args):
         ax.legend(fontsize=7)
     fig.suptitle("MiniLM-L6, mean of sample seeds, 95% bootstrap bands", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(png.getvalue(), path)
 
 
 def task_map(values, cast):

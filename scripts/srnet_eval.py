@@ -530,15 +530,15 @@ def compare_runs(before: Path, after: Path) -> str:
     for d, name in ((before, "before"), (after, "after")):
         if not d.is_dir():
             raise FileNotFoundError(f"{name}: {d} is not a folder of run JSONs")
-    a = {p.stem: json.loads(p.read_text()) for p in sorted(before.glob("*.json"))}
-    b = {p.stem: json.loads(p.read_text()) for p in sorted(after.glob("*.json"))}
+    a, b = ({p.stem: p for p in sorted(d.glob("*.json"))} for d in (before, after))
     both = [k for k in a if k in b]
+    last = {k: (json.loads(a[k].read_text())["last"], json.loads(b[k].read_text())["last"]) for k in both}
     lines = ["| run | " + " | ".join(f"{title} before -> after" for _, title in COMPARE_FIELDS) + " |",
              "|---|" + "---|" * len(COMPARE_FIELDS)]
     for k in both:
         cells = []
         for field, _ in COMPARE_FIELDS:
-            x, y = a[k]["last"].get(field), b[k]["last"].get(field)
+            x, y = (side.get(field) for side in last[k])
             cells.append("" if x is None or y is None else f"{100 * x:.1f} -> {100 * y:.1f} ({100 * (y - x):+.1f})")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     a_only, b_only = sorted(set(a) - set(b)), sorted(set(b) - set(a))
