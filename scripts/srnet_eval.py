@@ -27,12 +27,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparsebert.checkpoint import atomic_write_text  # noqa: E402
+from sparsebert.cli.srnet import int_at_least  # noqa: E402
 from sparsebert.pruning.srnet import Runner, SRNetConfig  # noqa: E402
 from sparsebert.runs import RunLocked  # noqa: E402
 
@@ -133,39 +134,44 @@ def mnli_cfg(out: str, **kw) -> SharedTeacherConfig:
     return SharedTeacherConfig(out=out, **{**MNLI, **kw}).validate()
 
 
-def plan(stage: str, out: str) -> List[SharedTeacherConfig]:
-    """The runs of a stage, in the order they execute (seed-major, so a cut leaves balanced cells)."""
+SEEDS = (0, 1, 2)
+
+
+def plan(stage: str, out: str, seeds: Sequence[int] = SEEDS) -> List[SharedTeacherConfig]:
+    """The runs of a stage, in the order they execute (seed-major, so a cut leaves balanced cells).
+    `seeds`: the mask-search seeds of the seeded stages (the teacher and the one-seed paradigms stage keep
+    seed 0; more seeds add runs beside the existing ones, which keep their names and are reused)."""
     if stage == "teacher":
         return [mnli_cfg(out, paradigm="dense", loss="ce", seed=0)]
     if stage == "main":
         return [mnli_cfg(out, paradigm="a", source="ce", loss=loss, sparsity=s, seed=seed)
-                for s in (0.5, 0.7) for seed in (0, 1, 2) for loss in ("poe", "reweight")]
+                for s in (0.5, 0.7) for seed in seeds for loss in ("poe", "reweight")]
     if stage == "cecontrol":  # CE mask training at 50%: what the mask search alone does, without debiasing
-        return [mnli_cfg(out, paradigm="a", source="ce", loss="ce", sparsity=0.5, seed=seed) for seed in (0, 1, 2)]
+        return [mnli_cfg(out, paradigm="a", source="ce", loss="ce", sparsity=0.5, seed=seed) for seed in seeds]
     if stage == "highsparsity":
         return [mnli_cfg(out, paradigm="a", source="ce", loss="poe", sparsity=0.9, seed=seed, **sched)
-                for seed in (0, 1, 2) for sched in (dict(schedule="cubic", initial_sparsity=0.7),
-                                                    dict(schedule="constant"))]
+                for seed in seeds for sched in (dict(schedule="cubic", initial_sparsity=0.7),
+                                                dict(schedule="constant"))]
     if stage == "paradigms":
         return [mnli_cfg(out, paradigm="c", loss="poe", sparsity=0.5, seed=0),
                 mnli_cfg(out, paradigm="b", source="ce", loss="poe", sparsity=0.5, seed=0, mask_from="mask_training")]
     if stage == "longmask":  # 4x the mask steps (980): does the 245-step picture change with a longer search?
         return [mnli_cfg(out, paradigm="a", source="ce", loss=loss, sparsity=0.5, seed=seed, mask_epochs=2.0)
-                for seed in (0, 1, 2) for loss in ("poe", "ce", "reweight")]
+                for seed in seeds for loss in ("poe", "ce", "reweight")]
     if stage == "pawsqqp":
-        return paws_plan(out)
+        return paws_plan(out, seeds=seeds)
     raise ValueError(f"--stage: expected one of {', '.join(STAGES)}, got {stage!r}")
 
 
-def paws_plan(out: str, **recipe) -> List[SharedTeacherConfig]:
+def paws_plan(out: str, seeds: Sequence[int] = SEEDS, **recipe) -> List[SharedTeacherConfig]:
     """Stage pawsqqp: the dense CE teacher on the biased subset, then paradigm-a mask training of that one
-    teacher at 50%: poe and reweight for seeds 0, 1, 2 (seed-major), and ce for seed 0 (the control without
-    debiasing). `recipe` overrides PAWS (tests: a tiny model)."""
+    teacher at 50%: poe and reweight for `seeds` (default 0, 1, 2; seed-major), and ce for seed 0 (the control
+    without debiasing). `recipe` overrides PAWS (tests: a tiny model)."""
     def cfg(**kw) -> SharedTeacherConfig:
         return SharedTeacherConfig(out=out, **{**PAWS, **recipe, **kw}).validate()
 
     masks = [cfg(paradigm="a", source="ce", loss=loss, sparsity=0.5, seed=seed)
-             for seed in (0, 1, 2) for loss in (("poe", "reweight", "ce") if seed == 0 else ("poe", "reweight"))]
+             for seed in seeds for loss in (("poe", "reweight", "ce") if seed == 0 else ("poe", "reweight"))]
     return [cfg(paradigm="dense", loss="ce", seed=0)] + masks
 
 
@@ -187,7 +193,7 @@ def cmd_run(args) -> int:
     runner = PredictionSavingRunner(args.out, progress=False, log_fn=logging.getLogger("srnet_eval").info)
     t0 = time.time()
     for stage in args.stage:
-        for cfg in selected(plan(stage, args.out), args.match):
+        for cfg in selected(plan(stage, args.out, list(dict.fromkeys(args.seeds))), args.match):
             try:
                 r = runner.run(cfg)
             except RunLocked as e:  # another `run` process holds it: take the next one (two processes share a stage)
@@ -207,6 +213,9 @@ def main(argv=None) -> int:
     r.add_argument("--match", nargs="+", metavar="TEXT",
                    help="only the stages' runs whose name contains one of these (e.g. +poe-s0.5 +ce-s0.5); "
                         "their teachers run as needed")
+    r.add_argument("--seeds", nargs="+", type=int_at_least(0, "a non-negative integer seed"), default=list(SEEDS), metavar="N",
+                   help="mask-search seeds of the seeded stages (default 0 1 2); e.g. --seeds 3 4 5 adds runs to "
+                        "cells that have 0-2, and the report pools every seed it finds")
     rep = sub.add_parser("report", help="tables, intervals and pictures from the finished runs")
     rep.add_argument("--out", default=DEFAULT_OUT)
     rep.add_argument("--report-dir", default="results/srnet")

@@ -1,5 +1,6 @@
 """The PAWS-QQP controlled-bias experiment (issue 11): the paws_qqp_biased task's splits, the bias model on
 its overlap cue, the `pawsqqp` stage of scripts/srnet_eval.py (plan, a tiny end-to-end run) and its report."""
+import dataclasses
 import importlib.util
 import json
 import math
@@ -193,6 +194,30 @@ def test_match_selects_runs_by_name_and_keeps_their_teacher():
     assert [c.paradigm for c in SE.selected(paws, ["no-such-run"])] == ["dense"]
     main = SE.selected(SE.plan("main", "/tmp/never-written"), ["+reweight-s0.7"])
     assert [c.run_name for c in main] == [f"a-ce+reweight-s0.7-constant-seed{s}-t0" for s in (0, 1, 2)]
+
+
+
+def test_seeds_add_runs_beside_the_default_ones_and_keep_the_teacher(capsys):
+    """`run --seeds`: more seeds of the same cells. The default seeds' runs keep their names (a finished sweep
+    is reused, not rerun), the new seeds name new runs of the same recipe and the same teacher, the one-seed
+    stages ignore it, and a bad seed is refused by the parser naming the option."""
+    base = {c.run_name: c for c in SE.plan("cecontrol", "/tmp/never-written")}
+    assert list(base) == [f"a-ce+ce-s0.5-constant-seed{s}-t0" for s in SE.SEEDS]
+    more = SE.plan("cecontrol", "/tmp/never-written", seeds=[3, 4])
+    assert [c.run_name for c in more] == ["a-ce+ce-s0.5-constant-seed3-t0", "a-ce+ce-s0.5-constant-seed4-t0"]
+    ref = base["a-ce+ce-s0.5-constant-seed0-t0"]
+    for c in more:
+        assert dataclasses.replace(c, seed=0) == ref  # only the seed differs
+        assert run_identity(c.dense_dependency()) == run_identity(ref.dense_dependency())
+    assert [c.seed for c in SE.plan("teacher", "/tmp/never-written", seeds=[5])] == [0]
+    assert [c.seed for c in SE.plan("paradigms", "/tmp/never-written", seeds=[5])] == [0, 0]
+    paws = [c.run_name for c in SE.plan("pawsqqp", "/tmp/never-written", seeds=[3])]
+    assert paws == ["dense-ce-seed0", "a-ce+poe-s0.5-constant-seed3-t0", "a-ce+reweight-s0.5-constant-seed3-t0"]
+    for bad in ("x", "-1"):
+        with pytest.raises(SystemExit):
+            SE.main(["run", "--seeds", bad, "--out", "/tmp/never-written"])
+        assert "--seeds: expected a non-negative integer seed" in capsys.readouterr().err
+
 
 # ------------------------------------------------------------------------- a tiny end-to-end run + report
 def test_pawsqqp_stage_runs_and_reports_on_a_tiny_model(paws_dir, tmp_path, monkeypatch):

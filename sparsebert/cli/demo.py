@@ -229,21 +229,16 @@ def format_table(rows: list) -> str:
     return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *(line(r) for r in body)])
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_outputs(report_dir: Path, result: dict) -> list:
     """demo.json, demo.csv and demo.png under report_dir (each written atomically); returns their paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from ..checkpoint import atomic_write_bytes
     report_dir.mkdir(parents=True, exist_ok=True)
     rows = result["rows"]
     paths = [report_dir / "demo.json", report_dir / "demo.csv", report_dir / "demo.png"]
-    _atomic_bytes(paths[0], json.dumps(result, indent=1).encode())
+    atomic_write_bytes(json.dumps(result, indent=1).encode(), paths[0])
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["model", "id_acc", "ood_acc", "pruned", "sparsity", "flops_keep", "weight_bytes",
@@ -252,7 +247,7 @@ def write_outputs(report_dir: Path, result: dict) -> list:
         w.writerow([r["model"], r["id_acc"], r["ood_acc"], r["pruned"], r["sparsity"], r["flops_keep"],
                     r["weight_bytes"], *[r["latency_ms"][str(b)] for b in LATENCY_BATCHES],
                     *[r["speedup"][str(b)] for b in LATENCY_BATCHES]])
-    _atomic_bytes(paths[1], buf.getvalue().encode())
+    atomic_write_bytes(buf.getvalue().encode(), paths[1])
 
     names = [r["model"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -281,7 +276,7 @@ def write_outputs(report_dir: Path, result: dict) -> list:
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    _atomic_bytes(paths[2], png.getvalue())
+    atomic_write_bytes(png.getvalue(), paths[2])
     return paths
 
 
