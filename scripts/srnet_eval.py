@@ -140,7 +140,9 @@ SEEDS = (0, 1, 2)
 def plan(stage: str, out: str, seeds: Sequence[int] = SEEDS) -> List[SharedTeacherConfig]:
     """The runs of a stage, in the order they execute (seed-major, so a cut leaves balanced cells).
     `seeds`: the mask-search seeds of the seeded stages (the teacher and the one-seed paradigms stage keep
-    seed 0; more seeds add runs beside the existing ones, which keep their names and are reused)."""
+    seed 0; more seeds add runs beside the existing ones, which keep their names and are reused; a repeated
+    seed is one run)."""
+    seeds = tuple(dict.fromkeys(seeds))
     if stage == "teacher":
         return [mnli_cfg(out, paradigm="dense", loss="ce", seed=0)]
     if stage == "main":
@@ -193,7 +195,7 @@ def cmd_run(args) -> int:
     runner = PredictionSavingRunner(args.out, progress=False, log_fn=logging.getLogger("srnet_eval").info)
     t0 = time.time()
     for stage in args.stage:
-        for cfg in selected(plan(stage, args.out, list(dict.fromkeys(args.seeds))), args.match):
+        for cfg in selected(plan(stage, args.out, args.seeds), args.match):
             try:
                 r = runner.run(cfg)
             except RunLocked as e:  # another `run` process holds it: take the next one (two processes share a stage)
@@ -213,7 +215,8 @@ def main(argv=None) -> int:
     r.add_argument("--match", nargs="+", metavar="TEXT",
                    help="only the stages' runs whose name contains one of these (e.g. +poe-s0.5 +ce-s0.5); "
                         "their teachers run as needed")
-    r.add_argument("--seeds", nargs="+", type=int_at_least(0, "a non-negative integer seed"), default=list(SEEDS), metavar="N",
+    r.add_argument("--seeds", nargs="+", type=int_at_least(0, "a non-negative integer seed"),
+                   default=list(SEEDS), metavar="N",
                    help="mask-search seeds of the seeded stages (default 0 1 2); e.g. --seeds 3 4 5 adds runs to "
                         "cells that have 0-2, and the report pools every seed it finds")
     rep = sub.add_parser("report", help="tables, intervals and pictures from the finished runs")

@@ -196,7 +196,6 @@ def test_match_selects_runs_by_name_and_keeps_their_teacher():
     assert [c.run_name for c in main] == [f"a-ce+reweight-s0.7-constant-seed{s}-t0" for s in (0, 1, 2)]
 
 
-
 def test_seeds_add_runs_beside_the_default_ones_and_keep_the_teacher(capsys):
     """`run --seeds`: more seeds of the same cells. The default seeds' runs keep their names (a finished sweep
     is reused, not rerun), the new seeds name new runs of the same recipe and the same teacher, the one-seed
@@ -205,6 +204,7 @@ def test_seeds_add_runs_beside_the_default_ones_and_keep_the_teacher(capsys):
     assert list(base) == [f"a-ce+ce-s0.5-constant-seed{s}-t0" for s in SE.SEEDS]
     more = SE.plan("cecontrol", "/tmp/never-written", seeds=[3, 4])
     assert [c.run_name for c in more] == ["a-ce+ce-s0.5-constant-seed3-t0", "a-ce+ce-s0.5-constant-seed4-t0"]
+    assert SE.plan("cecontrol", "/tmp/never-written", seeds=[3, 4, 3]) == more  # a repeated seed is one run
     ref = base["a-ce+ce-s0.5-constant-seed0-t0"]
     for c in more:
         assert dataclasses.replace(c, seed=0) == ref  # only the seed differs
