@@ -1,6 +1,7 @@
 """SRNet experiments at CPU scale (MiniLM backbone): run the planned sweep, then write results/srnet.
 
     python scripts/srnet_eval.py run [--stage teacher main cecontrol highsparsity paradigms pawsqqp longmask] [--out DIR] [--match TEXT ...]
+                                     [--seeds N ...] [--weight-decay WD]   # WD: the teacher's decay, own --out
     python scripts/srnet_eval.py report [--out DIR] [--report-dir results/srnet]
     python scripts/srnet_eval.py compare BEFORE/runs AFTER/runs [--write FILE]   # two reports, run by run
 
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparsebert.checkpoint import atomic_write_text  # noqa: E402
-from sparsebert.cli.srnet import int_at_least  # noqa: E402
+from sparsebert.cli.srnet import nonnegative_float, int_at_least  # noqa: E402
 from sparsebert.pruning.srnet import Runner, SRNetConfig  # noqa: E402
 from sparsebert.runs import RunLocked  # noqa: E402
 
@@ -134,34 +135,42 @@ def mnli_cfg(out: str, **kw) -> SharedTeacherConfig:
     return SharedTeacherConfig(out=out, **{**MNLI, **kw}).validate()
 
 
+
 SEEDS = (0, 1, 2)
 
 
-def plan(stage: str, out: str, seeds: Sequence[int] = SEEDS) -> List[SharedTeacherConfig]:
+def plan(stage: str, out: str, seeds: Sequence[int] = SEEDS, weight_decay: float = 0.0) -> List[SharedTeacherConfig]:
     """The runs of a stage, in the order they execute (seed-major, so a cut leaves balanced cells).
     `seeds`: the mask-search seeds of the seeded stages (the teacher and the one-seed paradigms stage keep
     seed 0; more seeds add runs beside the existing ones, which keep their names and are reused; a repeated
-    seed is one run)."""
+    seed is one run). `weight_decay`: AdamW decay of the model weights in every run of the plan (the teacher's
+    fine-tuning, paradigm b's retraining; paradigm a's mask search freezes the weights, so there it acts through
+    the teacher only). The default is the authors' 0; v4 ran with 0.01. It is part of each run's identity, so a
+    plan with another decay needs its own --out (the runner refuses a folder holding another configuration)."""
     seeds = tuple(dict.fromkeys(seeds))
+    if stage == "pawsqqp":
+        return paws_plan(out, seeds=seeds, weight_decay=weight_decay)
+
+    def cfg(**kw) -> SharedTeacherConfig:
+        return mnli_cfg(out, weight_decay=weight_decay, **kw)
+
     if stage == "teacher":
-        return [mnli_cfg(out, paradigm="dense", loss="ce", seed=0)]
+        return [cfg(paradigm="dense", loss="ce", seed=0)]
     if stage == "main":
-        return [mnli_cfg(out, paradigm="a", source="ce", loss=loss, sparsity=s, seed=seed)
+        return [cfg(paradigm="a", source="ce", loss=loss, sparsity=s, seed=seed)
                 for s in (0.5, 0.7) for seed in seeds for loss in ("poe", "reweight")]
     if stage == "cecontrol":  # CE mask training at 50%: what the mask search alone does, without debiasing
-        return [mnli_cfg(out, paradigm="a", source="ce", loss="ce", sparsity=0.5, seed=seed) for seed in seeds]
+        return [cfg(paradigm="a", source="ce", loss="ce", sparsity=0.5, seed=seed) for seed in seeds]
     if stage == "highsparsity":
-        return [mnli_cfg(out, paradigm="a", source="ce", loss="poe", sparsity=0.9, seed=seed, **sched)
+        return [cfg(paradigm="a", source="ce", loss="poe", sparsity=0.9, seed=seed, **sched)
                 for seed in seeds for sched in (dict(schedule="cubic", initial_sparsity=0.7),
                                                 dict(schedule="constant"))]
     if stage == "paradigms":
-        return [mnli_cfg(out, paradigm="c", loss="poe", sparsity=0.5, seed=0),
-                mnli_cfg(out, paradigm="b", source="ce", loss="poe", sparsity=0.5, seed=0, mask_from="mask_training")]
+        return [cfg(paradigm="c", loss="poe", sparsity=0.5, seed=0),
+                cfg(paradigm="b", source="ce", loss="poe", sparsity=0.5, seed=0, mask_from="mask_training")]
     if stage == "longmask":  # 4x the mask steps (980): does the 245-step picture change with a longer search?
-        return [mnli_cfg(out, paradigm="a", source="ce", loss=loss, sparsity=0.5, seed=seed, mask_epochs=2.0)
+        return [cfg(paradigm="a", source="ce", loss=loss, sparsity=0.5, seed=seed, mask_epochs=2.0)
                 for seed in seeds for loss in ("poe", "ce", "reweight")]
-    if stage == "pawsqqp":
-        return paws_plan(out, seeds=seeds)
     raise ValueError(f"--stage: expected one of {', '.join(STAGES)}, got {stage!r}")
 
 
@@ -195,7 +204,7 @@ def cmd_run(args) -> int:
     runner = PredictionSavingRunner(args.out, progress=False, log_fn=logging.getLogger("srnet_eval").info)
     t0 = time.time()
     for stage in args.stage:
-        for cfg in selected(plan(stage, args.out, args.seeds), args.match):
+        for cfg in selected(plan(stage, args.out, args.seeds, args.weight_decay), args.match):
             try:
                 r = runner.run(cfg)
             except RunLocked as e:  # another `run` process holds it: take the next one (two processes share a stage)
@@ -219,6 +228,9 @@ def main(argv=None) -> int:
                    default=list(SEEDS), metavar="N",
                    help="mask-search seeds of the seeded stages (default 0 1 2); e.g. --seeds 3 4 5 adds runs to "
                         "cells that have 0-2, and the report pools every seed it finds")
+    r.add_argument("--weight-decay", type=nonnegative_float, default=0.0, metavar="WD",
+                   help="AdamW decay of the model weights in every run (default 0, the authors'; v4 ran 0.01). "
+                        "Another decay is another configuration: give it its own --out")
     rep = sub.add_parser("report", help="tables, intervals and pictures from the finished runs")
     rep.add_argument("--out", default=DEFAULT_OUT)
     rep.add_argument("--report-dir", default="results/srnet")

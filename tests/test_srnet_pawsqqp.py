@@ -220,6 +220,35 @@ def test_seeds_add_runs_beside_the_default_ones_and_keep_the_teacher(capsys):
 
 
 # ------------------------------------------------------------------------- a tiny end-to-end run + report
+def test_weight_decay_reaches_every_run_and_the_teacher_it_starts_from(monkeypatch, capsys):
+    """`run --weight-decay`: the teacher's AdamW decay (v4 ran 0.01, the authors' code 0). Every run of the plan
+    and the dense run each mask run starts from carry it, it changes their identity (so a folder of decay-0 runs
+    is never reused for it), and a bad value is refused naming the option."""
+    for stage in SE.STAGES:
+        default, decayed = SE.plan(stage, "/tmp/never-written"), SE.plan(stage, "/tmp/never-written", weight_decay=0.01)
+        assert [c.run_name for c in default] == [c.run_name for c in decayed]
+        assert all(c.weight_decay == 0.0 for c in default) and all(c.weight_decay == 0.01 for c in decayed)
+        for c, d in zip(default, decayed):
+            assert run_identity(c) != run_identity(d)
+            if c.paradigm in ("a", "b"):
+                assert d.dense_dependency().weight_decay == 0.01 and c.dense_dependency().weight_decay == 0.0
+    seen = []
+
+    def fake_run(self, cfg):
+        seen.append((cfg.run_name, cfg.weight_decay))
+        return {"run": cfg.run_name, "last": {"id": 0.5, "ood": 0.5}, "seconds": 1.0}
+
+    monkeypatch.setattr(SE.PredictionSavingRunner, "run", fake_run)
+    assert SE.main(["run", "--stage", "teacher", "main", "--match", "+poe-s0.7", "--seeds", "4",
+                    "--weight-decay", "0.01", "--out", "/tmp/never-written"]) == 0
+    assert seen == [("dense-ce-seed0", 0.01), ("a-ce+poe-s0.7-constant-seed4-t0", 0.01)]
+    capsys.readouterr()
+    for bad in ("-0.01", "inf", "nan", "x"):
+        with pytest.raises(SystemExit):
+            SE.main(["run", "--weight-decay", bad, "--out", "/tmp/never-written"])
+        assert "--weight-decay: expected a" in capsys.readouterr().err
+
+
 def test_pawsqqp_stage_runs_and_reports_on_a_tiny_model(paws_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEBERT_DATA", str(paws_dir))
     out = tmp_path / "runs"

@@ -53,7 +53,8 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _nonnegative_float(text: str) -> float:
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
     try:
         v = float(text)
     except ValueError:
@@ -133,7 +134,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=2e-5)
     t.add_argument("--lr-scores", type=_positive_float, default=5e-5, help="learning rate of the mask scores "
                    "(the paper's 5e-5)")
-    t.add_argument("--weight-decay", type=_nonnegative_float, default=0.0, help="AdamW weight decay of the model "
+    t.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW weight decay of the model "
                    "weights in dense, IMP and retraining runs (the authors' code: 0; the scores never decay)")
     t.add_argument("--batch-size", type=_positive_int, default=32)
     t.add_argument("--max-length", type=_positive_int, default=128)
