@@ -4,6 +4,7 @@
                                      [--seeds N ...] [--weight-decay WD]   # WD: the teacher's decay, own --out
     python scripts/srnet_eval.py report [--out DIR] [--report-dir results/srnet]
     python scripts/srnet_eval.py compare BEFORE/runs AFTER/runs [--write FILE]   # two reports, run by run
+    python scripts/srnet_eval.py collapse --runs LABEL=DIR ... --match TEXT ... --report-dir DIR   # one-class runs per teacher
 
 `run` executes the runs of each stage in priority order, one at a time, in this process (one thread:
 OMP_NUM_THREADS=1); finished runs are skipped and interrupted ones resume (sparsebert.pruning.srnet.Runner).
@@ -243,7 +244,15 @@ def main(argv=None) -> int:
     cmp.add_argument("before", help="a report's runs/ folder (run JSONs)")
     cmp.add_argument("after", help="another report's runs/ folder")
     cmp.add_argument("--write", help="also write the table (markdown) to this file")
+    col = sub.add_parser("collapse", help="how many mask searches collapse to one class, teacher by teacher (one "
+                                          "folder per teacher), with Fisher's exact test between them")
+    col.add_argument("--runs", nargs="+", required=True, metavar="LABEL=DIR",
+                     help="one folder of runs per teacher, e.g. decay0=runs/srnet_cpu_v5 decay0.01=runs/srnet_cpu_wd01")
+    col.add_argument("--match", nargs="+", required=True, metavar="TEXT", help="the cells' runs, e.g. +poe-s0.7")
+    col.add_argument("--report-dir", required=True)
     args = p.parse_args(argv)
+    if args.cmd == "collapse":
+        return cmd_collapse(args)
     if args.cmd == "run":
         return cmd_run(args)
     if args.cmd == "compare":
@@ -570,6 +579,167 @@ def compare_runs(before: Path, after: Path) -> str:
         lines += ["", f"Not compared: {len(a_only)} runs only before" +
                   (f"; only after: {', '.join(b_only)}" if b_only else "") + "."]
     return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------- collapse (teachers compared)
+def _labelled_dirs(specs: Sequence[str]) -> List[tuple]:
+    """LABEL=DIR arguments -> [(label, Path)], refusing a malformed one, a repeated label or a missing folder."""
+    out = []
+    for spec in specs:
+        label, sep, folder = spec.partition("=")
+        if not sep or not label or not folder:
+            raise ValueError(f"--runs: expected LABEL=DIR (e.g. decay0=runs/srnet_cpu_v5), got {spec!r}")
+        if label in [l for l, _ in out]:
+            raise ValueError(f"--runs: label {label!r} given twice")
+        if not (Path(folder) / "mnli").is_dir():
+            raise FileNotFoundError(f"--runs: {folder}/mnli is not a folder of srnet_eval runs")
+        out.append((label, Path(folder)))
+    return out
+
+
+def _run_row(run) -> Dict[str, Any]:
+    from sparsebert.eval import classification_summary
+    id_pred, id_labels = run["_id"]
+    ood_pred, ood_labels, _ = run["_ood"]
+    ids, oods = classification_summary(id_pred, id_labels, 3), classification_summary(ood_pred, ood_labels, 2)
+    ent, non = ood_labels == 0, ood_labels == 1
+    ood_ok = ood_pred == ood_labels
+    return {"run": run["run"], "seed": run["seed"], "id": ids["accuracy"], "ood": oods["accuracy"],
+            "ood_entailed": float(ood_ok[ent].double().mean()), "ood_non_entailed": float(ood_ok[non].double().mean()),
+            "id_pred_counts": ids["pred_counts"], "id_top_share": max(ids["pred_counts"]) / int(id_labels.numel()),
+            "one_class": ids["one_class"] or oods["one_class"], "id_majority_accuracy": ids["majority_accuracy"]}
+
+
+def collapse_study(labelled: Sequence[tuple], match: Sequence[str]) -> Dict[str, Any]:
+    """Per folder (one teacher each): its teacher, and every finished mask run whose name contains one of `match`,
+    grouped by cell; per cell, how many seeds collapsed to one class (ID or HANS-style), and Fisher's exact test
+    of the first folder's collapse rate against each other folder's in the same cell."""
+    from sparsebert.eval import fisher_exact_2x2
+    groups = []
+    for label, folder in labelled:
+        runs = _load_runs(folder)
+        teachers = [r for r in runs if r["paradigm"] == "dense"]
+        if len(teachers) != 1:
+            raise ValueError(f"{folder}: expected one dense teacher run, found {len(teachers)}")
+        teacher = teachers[0]
+        cells: Dict[str, List[Dict[str, Any]]] = {}
+        for r in runs:
+            if r["paradigm"] != "dense" and any(m in r["run"] for m in match):
+                cells.setdefault(_label(_group_key(r)), []).append(_run_row(r))
+        if not cells:
+            raise ValueError(f"{folder}: no finished mask run matches {' '.join(match)}")
+        groups.append({"label": label, "folder": str(folder),
+                       "teacher_weight_decay": teacher["config"].get("weight_decay"),
+                       "teacher": _run_row(teacher),
+                       "cells": {cell: {"runs": sorted(rows, key=lambda x: x["seed"]),
+                                        "collapsed": sum(x["one_class"] for x in rows), "seeds": len(rows)}
+                                 for cell, rows in sorted(cells.items())}})
+    tests = []
+    first = groups[0]
+    for other in groups[1:]:
+        for cell in sorted(first["cells"].keys() & other["cells"].keys()):
+            a, b = first["cells"][cell], other["cells"][cell]
+            tests.append({"cell": cell, "a": first["label"], "b": other["label"],
+                          **fisher_exact_2x2(a["collapsed"], a["seeds"], b["collapsed"], b["seeds"])})
+    return {"match": list(match), "collapse": "every prediction on the ID set or on the HANS-style set is one class",
+            "groups": groups, "fisher_exact": tests}
+
+
+def collapse_markdown(study) -> str:
+    lines = ["# Mask searches that collapse to one class, teacher by teacher", "",
+             f"Runs whose name contains {', '.join(study['match'])}; collapsed = {study['collapse']}. ID and "
+             "HANS-style over the whole held-out sets (dev + test halves).", ""]
+    for g in study["groups"]:
+        t = g["teacher"]
+        lines += [f"## {g['label']} ({g['folder']}; teacher weight decay {g['teacher_weight_decay']})", "",
+                  f"Teacher: ID {100 * t['id']:.1f}, HANS-style {100 * t['ood']:.1f}, non-entailed "
+                  f"{100 * t['ood_non_entailed']:.1f} (majority class ID {100 * t['id_majority_accuracy']:.1f}, "
+                  "constant predictor HANS-style 50.0).", ""]
+        for cell, c in g["cells"].items():
+            lines += [f"**{cell}**: {c['collapsed']} of {c['seeds']} collapsed.", "",
+                      "| seed | ID | HANS-style | entailed | non-entailed | ID predicted (ent/neu/con) | largest share | one class |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in c["runs"]:
+                lines.append(f"| {r['seed']} | {100 * r['id']:.1f} | {100 * r['ood']:.1f} | {100 * r['ood_entailed']:.1f} | "
+                             f"{100 * r['ood_non_entailed']:.1f} | {'/'.join(map(str, r['id_pred_counts']))} | "
+                             f"{100 * r['id_top_share']:.1f}% | {'**yes**' if r['one_class'] else 'no'} |")
+            lines.append("")
+    if study["fisher_exact"]:
+        lines += ["## Collapse rates compared (Fisher's exact test, two-sided)", "",
+                  "| cell | a | collapsed | b | collapsed | p |", "|---|---|---|---|---|---|"]
+        for t in study["fisher_exact"]:
+            ca = next(g for g in study["groups"] if g["label"] == t["a"])["cells"][t["cell"]]
+            cb = next(g for g in study["groups"] if g["label"] == t["b"])["cells"][t["cell"]]
+            lines.append(f"| {t['cell']} | {t['a']} | {ca['collapsed']}/{ca['seeds']} | {t['b']} | "
+                         f"{cb['collapsed']}/{cb['seeds']} | {t['p_value']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def collapse_plot(study, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import io
+    from sparsebert.checkpoint import atomic_write_bytes
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ticks, names = [], []
+    x = 0
+    for g in study["groups"]:
+        for cell, c in g["cells"].items():
+            for ax, key in zip(axes, ("id", "ood_non_entailed")):
+                for i, r in enumerate(c["runs"]):
+                    xx = x + 0.5 * (i / max(1, len(c["runs"]) - 1) - 0.5)
+                    ax.plot(xx, 100 * r[key], "x" if r["one_class"] else "o", color="tab:red" if r["one_class"] else "tab:blue",
+                            ms=7, label="collapsed to one class" if r["one_class"] else "mask search, one seed")
+                ax.hlines(100 * g["teacher"][key], x - 0.35, x + 0.35, color="k", lw=2, label="its teacher")
+            ticks.append(x)
+            names.append(f"{g['label']}\n{c['collapsed']}/{c['seeds']} collapsed")
+            x += 1
+    first = study["groups"][0]["teacher"]
+    axes[0].axhline(100 * first["id_majority_accuracy"], color="r", ls=":", lw=1, label="majority class")
+    for ax, title in zip(axes, ("ID: MNLI held-out accuracy (%)", "HANS-style non-entailed accuracy (%)")):
+        ax.set_xticks(ticks, names, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.set_xlim(-0.6, x - 0.4)
+    handles, labels = [], []
+    for ax in axes:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle(f"Mask searches ({', '.join(study['match'])}) from each teacher, one point per seed", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def cmd_collapse(args) -> int:
+    try:
+        study = collapse_study(_labelled_dirs(args.runs), args.match)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"srnet_eval collapse: {e}", file=sys.stderr)
+        return 2
+    rdir = Path(args.report_dir)
+    rdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(study, indent=1), rdir / "collapse.json")
+    rows = ["folder,teacher_weight_decay,cell,run,seed,id,ood,ood_entailed,ood_non_entailed,id_top_share,one_class"]
+    for g in study["groups"]:
+        for cell, c in g["cells"].items():
+            for r in c["runs"]:
+                rows.append(",".join([g["label"], str(g["teacher_weight_decay"]), f'"{cell}"', r["run"], str(r["seed"])]
+                                     + [f"{r[k]:.6f}" for k in ("id", "ood", "ood_entailed", "ood_non_entailed",
+                                                               "id_top_share")] + [str(r["one_class"])]))
+    atomic_write_text("\n".join(rows) + "\n", rdir / "collapse.csv")
+    text = collapse_markdown(study)
+    atomic_write_text(text, rdir / "collapse.md")
+    collapse_plot(study, rdir / "collapse.png")
+    print(text, end="")
+    return 0
 
 
 def cmd_compare(args) -> int:

@@ -342,3 +342,25 @@ def mcnemar_test(correct_a, correct_b) -> Dict[str, float]:
     k = min(n10, n01)
     p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
     return {"b10": n10, "b01": n01, "p_value": p}
+
+
+def fisher_exact_2x2(hits_a: int, n_a: int, hits_b: int, n_b: int) -> Dict[str, float]:
+    """Fisher's exact two-sided test of "event rate in group a = in group b" from counts (hits of n per group).
+
+    Conditioned on the margins, the number of group a's hits is hypergeometric; p sums the probabilities of every
+    table no more likely than the observed one (R's fisher.test and scipy's convention, with the same relative
+    tolerance 1e-7 for ties). Exact for any size; meant for small ones (seeds, not examples)."""
+    for name, v in (("hits_a", hits_a), ("n_a", n_a), ("hits_b", hits_b), ("n_b", n_b)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
+    if hits_a > n_a or hits_b > n_b or n_a == 0 or n_b == 0:
+        raise ValueError(f"expected 0 <= hits <= n and n >= 1 per group, got {hits_a}/{n_a} and {hits_b}/{n_b}")
+    hits, n = hits_a + hits_b, n_a + n_b
+    lo, hi = max(0, hits - n_b), min(hits, n_a)
+
+    def prob(k: int) -> float:  # P(group a has k of the hits | margins)
+        return math.comb(n_a, k) * math.comb(n_b, hits - k) / math.comb(n, hits)
+
+    observed = prob(hits_a)
+    p = sum(q for q in (prob(k) for k in range(lo, hi + 1)) if q <= observed * (1 + 1e-7))
+    return {"rate_a": hits_a / n_a, "rate_b": hits_b / n_b, "p_value": min(1.0, p)}

@@ -70,3 +70,23 @@ def test_evaluate_collapses_mnli_to_two_way():
     assert summed["value"] == 1.0 and summed["hans"]["non_entailed"] == 1.0
     with pytest.raises(ValueError, match="metric"):
         evaluate(model, [batch], metric="auc")
+
+
+def test_fisher_exact_2x2_against_the_hypergeometric_by_hand():
+    """0 of 6 vs 4 of 6: tables with k = 0..4 of the 4 hits in group a have weights C(6,k) C(6,4-k) = 15, 120, 225,
+    120, 15 (of C(12,4) = 495); the two as unlikely as the observed one give p = 30/495."""
+    from sparsebert.eval import fisher_exact_2x2
+    r = fisher_exact_2x2(0, 6, 4, 6)
+    assert r["p_value"] == pytest.approx(30 / 495, rel=1e-12) and r["rate_a"] == 0.0 and r["rate_b"] == 4 / 6
+    assert fisher_exact_2x2(4, 6, 0, 6)["p_value"] == pytest.approx(30 / 495, rel=1e-12)  # symmetric in the groups
+    # 1 of 8 vs 6 of 8: hits 7 of 16; C(8,k) C(8,7-k) / C(16,7) summed over tables no likelier than k = 1
+    w = [math.comb(8, k) * math.comb(8, 7 - k) for k in range(8)]
+    assert fisher_exact_2x2(1, 8, 6, 8)["p_value"] == pytest.approx(sum(x for x in w if x <= w[1]) / math.comb(16, 7))
+    assert fisher_exact_2x2(4, 8, 4, 8)["p_value"] == pytest.approx(1.0)
+    assert fisher_exact_2x2(0, 3, 0, 5)["p_value"] == 1.0  # no events at all: nothing to tell apart
+    with pytest.raises(ValueError, match="hits_a: expected a non-negative integer"):
+        fisher_exact_2x2(-1, 3, 0, 3)
+    with pytest.raises(ValueError, match="n_b: expected a non-negative integer"):
+        fisher_exact_2x2(0, 3, 0, 2.0)
+    with pytest.raises(ValueError, match="0 <= hits <= n"):
+        fisher_exact_2x2(4, 3, 0, 3)

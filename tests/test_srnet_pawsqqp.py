@@ -421,3 +421,48 @@ def test_compare_puts_two_reports_runs_side_by_side(tmp_path, capsys):
     assert "Not compared: 1 runs only before; only after: new-run." in text
     assert SE.main(["compare", str(tmp_path / "missing"), str(after)]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_collapse_counts_one_class_runs_per_teacher_and_compares_them(tmp_path, capsys):
+    """`collapse`: one folder per teacher; per cell, the seeds whose predictions are all one class (ID or
+    HANS-style), and Fisher's exact test between the folders. Here folder "a" has 2 of 3 poe seeds collapsed
+    (one on ID, one on HANS-style only), folder "b" 0 of 3; the ce run is outside --match."""
+    id_lab, ood_lab, heur = [0, 1, 2, 0], [0, 1, 1, 0], ["lexical_overlap"] * 4
+
+    def splits(id_pred, ood_pred):
+        return {"id_dev": (id_pred, id_lab, heur), "id_test": (id_pred, id_lab, heur),
+                "ood_dev": (ood_pred, ood_lab, heur), "ood_test": (ood_pred, ood_lab, heur)}
+    fine = ([0, 1, 2, 2], [0, 1, 0, 0])
+    for folder, runs in (("a", [fine, ([1, 1, 1, 1], [0, 1, 0, 1]), ([0, 1, 2, 0], [0, 0, 0, 0])]),
+                         ("b", [fine, fine, ([0, 2, 2, 0], [1, 1, 1, 0])])):
+        mnli = tmp_path / folder / "mnli"
+        _fake_run(mnli / "dense-ce-seed0", run="dense-ce-seed0", paradigm="dense", loss="ce", seed=0,
+                  splits=splits([0, 1, 2, 0], [0, 0, 1, 0]))
+        for seed, (i, o) in enumerate(runs):
+            _fake_run(mnli / f"poe{seed}", run=f"a-ce+poe-s0.5-constant-seed{seed}-t0", paradigm="a", loss="poe",
+                      seed=seed, splits=splits(i, o))
+        _fake_run(mnli / "ce0", run="a-ce+ce-s0.5-constant-seed0-t0", paradigm="a", loss="ce", seed=0,
+                  splits=splits([0, 0, 0, 0], [0, 0, 0, 0]))
+    rdir = tmp_path / "report"
+    assert SE.main(["collapse", "--runs", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}", "--match", "+poe-s0.5",
+                    "--report-dir", str(rdir)]) == 0
+    study = json.loads((rdir / "collapse.json").read_text())
+    (cell_a,), (cell_b,) = (list(g["cells"].values()) for g in study["groups"])
+    assert [r["one_class"] for r in cell_a["runs"]] == [False, True, True] and cell_a["collapsed"] == 2
+    assert cell_b["collapsed"] == 0 and cell_b["seeds"] == 3
+    assert cell_a["runs"][1]["id_top_share"] == 1.0 and cell_a["runs"][0]["id"] == 0.75
+    assert cell_b["runs"][2]["ood_non_entailed"] == 1.0 and cell_b["runs"][2]["ood_entailed"] == 0.5  # [1,1,1,0] vs [0,1,1,0]
+    (test,) = study["fisher_exact"]
+    assert (test["a"], test["b"]) == ("a", "b") and test["p_value"] == pytest.approx(0.4)  # 2/3 vs 0/3: 6/15
+    assert study["groups"][0]["teacher"]["id"] == 1.0
+    csv_rows = (rdir / "collapse.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 6 and csv_rows[2].endswith(",True")
+    assert "2 of 3 collapsed" in (rdir / "collapse.md").read_text() and (rdir / "collapse.png").stat().st_size > 0
+    capsys.readouterr()
+    for argv, msg in ((["--runs", "nolabel"], "expected LABEL=DIR"),
+                      (["--runs", f"a={tmp_path / 'a'}", f"a={tmp_path / 'b'}"], "label 'a' given twice"),
+                      (["--runs", f"a={tmp_path / 'none'}"], "is not a folder of srnet_eval runs"),
+                      (["--runs", f"a={tmp_path / 'a'}", "--match", "+reweight"], "no finished mask run matches")):
+        argv = argv + ([] if "--match" in argv else ["--match", "+poe"])
+        assert SE.main(["collapse", *argv, "--report-dir", str(rdir)]) == 2
+        assert msg in capsys.readouterr().err
