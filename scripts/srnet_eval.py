@@ -694,7 +694,7 @@ def collapse_plot(study, path: Path) -> None:
                             ms=7, label="collapsed to one class" if r["one_class"] else "mask search, one seed")
                 ax.hlines(100 * g["teacher"][key], x - 0.35, x + 0.35, color="k", lw=2, label="its teacher")
             ticks.append(x)
-            names.append(f"{g['label']}\n{c['collapsed']}/{c['seeds']} collapsed")
+            names.append(f"{g['label']}, {cell.split(',')[0]}\n{c['collapsed']}/{c['seeds']} collapsed")
             x += 1
     first = study["groups"][0]["teacher"]
     axes[0].axhline(100 * first["id_majority_accuracy"], color="r", ls=":", lw=1, label="majority class")
