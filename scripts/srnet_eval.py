@@ -607,7 +607,8 @@ def _run_row(run) -> Dict[str, Any]:
     return {"run": run["run"], "seed": run["seed"], "id": ids["accuracy"], "ood": oods["accuracy"],
             "ood_entailed": float(ood_ok[ent].double().mean()), "ood_non_entailed": float(ood_ok[non].double().mean()),
             "id_pred_counts": ids["pred_counts"], "id_top_share": max(ids["pred_counts"]) / int(id_labels.numel()),
-            "one_class": ids["one_class"] or oods["one_class"], "id_majority_accuracy": ids["majority_accuracy"]}
+            "one_class": ids["one_class"] or oods["one_class"], "id_one_class": ids["one_class"],
+            "id_majority_accuracy": ids["majority_accuracy"]}
 
 
 def collapse_study(labelled: Sequence[tuple], match: Sequence[str]) -> Dict[str, Any]:
@@ -632,16 +633,20 @@ def collapse_study(labelled: Sequence[tuple], match: Sequence[str]) -> Dict[str,
                        "teacher_weight_decay": teacher["config"].get("weight_decay"),
                        "teacher": _run_row(teacher),
                        "cells": {cell: {"runs": sorted(rows, key=lambda x: x["seed"]),
-                                        "collapsed": sum(x["one_class"] for x in rows), "seeds": len(rows)}
+                                        "collapsed": sum(x["one_class"] for x in rows),
+                                        "collapsed_id": sum(x["id_one_class"] for x in rows), "seeds": len(rows)}
                                  for cell, rows in sorted(cells.items())}})
     tests = []
     first = groups[0]
     for other in groups[1:]:
         for cell in sorted(first["cells"].keys() & other["cells"].keys()):
             a, b = first["cells"][cell], other["cells"][cell]
+            strict = fisher_exact_2x2(a["collapsed_id"], a["seeds"], b["collapsed_id"], b["seeds"])
             tests.append({"cell": cell, "a": first["label"], "b": other["label"],
-                          **fisher_exact_2x2(a["collapsed"], a["seeds"], b["collapsed"], b["seeds"])})
-    return {"match": list(match), "collapse": "every prediction on the ID set or on the HANS-style set is one class",
+                          **fisher_exact_2x2(a["collapsed"], a["seeds"], b["collapsed"], b["seeds"]),
+                          "id_only_p_value": strict["p_value"]})
+    return {"match": list(match), "collapse": "every prediction on the ID set or on the HANS-style set is one class "
+                                              "(collapsed_id, id_only_p_value: on the ID set alone)",
             "groups": groups, "fisher_exact": tests}
 
 
@@ -656,7 +661,8 @@ def collapse_markdown(study) -> str:
                   f"{100 * t['ood_non_entailed']:.1f} (majority class ID {100 * t['id_majority_accuracy']:.1f}, "
                   "constant predictor HANS-style 50.0).", ""]
         for cell, c in g["cells"].items():
-            lines += [f"**{cell}**: {c['collapsed']} of {c['seeds']} collapsed.", "",
+            lines += [f"**{cell}**: {c['collapsed']} of {c['seeds']} collapsed ({c['collapsed_id']} of them to one "
+                      "class on ID too).", "",
                       "| seed | ID | HANS-style | entailed | non-entailed | ID predicted (ent/neu/con) | largest share | one class |",
                       "|---|---|---|---|---|---|---|---|"]
             for r in c["runs"]:
@@ -666,12 +672,14 @@ def collapse_markdown(study) -> str:
             lines.append("")
     if study["fisher_exact"]:
         lines += ["## Collapse rates compared (Fisher's exact test, two-sided)", "",
-                  "| cell | a | collapsed | b | collapsed | p |", "|---|---|---|---|---|---|"]
+                  "| cell | a | collapsed (on ID too) | b | collapsed (on ID too) | p | p, ID alone |",
+                  "|---|---|---|---|---|---|---|"]
         for t in study["fisher_exact"]:
             ca = next(g for g in study["groups"] if g["label"] == t["a"])["cells"][t["cell"]]
             cb = next(g for g in study["groups"] if g["label"] == t["b"])["cells"][t["cell"]]
-            lines.append(f"| {t['cell']} | {t['a']} | {ca['collapsed']}/{ca['seeds']} | {t['b']} | "
-                         f"{cb['collapsed']}/{cb['seeds']} | {t['p_value']:.3f} |")
+            lines.append(f"| {t['cell']} | {t['a']} | {ca['collapsed']}/{ca['seeds']} ({ca['collapsed_id']}) | {t['b']} | "
+                         f"{cb['collapsed']}/{cb['seeds']} ({cb['collapsed_id']}) | {t['p_value']:.3f} | "
+                         f"{t['id_only_p_value']:.3f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -727,13 +735,14 @@ def cmd_collapse(args) -> int:
     rdir = Path(args.report_dir)
     rdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(study, indent=1), rdir / "collapse.json")
-    rows = ["folder,teacher_weight_decay,cell,run,seed,id,ood,ood_entailed,ood_non_entailed,id_top_share,one_class"]
+    rows = ["folder,teacher_weight_decay,cell,run,seed,id,ood,ood_entailed,ood_non_entailed,id_top_share,one_class,id_one_class"]
     for g in study["groups"]:
         for cell, c in g["cells"].items():
             for r in c["runs"]:
                 rows.append(",".join([g["label"], str(g["teacher_weight_decay"]), f'"{cell}"', r["run"], str(r["seed"])]
                                      + [f"{r[k]:.6f}" for k in ("id", "ood", "ood_entailed", "ood_non_entailed",
-                                                               "id_top_share")] + [str(r["one_class"])]))
+                                                               "id_top_share")]
+                                     + [str(r["one_class"]), str(r["id_one_class"])]))
     atomic_write_text("\n".join(rows) + "\n", rdir / "collapse.csv")
     text = collapse_markdown(study)
     atomic_write_text(text, rdir / "collapse.md")

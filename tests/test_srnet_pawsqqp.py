@@ -449,15 +449,16 @@ def test_collapse_counts_one_class_runs_per_teacher_and_compares_them(tmp_path, 
     study = json.loads((rdir / "collapse.json").read_text())
     (cell_a,), (cell_b,) = (list(g["cells"].values()) for g in study["groups"])
     assert [r["one_class"] for r in cell_a["runs"]] == [False, True, True] and cell_a["collapsed"] == 2
-    assert cell_b["collapsed"] == 0 and cell_b["seeds"] == 3
+    assert cell_a["collapsed_id"] == 1 and cell_b["collapsed"] == 0 and cell_b["seeds"] == 3
     assert cell_a["runs"][1]["id_top_share"] == 1.0 and cell_a["runs"][0]["id"] == 0.75
     assert cell_b["runs"][2]["ood_non_entailed"] == 1.0 and cell_b["runs"][2]["ood_entailed"] == 0.5  # [1,1,1,0] vs [0,1,1,0]
     (test,) = study["fisher_exact"]
     assert (test["a"], test["b"]) == ("a", "b") and test["p_value"] == pytest.approx(0.4)  # 2/3 vs 0/3: 6/15
+    assert test["id_only_p_value"] == pytest.approx(1.0)  # 1/3 vs 0/3
     assert study["groups"][0]["teacher"]["id"] == 1.0
     csv_rows = (rdir / "collapse.csv").read_text().splitlines()
-    assert len(csv_rows) == 1 + 6 and csv_rows[2].endswith(",True")
-    assert "2 of 3 collapsed" in (rdir / "collapse.md").read_text() and (rdir / "collapse.png").stat().st_size > 0
+    assert len(csv_rows) == 1 + 6 and csv_rows[2].endswith(",True,True") and csv_rows[3].endswith(",True,False")
+    assert "2 of 3 collapsed (1 of them to one class on ID too)" in (rdir / "collapse.md").read_text() and (rdir / "collapse.png").stat().st_size > 0
     capsys.readouterr()
     for argv, msg in ((["--runs", "nolabel"], "expected LABEL=DIR"),
                       (["--runs", f"a={tmp_path / 'a'}", f"a={tmp_path / 'b'}"], "label 'a' given twice"),
