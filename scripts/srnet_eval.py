@@ -614,9 +614,11 @@ def _run_row(run) -> Dict[str, Any]:
 def collapse_study(labelled: Sequence[tuple], match: Sequence[str]) -> Dict[str, Any]:
     """Per folder (one teacher each): its teacher, and every finished mask run whose name contains one of `match`,
     grouped by cell; per cell, how many seeds collapsed to one class (ID or HANS-style), and Fisher's exact test
-    of the first folder's collapse rate against each other folder's in the same cell."""
-    from sparsebert.eval import fisher_exact_2x2
-    groups = []
+    of the first folder's collapse rate against each other folder's in the same cell, with the mean ID and
+    HANS-style accuracy differences (other - first) over the seeds both have, paired by seed (the same mask seed
+    draws the same data order from either teacher) and by example."""
+    from sparsebert.eval import bootstrap_diff_ci, fisher_exact_2x2
+    groups, correct = [], {}
     for label, folder in labelled:
         runs = _load_runs(folder)
         teachers = [r for r in runs if r["paradigm"] == "dense"]
@@ -627,6 +629,8 @@ def collapse_study(labelled: Sequence[tuple], match: Sequence[str]) -> Dict[str,
         for r in runs:
             if r["paradigm"] != "dense" and any(m in r["run"] for m in match):
                 cells.setdefault(_label(_group_key(r)), []).append(_run_row(r))
+                correct[(label, _label(_group_key(r)), r["seed"])] = (r["_id"][0] == r["_id"][1],
+                                                                      r["_ood"][0] == r["_ood"][1])
         if not cells:
             raise ValueError(f"{folder}: no finished mask run matches {' '.join(match)}")
         groups.append({"label": label, "folder": str(folder),
@@ -642,9 +646,15 @@ def collapse_study(labelled: Sequence[tuple], match: Sequence[str]) -> Dict[str,
         for cell in sorted(first["cells"].keys() & other["cells"].keys()):
             a, b = first["cells"][cell], other["cells"][cell]
             strict = fisher_exact_2x2(a["collapsed_id"], a["seeds"], b["collapsed_id"], b["seeds"])
+            seeds = sorted({x["seed"] for x in a["runs"]} & {x["seed"] for x in b["runs"]})
+            diffs = {"id_diff": None, "ood_diff": None}
+            for i, key in enumerate(("id", "ood") if seeds else ()):
+                ci = bootstrap_diff_ci([correct[(other["label"], cell, sd)][i] for sd in seeds],
+                                       [correct[(first["label"], cell, sd)][i] for sd in seeds], n_boot=N_BOOT, seed=1)
+                diffs[f"{key}_diff"] = {k: ci[k] for k in ("mean", "low", "high")}
             tests.append({"cell": cell, "a": first["label"], "b": other["label"],
                           **fisher_exact_2x2(a["collapsed"], a["seeds"], b["collapsed"], b["seeds"]),
-                          "id_only_p_value": strict["p_value"]})
+                          "id_only_p_value": strict["p_value"], "paired_seeds": seeds, **diffs})
     return {"match": list(match), "collapse": "every prediction on the ID set or on the HANS-style set is one class "
                                               "(collapsed_id, id_only_p_value: on the ID set alone)",
             "groups": groups, "fisher_exact": tests}
@@ -672,14 +682,17 @@ def collapse_markdown(study) -> str:
             lines.append("")
     if study["fisher_exact"]:
         lines += ["## Collapse rates compared (Fisher's exact test, two-sided)", "",
-                  "| cell | a | collapsed (on ID too) | b | collapsed (on ID too) | p | p, ID alone |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| cell | a | collapsed (on ID too) | b | collapsed (on ID too) | p | p, ID alone | "
+                  "ID b - a (paired seeds) | HANS-style b - a |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for t in study["fisher_exact"]:
             ca = next(g for g in study["groups"] if g["label"] == t["a"])["cells"][t["cell"]]
             cb = next(g for g in study["groups"] if g["label"] == t["b"])["cells"][t["cell"]]
             lines.append(f"| {t['cell']} | {t['a']} | {ca['collapsed']}/{ca['seeds']} ({ca['collapsed_id']}) | {t['b']} | "
                          f"{cb['collapsed']}/{cb['seeds']} ({cb['collapsed_id']}) | {t['p_value']:.3f} | "
-                         f"{t['id_only_p_value']:.3f} |")
+                         f"{t['id_only_p_value']:.3f} | "
+                         + (f"{_signed(t['id_diff'])} ({len(t['paired_seeds'])}) | {_signed(t['ood_diff'])} |"
+                            if t["paired_seeds"] else "no common seed | |"))
         lines.append("")
     return "\n".join(lines)
 

@@ -455,6 +455,9 @@ def test_collapse_counts_one_class_runs_per_teacher_and_compares_them(tmp_path, 
     (test,) = study["fisher_exact"]
     assert (test["a"], test["b"]) == ("a", "b") and test["p_value"] == pytest.approx(0.4)  # 2/3 vs 0/3: 6/15
     assert test["id_only_p_value"] == pytest.approx(1.0)  # 1/3 vs 0/3
+    # ID accuracy per seed: a 0.75, 0.25, 1.0; b 0.75, 0.75, 0.75 -> b - a = 0.75 - 2/3, paired by seeds 0-2
+    assert test["paired_seeds"] == [0, 1, 2] and test["id_diff"]["mean"] == pytest.approx(0.75 - 2 / 3)
+    assert test["id_diff"]["low"] <= test["id_diff"]["mean"] <= test["id_diff"]["high"]
     assert study["groups"][0]["teacher"]["id"] == 1.0
     csv_rows = (rdir / "collapse.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 6 and csv_rows[2].endswith(",True,True") and csv_rows[3].endswith(",True,False")
