@@ -703,7 +703,7 @@ def collapse_plot(study, path: Path) -> None:
     import matplotlib.pyplot as plt
     import io
     from sparsebert.checkpoint import atomic_write_bytes
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     ticks, names = [], []
     x = 0
     for g in study["groups"]:
@@ -715,7 +715,7 @@ def collapse_plot(study, path: Path) -> None:
                             ms=7, label="collapsed to one class" if r["one_class"] else "mask search, one seed")
                 ax.hlines(100 * g["teacher"][key], x - 0.35, x + 0.35, color="k", lw=2, label="its teacher")
             ticks.append(x)
-            names.append(f"{g['label']}, {cell.split(',')[0]}\n{c['collapsed']}/{c['seeds']} collapsed")
+            names.append(f"{g['label']}\n{cell.split(',')[0].split('->')[-1]}\n{c['collapsed']}/{c['seeds']} collapsed")
             x += 1
     first = study["groups"][0]["teacher"]
     axes[0].axhline(100 * first["id_majority_accuracy"], color="r", ls=":", lw=1, label="majority class")
@@ -732,7 +732,7 @@ def collapse_plot(study, path: Path) -> None:
                 labels.append(l)
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle(f"Mask searches ({', '.join(study['match'])}) from each teacher, one point per seed", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
