@@ -628,9 +628,9 @@ def collapse_study(labelled: Sequence[tuple], match: Sequence[str]) -> Dict[str,
         cells: Dict[str, List[Dict[str, Any]]] = {}
         for r in runs:
             if r["paradigm"] != "dense" and any(m in r["run"] for m in match):
-                cells.setdefault(_label(_group_key(r)), []).append(_run_row(r))
-                correct[(label, _label(_group_key(r)), r["seed"])] = (r["_id"][0] == r["_id"][1],
-                                                                      r["_ood"][0] == r["_ood"][1])
+                cell = _label(_group_key(r))
+                cells.setdefault(cell, []).append(_run_row(r))
+                correct[(label, cell, r["seed"])] = (r["_id"][0] == r["_id"][1], r["_ood"][0] == r["_ood"][1])
         if not cells:
             raise ValueError(f"{folder}: no finished mask run matches {' '.join(match)}")
         groups.append({"label": label, "folder": str(folder),
@@ -748,15 +748,19 @@ def cmd_collapse(args) -> int:
     rdir = Path(args.report_dir)
     rdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(study, indent=1), rdir / "collapse.json")
-    rows = ["folder,teacher_weight_decay,cell,run,seed,id,ood,ood_entailed,ood_non_entailed,id_top_share,one_class,id_one_class"]
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["folder", "teacher_weight_decay", "cell", "run", "seed", "id", "ood", "ood_entailed",
+                "ood_non_entailed", "id_top_share", "one_class", "id_one_class"])
     for g in study["groups"]:
         for cell, c in g["cells"].items():
             for r in c["runs"]:
-                rows.append(",".join([g["label"], str(g["teacher_weight_decay"]), f'"{cell}"', r["run"], str(r["seed"])]
-                                     + [f"{r[k]:.6f}" for k in ("id", "ood", "ood_entailed", "ood_non_entailed",
-                                                               "id_top_share")]
-                                     + [str(r["one_class"]), str(r["id_one_class"])]))
-    atomic_write_text("\n".join(rows) + "\n", rdir / "collapse.csv")
+                w.writerow([g["label"], g["teacher_weight_decay"], cell, r["run"], r["seed"]]
+                           + [f"{r[k]:.6f}" for k in ("id", "ood", "ood_entailed", "ood_non_entailed", "id_top_share")]
+                           + [r["one_class"], r["id_one_class"]])
+    atomic_write_text(buf.getvalue(), rdir / "collapse.csv")
     text = collapse_markdown(study)
     atomic_write_text(text, rdir / "collapse.md")
     collapse_plot(study, rdir / "collapse.png")
