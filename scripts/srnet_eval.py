@@ -1,7 +1,7 @@
 """SRNet experiments at CPU scale (MiniLM backbone): run the planned sweep, then write results/srnet.
 
     python scripts/srnet_eval.py run [--stage teacher main cecontrol highsparsity paradigms pawsqqp longmask] [--out DIR] [--match TEXT ...]
-                                     [--seeds N ...] [--weight-decay WD]   # WD: the teacher's decay, own --out
+                                     [--seeds N ...] [--weight-decay WD] [--teacher-seed T]   # WD, T: own --out
     python scripts/srnet_eval.py report [--out DIR] [--report-dir results/srnet]
     python scripts/srnet_eval.py compare BEFORE/runs AFTER/runs [--write FILE]   # two reports, run by run
     python scripts/srnet_eval.py collapse --runs LABEL=DIR ... --match TEXT ... --report-dir DIR   # one-class runs per teacher
@@ -140,23 +140,27 @@ def mnli_cfg(out: str, **kw) -> SharedTeacherConfig:
 SEEDS = (0, 1, 2)
 
 
-def plan(stage: str, out: str, seeds: Sequence[int] = SEEDS, weight_decay: float = 0.0) -> List[SharedTeacherConfig]:
+def plan(stage: str, out: str, seeds: Sequence[int] = SEEDS, weight_decay: float = 0.0,
+         teacher_seed: int = 0) -> List[SharedTeacherConfig]:
     """The runs of a stage, in the order they execute (seed-major, so a cut leaves balanced cells).
     `seeds`: the mask-search seeds of the seeded stages (the teacher and the one-seed paradigms stage keep
     seed 0; more seeds add runs beside the existing ones, which keep their names and are reused; a repeated
     seed is one run). `weight_decay`: AdamW decay of the model weights in every run of the plan (the teacher's
     fine-tuning, paradigm b's retraining; paradigm a's mask search freezes the weights, so there it acts through
     the teacher only). The default is the authors' 0; v4 ran with 0.01. It is part of each run's identity, so a
-    plan with another decay needs its own --out (the runner refuses a folder holding another configuration)."""
+    plan with another decay needs its own --out (the runner refuses a folder holding another configuration).
+    `teacher_seed`: the seed of the dense teacher (its head's initialisation, dropout and data order) that every
+    paradigm-a/b run of the plan starts from; the mask runs carry it in their names (`-t<T>`). Default 0, the
+    teacher of every earlier study."""
     seeds = tuple(dict.fromkeys(seeds))
     if stage == "pawsqqp":
-        return paws_plan(out, seeds=seeds, weight_decay=weight_decay)
+        return paws_plan(out, seeds=seeds, weight_decay=weight_decay, teacher_seed=teacher_seed)
 
     def cfg(**kw) -> SharedTeacherConfig:
-        return mnli_cfg(out, weight_decay=weight_decay, **kw)
+        return mnli_cfg(out, weight_decay=weight_decay, teacher_seed=teacher_seed, **kw)
 
     if stage == "teacher":
-        return [cfg(paradigm="dense", loss="ce", seed=0)]
+        return [cfg(paradigm="dense", loss="ce", seed=teacher_seed)]
     if stage == "main":
         return [cfg(paradigm="a", source="ce", loss=loss, sparsity=s, seed=seed)
                 for s in (0.5, 0.7) for seed in seeds for loss in ("poe", "reweight")]
@@ -184,7 +188,7 @@ def paws_plan(out: str, seeds: Sequence[int] = SEEDS, **recipe) -> List[SharedTe
 
     masks = [cfg(paradigm="a", source="ce", loss=loss, sparsity=0.5, seed=seed)
              for seed in seeds for loss in (("poe", "reweight", "ce") if seed == 0 else ("poe", "reweight"))]
-    return [cfg(paradigm="dense", loss="ce", seed=0)] + masks
+    return [cfg(paradigm="dense", loss="ce", seed=recipe.get("teacher_seed", 0))] + masks
 
 
 STAGES = ("teacher", "main", "cecontrol", "highsparsity", "paradigms", "pawsqqp", "longmask")
@@ -205,7 +209,7 @@ def cmd_run(args) -> int:
     runner = PredictionSavingRunner(args.out, progress=False, log_fn=logging.getLogger("srnet_eval").info)
     t0 = time.time()
     for stage in args.stage:
-        for cfg in selected(plan(stage, args.out, args.seeds, args.weight_decay), args.match):
+        for cfg in selected(plan(stage, args.out, args.seeds, args.weight_decay, args.teacher_seed), args.match):
             try:
                 r = runner.run(cfg)
             except RunLocked as e:  # another `run` process holds it: take the next one (two processes share a stage)
@@ -232,6 +236,10 @@ def main(argv=None) -> int:
     r.add_argument("--weight-decay", type=nonnegative_float, default=0.0, metavar="WD",
                    help="AdamW decay of the model weights in every run (default 0, the authors'; v4 ran 0.01). "
                         "Another decay is another configuration: give it its own --out")
+    r.add_argument("--teacher-seed", type=int_at_least(0, "a non-negative integer seed"), default=0, metavar="T",
+                   help="seed of the dense teacher every mask search starts from (default 0, every earlier study's); "
+                        "the mask runs are named -t<T>. Give each teacher its own --out so `collapse` and `report` "
+                        "read one teacher per folder")
     rep = sub.add_parser("report", help="tables, intervals and pictures from the finished runs")
     rep.add_argument("--out", default=DEFAULT_OUT)
     rep.add_argument("--report-dir", default="results/srnet")

@@ -219,6 +219,42 @@ def test_seeds_add_runs_beside_the_default_ones_and_keep_the_teacher(capsys):
         assert "--seeds: expected a non-negative integer seed" in capsys.readouterr().err
 
 
+def test_teacher_seed_names_the_teacher_every_mask_run_starts_from(monkeypatch, capsys):
+    """`run --teacher-seed T`: the teacher stage trains the dense run of seed T, every paradigm-a/b run starts from
+    exactly that run (same identity) and says so in its name (-t<T>), the mask seeds are untouched, and T=0 is
+    every earlier study's plan unchanged. A bad value is refused naming the option."""
+    for stage in SE.STAGES:
+        assert SE.plan(stage, "/tmp/never-written", teacher_seed=0) == SE.plan(stage, "/tmp/never-written")
+        cfgs = SE.plan(stage, "/tmp/never-written", seeds=[0, 2], teacher_seed=3)
+        for c in cfgs:
+            assert c.teacher_seed == 3
+            if c.paradigm in ("a", "b"):
+                assert c.run_name.endswith("-t3") and c.seed in (0, 2)
+                assert c.dense_dependency().seed == 3
+                if cfgs[0].paradigm == "dense":  # a plan that trains its teacher: the one the runs start from
+                    assert run_identity(c.dense_dependency()) == run_identity(cfgs[0])
+    teacher = SE.plan("teacher", "/tmp/never-written", teacher_seed=3)
+    assert [c.run_name for c in teacher] == ["dense-ce-seed3"]
+    mask = SE.plan("main", "/tmp/never-written", seeds=[1], teacher_seed=3)[0]
+    assert run_identity(mask.dense_dependency()) == run_identity(teacher[0])
+    assert run_identity(mask) != run_identity(SE.plan("main", "/tmp/never-written", seeds=[1])[0])
+    seen = []
+
+    def fake_run(self, cfg):
+        seen.append(cfg.run_name)
+        return {"run": cfg.run_name, "last": {"id": 0.5, "ood": 0.5}, "seconds": 1.0}
+
+    monkeypatch.setattr(SE.PredictionSavingRunner, "run", fake_run)
+    assert SE.main(["run", "--stage", "teacher", "main", "--match", "+poe-s0.7", "--seeds", "4",
+                    "--teacher-seed", "1", "--out", "/tmp/never-written"]) == 0
+    assert seen == ["dense-ce-seed1", "a-ce+poe-s0.7-constant-seed4-t1"]
+    capsys.readouterr()
+    for bad in ("-1", "x", "0.5"):
+        with pytest.raises(SystemExit):
+            SE.main(["run", "--teacher-seed", bad, "--out", "/tmp/never-written"])
+        assert "--teacher-seed: expected a non-negative integer seed" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------- a tiny end-to-end run + report
 def test_weight_decay_reaches_every_run_and_the_teacher_it_starts_from(monkeypatch, capsys):
     """`run --weight-decay`: the teacher's AdamW decay (v4 ran 0.01, the authors' code 0). Every run of the plan
