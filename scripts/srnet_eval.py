@@ -255,7 +255,8 @@ def main(argv=None) -> int:
     col = sub.add_parser("collapse", help="how many mask searches collapse to one class, teacher by teacher (one "
                                           "folder per teacher), with Fisher's exact test between them")
     col.add_argument("--runs", nargs="+", required=True, metavar="LABEL=DIR",
-                     help="one folder of runs per teacher, e.g. decay0=runs/srnet_cpu_v5 decay0.01=runs/srnet_cpu_wd01")
+                     help="one folder of runs per teacher, e.g. decay0=runs/srnet_cpu_v5 decay0.01=runs/srnet_cpu_wd01; "
+                          "GROUP/NAME labels (decay0/t0 decay0/t1 ...) also pool the teachers of each group")
     col.add_argument("--match", nargs="+", required=True, metavar="TEXT", help="the cells' runs, e.g. +poe-s0.7")
     col.add_argument("--report-dir", required=True)
     args = p.parse_args(argv)
@@ -663,9 +664,31 @@ def collapse_study(labelled: Sequence[tuple], match: Sequence[str]) -> Dict[str,
             tests.append({"cell": cell, "a": first["label"], "b": other["label"],
                           **fisher_exact_2x2(a["collapsed"], a["seeds"], b["collapsed"], b["seeds"]),
                           "id_only_p_value": strict["p_value"], "paired_seeds": seeds, **diffs})
+    for g in groups:  # every matched run of the folder, the cells pooled
+        g["pooled"] = {k: sum(c[k] for c in g["cells"].values()) for k in ("collapsed", "collapsed_id", "seeds")}
+    pooled = [{"a": a["label"], "b": b["label"], **_fisher_pooled(a["pooled"], b["pooled"])}
+              for i, a in enumerate(groups) for b in groups[i + 1:]]
+    by_group: Dict[str, Dict[str, Any]] = {}
+    for g in groups:
+        if "/" in g["label"]:  # GROUP/NAME: one of several teachers of GROUP (e.g. decay0/t1)
+            agg = by_group.setdefault(g["label"].split("/", 1)[0], {"teachers": [], "collapsed": 0, "collapsed_id": 0,
+                                                                    "seeds": 0})
+            agg["teachers"].append(g["label"])
+            for k in ("collapsed", "collapsed_id", "seeds"):
+                agg[k] += g["pooled"][k]
+    names = sorted(by_group)
+    group_tests = [{"a": a, "b": b, **_fisher_pooled(by_group[a], by_group[b])}
+                   for i, a in enumerate(names) for b in names[i + 1:]] if len(names) > 1 else []
     return {"match": list(match), "collapse": "every prediction on the ID set or on the HANS-style set is one class "
                                               "(collapsed_id, id_only_p_value: on the ID set alone)",
-            "groups": groups, "fisher_exact": tests}
+            "groups": groups, "fisher_exact": tests, "pooled_fisher_exact": pooled,
+            "by_group": [{"group": n, **by_group[n]} for n in names], "by_group_fisher_exact": group_tests}
+
+
+def _fisher_pooled(a: Dict[str, int], b: Dict[str, int]) -> Dict[str, Any]:
+    from sparsebert.eval import fisher_exact_2x2
+    return {**fisher_exact_2x2(a["collapsed"], a["seeds"], b["collapsed"], b["seeds"]),
+            "id_only_p_value": fisher_exact_2x2(a["collapsed_id"], a["seeds"], b["collapsed_id"], b["seeds"])["p_value"]}
 
 
 def collapse_markdown(study) -> str:
@@ -702,7 +725,33 @@ def collapse_markdown(study) -> str:
                          + (f"{_signed(t['id_diff'])} ({len(t['paired_seeds'])}) | {_signed(t['ood_diff'])} |"
                             if t["paired_seeds"] else "no common seed | |"))
         lines.append("")
+    if study["pooled_fisher_exact"]:
+        counts = {g["label"]: g["pooled"] for g in study["groups"]}
+        lines += ["## The cells pooled, every pair of teachers (Fisher's exact test, two-sided)", "",
+                  "| a | collapsed (on ID too) | b | collapsed (on ID too) | p | p, ID alone |", "|---|---|---|---|---|---|"]
+        lines += [_pooled_row(t, counts[t["a"]], counts[t["b"]]) for t in study["pooled_fisher_exact"]]
+        lines.append("")
+    if study["by_group_fisher_exact"]:
+        counts = {g["group"]: g for g in study["by_group"]}
+        lines += ["## Teachers pooled by group (the label before '/')", "",
+                  "Every run counted as independent, although the runs of one teacher share it: the teacher is the unit "
+                  "a group effect has to generalise over, and with few teachers per group these p-values overstate the "
+                  "evidence. Compare the spread between the teachers of one group (table above) with the gap between "
+                  "groups.", "",
+                  "| a | teachers | collapsed (on ID too) | b | teachers | collapsed (on ID too) | p | p, ID alone |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in study["by_group_fisher_exact"]:
+            a, b = counts[t["a"]], counts[t["b"]]
+            lines.append(f"| {t['a']} | {len(a['teachers'])} | {a['collapsed']}/{a['seeds']} ({a['collapsed_id']}) | "
+                         f"{t['b']} | {len(b['teachers'])} | {b['collapsed']}/{b['seeds']} ({b['collapsed_id']}) | "
+                         f"{t['p_value']:.3f} | {t['id_only_p_value']:.3f} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _pooled_row(t, a, b) -> str:
+    return (f"| {t['a']} | {a['collapsed']}/{a['seeds']} ({a['collapsed_id']}) | {t['b']} | "
+            f"{b['collapsed']}/{b['seeds']} ({b['collapsed_id']}) | {t['p_value']:.3f} | {t['id_only_p_value']:.3f} |")
 
 
 def collapse_plot(study, path: Path) -> None:
@@ -711,7 +760,8 @@ def collapse_plot(study, path: Path) -> None:
     import matplotlib.pyplot as plt
     import io
     from sparsebert.checkpoint import atomic_write_bytes
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    columns = sum(len(g["cells"]) for g in study["groups"])
+    fig, axes = plt.subplots(1, 2, figsize=(max(12, 1.6 * columns), 4.6))
     ticks, names = [], []
     x = 0
     for g in study["groups"]:

@@ -498,6 +498,26 @@ def test_collapse_counts_one_class_runs_per_teacher_and_compares_them(tmp_path, 
     csv_rows = (rdir / "collapse.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 6 and csv_rows[2].endswith(",True,True") and csv_rows[3].endswith(",True,False")
     assert "2 of 3 collapsed (1 of them to one class on ID too)" in (rdir / "collapse.md").read_text() and (rdir / "collapse.png").stat().st_size > 0
+    (pooled,) = study["pooled_fisher_exact"]  # one cell matched: the pooled test is that cell's
+    assert (pooled["a"], pooled["b"]) == ("a", "b") and pooled["p_value"] == pytest.approx(0.4)
+    assert pooled["id_only_p_value"] == pytest.approx(1.0)
+    assert study["groups"][0]["pooled"] == {"collapsed": 2, "collapsed_id": 1, "seeds": 3}
+    assert study["by_group"] == [] and study["by_group_fisher_exact"] == []
+    # GROUP/NAME labels: teachers pooled by group (here group x = folders a and b, group y = folder a again)
+    assert SE.main(["collapse", "--runs", f"x/a={tmp_path / 'a'}", f"x/b={tmp_path / 'b'}", f"y/a={tmp_path / 'a'}",
+                    "--match", "+poe-s0.5", "--report-dir", str(rdir)]) == 0
+    study = json.loads((rdir / "collapse.json").read_text())
+    assert [(t["a"], t["b"]) for t in study["pooled_fisher_exact"]] == [("x/a", "x/b"), ("x/a", "y/a"), ("x/b", "y/a")]
+    assert study["pooled_fisher_exact"][1]["p_value"] == pytest.approx(1.0)  # a against itself
+    assert study["by_group"] == [{"group": "x", "teachers": ["x/a", "x/b"], "collapsed": 2, "collapsed_id": 1, "seeds": 6},
+                                 {"group": "y", "teachers": ["y/a"], "collapsed": 2, "collapsed_id": 1, "seeds": 3}]
+    (g,) = study["by_group_fisher_exact"]
+    # 2 of 6 vs 2 of 3 (margins 4 collapsed, 9 runs): P(k) = C(6,k) C(3,4-k) / C(9,4) for k = 1..4 = 6, 45, 60, 15
+    # (/126); observed k = 2 (45), so p = (6 + 45 + 15) / 126
+    assert (g["a"], g["b"]) == ("x", "y") and g["p_value"] == pytest.approx(66 / 126)
+    md = (rdir / "collapse.md").read_text()
+    assert "## Teachers pooled by group" in md and "| x | 2 | 2/6 (1) | y | 1 | 2/3 (1) | 0.524 |" in md
+    assert "| x/a | 2/3 (1) | y/a | 2/3 (1) | 1.000 | 1.000 |" in md
     capsys.readouterr()
     for argv, msg in ((["--runs", "nolabel"], "expected LABEL=DIR"),
                       (["--runs", f"a={tmp_path / 'a'}", f"a={tmp_path / 'b'}"], "label 'a' given twice"),
