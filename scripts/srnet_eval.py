@@ -5,6 +5,8 @@
     python scripts/srnet_eval.py report [--out DIR] [--report-dir results/srnet]
     python scripts/srnet_eval.py compare BEFORE/runs AFTER/runs [--write FILE]   # two reports, run by run
     python scripts/srnet_eval.py collapse --runs LABEL=DIR ... --match TEXT ... --report-dir DIR   # one-class runs per teacher
+    python scripts/srnet_eval.py start --out DIR [--sparsity S ...] [--weight-decay WD] [--teacher-seed T] --write F
+                                                           # the mask search's step 0, evaluated
 
 `run` executes the runs of each stage in priority order, one at a time, in this process (one thread:
 OMP_NUM_THREADS=1); finished runs are skipped and interrupted ones resume (sparsebert.pruning.srnet.Runner).
@@ -247,6 +249,15 @@ def main(argv=None) -> int:
     mag.add_argument("--out", default=DEFAULT_OUT)
     mag.add_argument("--sparsity", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     mag.add_argument("--report-dir", default="results/srnet")
+    st = sub.add_parser("start", help="the paradigm-a mask search's starting point (its step 0: the teacher under the "
+                                      "scheduler's binary magnitude masks, head included), evaluated per sparsity")
+    st.add_argument("--out", default=DEFAULT_OUT)
+    st.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7])
+    st.add_argument("--weight-decay", type=nonnegative_float, default=0.0, metavar="WD",
+                    help="the teacher's decay, as given to `run` for this --out")
+    st.add_argument("--teacher-seed", type=int_at_least(0, "a non-negative integer seed"), default=0, metavar="T",
+                    help="the teacher's seed, as given to `run` for this --out")
+    st.add_argument("--write", required=True, metavar="FILE", help="the JSON to write (one row per sparsity)")
     cmp = sub.add_parser("compare", help="two reports' run JSONs side by side, run by run (e.g. before and after "
                                          "a change of defaults): last ID, HANS-style and its halves, test halves")
     cmp.add_argument("before", help="a report's runs/ folder (run JSONs)")
@@ -268,6 +279,8 @@ def main(argv=None) -> int:
         return cmd_compare(args)
     if args.cmd == "magnitude":
         return cmd_magnitude(args)
+    if args.cmd == "start":
+        return cmd_start(args)
     return cmd_report(args)
 
 
@@ -307,6 +320,59 @@ def cmd_magnitude(args) -> int:
     atomic_write_text(json.dumps({"teacher": teacher.run_name, "rule": "per encoder matrix, smallest |W| set to 0; "
                                   "head untouched; no training", "rows": rows}, indent=1),
                       Path(args.report_dir) / "magnitude_only.json")
+    return 0
+
+
+def cmd_start(args) -> int:
+    """Where a paradigm-a mask search (stage main, constant schedule) starts: the teacher with every masked matrix
+    (encoder, pooler and classifier, per layer) binarized by magnitude at the target sparsity, as the scheduler
+    builds it before step 0, evaluated on the whole held-out ID and HANS-style sets. Does a search that ends in one
+    class already start there?"""
+    import torch
+    from sparsebert.nn import sparsity_report
+    from sparsebert.pruning.scheduler import MaskScheduler
+    from sparsebert.pruning.srnet import evaluate_all
+    for s in args.sparsity:
+        if not 0.0 < s < 1.0:
+            print(f"srnet_eval start: --sparsity: expected values in (0, 1), got {s!r}", file=sys.stderr)
+            return 2
+    teacher = plan("teacher", args.out, weight_decay=args.weight_decay, teacher_seed=args.teacher_seed)[0]
+    runner = Runner(args.out, progress=False)
+    if not runner.finished(teacher):
+        print(f"srnet_eval start: the teacher {teacher.run_name} (weight decay {args.weight_decay:g}) is not finished "
+              f"under {args.out}", file=sys.stderr)
+        return 2
+    search = next(c for c in plan("main", args.out, seeds=[0], weight_decay=args.weight_decay,
+                                  teacher_seed=args.teacher_seed) if c.loss == "poe")
+    data = runner.data(teacher)
+    rows = []
+    for sparsity in args.sparsity:
+        cfg = dataclasses.replace(search, sparsity=sparsity)
+        model = runner._starting_model(cfg, data)
+        sched = MaskScheduler(model, sparsity=cfg.sparsity, total_steps=1, schedule=cfg.schedule,
+                              initial_sparsity=cfg.initial_sparsity, end_frac=cfg.end_frac, scope=cfg.scope,
+                              threshold_refresh_steps=cfg.threshold_refresh_steps, score_init=cfg.score_init,
+                              include_head=cfg.include_head, train_head=cfg.train_head, granularity=cfg.granularity)
+        model.eval()
+        with torch.no_grad(), sched.exact_sparsity():
+            m = evaluate_all(model, data, cfg)
+            measured = sparsity_report(model)["overall"]
+        row = {"sparsity": sparsity, "search": cfg.run_name, "measured_sparsity": measured}
+        for name, parts in (("id", ("id_dev", "id_test")), ("ood", ("ood_dev", "ood_test"))):
+            n = sum(m[p]["n"] for p in parts)
+            counts = [sum(c) for c in zip(*(m[p]["summary"]["pred_counts"] for p in parts))]
+            row.update({f"{name}_accuracy": sum(m[p]["accuracy"] * m[p]["n"] for p in parts) / n, f"n_{name}": n,
+                        f"{name}_pred_counts": counts, f"{name}_top_share": max(counts) / n,
+                        f"{name}_one_class": sum(1 for c in counts if c) == 1})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    path = Path(args.write)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps({"teacher": teacher.run_name, "weight_decay": args.weight_decay,
+                                  "teacher_seed": args.teacher_seed,
+                                  "rule": "the mask search's step 0: per layer, the top (1 - sparsity) of |W| kept in "
+                                          "the encoder, pooler and classifier (include_head), no training; whole "
+                                          "held-out ID and HANS-style sets", "rows": rows}, indent=1), path)
     return 0
 
 

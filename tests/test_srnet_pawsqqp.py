@@ -310,6 +310,36 @@ def test_pawsqqp_stage_runs_and_reports_on_a_tiny_model(paws_dir, tmp_path, monk
     assert rows[1]["seeds"] == [0, 1] and rows[1]["paws"]["n"] == 40
 
 
+def test_start_evaluates_the_mask_search_step_zero_of_a_seeded_decayed_teacher(tmp_path, monkeypatch, capsys):
+    """`start`: the teacher of --teacher-seed / --weight-decay under the scheduler's binary magnitude masks at each
+    sparsity (the paradigm-a search before its first step), on the whole held-out ID and HANS-style sets. A tiny
+    model on a slice of the real MNLI dev set; an unfinished teacher and a bad sparsity are refused by name."""
+    from sparsebert.data.tasks import default_data_dir
+    if not (default_data_dir() / "mnli" / "dev_matched.tsv").is_file():
+        pytest.skip(f"needs mnli/dev_matched.tsv under {default_data_dir()} (../shared/data; see its README)")
+    for k, v in dict(model="tiny", epochs=1.0, max_train=48, max_eval=24, max_ood=20, hans_per_subcase=2).items():
+        monkeypatch.setitem(SE.MNLI, k, v)
+    out, write = tmp_path / "runs", tmp_path / "start.json"
+    argv = ["--out", str(out), "--teacher-seed", "1", "--weight-decay", "0.01"]
+    assert SE.main(["start", *argv, "--write", str(write)]) == 2
+    assert "the teacher dense-ce-seed1 (weight decay 0.01) is not finished" in capsys.readouterr().err
+    assert SE.main(["run", "--stage", "teacher", *argv]) == 0
+    assert SE.main(["start", *argv, "--sparsity", "0.7", "1.0", "--write", str(write)]) == 2
+    assert "--sparsity: expected values in (0, 1), got 1.0" in capsys.readouterr().err
+    assert SE.main(["start", *argv, "--sparsity", "0.3", "0.9", "--write", str(write)]) == 0
+    got = json.loads(write.read_text())
+    assert got["teacher"] == "dense-ce-seed1" and (got["weight_decay"], got["teacher_seed"]) == (0.01, 1)
+    assert [r["search"] for r in got["rows"]] == ["a-ce+poe-s0.3-constant-seed0-t1", "a-ce+poe-s0.9-constant-seed0-t1"]
+    for r in got["rows"]:
+        assert r["measured_sparsity"] == pytest.approx(r["sparsity"], abs=0.01)  # the masks were in place
+        assert r["n_id"] == 24 and sum(r["id_pred_counts"]) == 24 and len(r["id_pred_counts"]) == 3
+        assert sum(r["ood_pred_counts"]) == r["n_ood"] and len(r["ood_pred_counts"]) == 2
+        assert r["id_one_class"] == (sum(c > 0 for c in r["id_pred_counts"]) == 1)
+        assert r["id_top_share"] == max(r["id_pred_counts"]) / 24 and 0 <= r["id_accuracy"] <= 1
+    teacher = json.loads((out / "mnli" / "dense-ce-seed1" / "run.json").read_text())
+    assert teacher["config"]["weight_decay"] == 0.01 and teacher["config"]["teacher_seed"] == 1
+
+
 # ----------------------------------------------------------------------------- report from fake runs
 def _fake_run(folder: Path, *, run: str, paradigm: str, loss: str, seed: int, splits: dict, task_extra=None):
     """A finished run folder: run.json + preds-step5.json. splits: name -> (predicted class, label, cue) lists."""
