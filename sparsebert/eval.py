@@ -11,6 +11,7 @@ constant-predictor F1, a `one_class` flag), and `bootstrap_ci` gives 95% interva
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -364,3 +365,44 @@ def fisher_exact_2x2(hits_a: int, n_a: int, hits_b: int, n_b: int) -> Dict[str, 
     observed = prob(hits_a)
     p = sum(q for q in (prob(k) for k in range(lo, hi + 1)) if q <= observed * (1 + 1e-7))
     return {"rate_a": hits_a / n_a, "rate_b": hits_b / n_b, "p_value": min(1.0, p)}
+
+
+def cluster_permutation_test(clusters_a, clusters_b) -> Dict[str, float]:
+    """Exact two-sided permutation test of "event rate in group a = in group b" when the events come in clusters
+    (runs that share one teacher): each cluster is a ``(hits, n)`` pair, and the cluster, not the run, is what is
+    exchanged between the groups. Every split of the pooled clusters into groups of the observed sizes is
+    enumerated; the statistic is the difference of the pooled rates, and p is the share of splits at least as far
+    from zero as the observed one (relative tolerance 1e-9 for ties). ``min_p_value`` is the smallest p that any split of
+    these same clusters could have given (at best 2 / C(k_a + k_b, k_a) for groups of equal size): with few clusters
+    even the most lopsided outcome cannot be significant, and a reader should see that next to p."""
+    groups = []
+    for name, clusters in (("clusters_a", clusters_a), ("clusters_b", clusters_b)):
+        clusters = list(clusters)
+        if not clusters:
+            raise ValueError(f"{name}: expected at least one (hits, n) cluster, got none")
+        for c in clusters:
+            ok = isinstance(c, (tuple, list)) and len(c) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in c)
+            if not ok or not 0 <= c[0] <= c[1] or c[1] == 0:
+                raise ValueError(f"{name}: expected (hits, n) pairs of integers with 0 <= hits <= n and n >= 1, got {c!r}")
+        groups.append(clusters)
+    pooled = groups[0] + groups[1]
+    k_a, total = len(groups[0]), len(pooled)
+    if math.comb(total, k_a) > 1_000_000:
+        raise ValueError(f"clusters_a, clusters_b: {math.comb(total, k_a)} splits to enumerate; this exact test is for "
+                         "a handful of clusters per group (at most 10^6 splits)")
+    hits_all, n_all = sum(h for h, _ in pooled), sum(n for _, n in pooled)
+
+    def diff(idx) -> float:
+        h = sum(pooled[i][0] for i in idx)
+        n = sum(pooled[i][1] for i in idx)
+        return h / n - (hits_all - h) / (n_all - n)
+
+    observed = abs(diff(range(k_a)))
+    stats = [abs(diff(idx)) for idx in itertools.combinations(range(total), k_a)]
+    extreme = sum(s >= observed * (1 - 1e-9) for s in stats)
+    top = max(stats)
+    at_top = sum(s >= top * (1 - 1e-9) for s in stats)
+    rate = lambda cs: sum(h for h, _ in cs) / sum(n for _, n in cs)  # noqa: E731
+    return {"rate_a": rate(groups[0]), "rate_b": rate(groups[1]), "p_value": extreme / len(stats),
+            "min_p_value": at_top / len(stats), "splits": len(stats)}

@@ -72,6 +72,38 @@ def test_evaluate_collapses_mnli_to_two_way():
         evaluate(model, [batch], metric="auc")
 
 
+def test_cluster_permutation_test_enumerates_the_splits_of_teachers():
+    """Teachers with 5, 2, 0 of 8 runs collapsed against teachers with 0, 1, 0 of 8: of the C(6,3) = 20 splits of
+    the six teachers into two groups of three, the pooled counts 7 vs 1 (|rate difference| 6/24) or more lopsided
+    arise when one group holds the 5 and the 2 and any third teacher (4 splits) or the complement of such a group
+    (4 more): p = 8/20. The most lopsided split, {5, 2, 1} against {0, 0, 0}, and its mirror give the least
+    possible p, 2/20."""
+    from sparsebert.eval import cluster_permutation_test
+    r = cluster_permutation_test([(5, 8), (2, 8), (0, 8)], [(0, 8), (1, 8), (0, 8)])
+    assert r["p_value"] == pytest.approx(8 / 20) and r["splits"] == 20
+    assert r["rate_a"] == pytest.approx(7 / 24) and r["rate_b"] == pytest.approx(1 / 24)
+    assert r["min_p_value"] == pytest.approx(2 / 20)
+    # all of one group's runs collapse, none of the other's: the most extreme of 20 splits, and its mirror
+    r = cluster_permutation_test([(8, 8)] * 3, [(0, 8)] * 3)
+    assert r["p_value"] == pytest.approx(2 / 20) and r["min_p_value"] == pytest.approx(2 / 20)
+    # the runs-as-units Fisher test calls the same 24 vs 0 overwhelming; with three teachers per group it cannot be
+    from sparsebert.eval import fisher_exact_2x2
+    assert fisher_exact_2x2(24, 24, 0, 24)["p_value"] < 1e-12
+    # unequal cluster sizes weigh the pooled rates: (3, 4) | (0, 2), (1, 2): splits {3/4 | 1/4}, {0/2 | 4/6},
+    # {1/2 | 3/6}: |differences| 1/2, 2/3, 0; observed 1/2 -> p = 2/3
+    r = cluster_permutation_test([(3, 4)], [(0, 2), (1, 2)])
+    assert r["p_value"] == pytest.approx(2 / 3) and r["min_p_value"] == pytest.approx(1 / 3) and r["splits"] == 3
+    assert cluster_permutation_test([(0, 4)], [(0, 4)])["p_value"] == 1.0  # no events: nothing to tell apart
+    with pytest.raises(ValueError, match="clusters_b: expected at least one"):
+        cluster_permutation_test([(1, 2)], [])
+    with pytest.raises(ValueError, match=r"clusters_a: expected \(hits, n\) pairs"):
+        cluster_permutation_test([(3, 2)], [(1, 2)])
+    with pytest.raises(ValueError, match=r"clusters_a: expected \(hits, n\) pairs"):
+        cluster_permutation_test([(1.0, 2)], [(1, 2)])
+    with pytest.raises(ValueError, match="at most 10\\^6 splits"):
+        cluster_permutation_test([(0, 1)] * 15, [(0, 1)] * 15)
+
+
 def test_fisher_exact_2x2_against_the_hypergeometric_by_hand():
     """0 of 6 vs 4 of 6: tables with k = 0..4 of the 4 hits in group a have weights C(6,k) C(6,4-k) = 15, 120, 225,
     120, 15 (of C(12,4) = 495); the two as unlikely as the observed one give p = 30/495."""

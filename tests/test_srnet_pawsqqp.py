@@ -539,14 +539,21 @@ def test_collapse_counts_one_class_runs_per_teacher_and_compares_them(tmp_path, 
     study = json.loads((rdir / "collapse.json").read_text())
     assert [(t["a"], t["b"]) for t in study["pooled_fisher_exact"]] == [("x/a", "x/b"), ("x/a", "y/a"), ("x/b", "y/a")]
     assert study["pooled_fisher_exact"][1]["p_value"] == pytest.approx(1.0)  # a against itself
-    assert study["by_group"] == [{"group": "x", "teachers": ["x/a", "x/b"], "collapsed": 2, "collapsed_id": 1, "seeds": 6},
-                                 {"group": "y", "teachers": ["y/a"], "collapsed": 2, "collapsed_id": 1, "seeds": 3}]
+    assert study["by_group"] == [{"group": "x", "teachers": ["x/a", "x/b"], "collapsed": 2, "collapsed_id": 1, "seeds": 6,
+                                  "per_teacher": [[2, 3], [0, 3]], "per_teacher_id": [[1, 3], [0, 3]]},
+                                 {"group": "y", "teachers": ["y/a"], "collapsed": 2, "collapsed_id": 1, "seeds": 3,
+                                  "per_teacher": [[2, 3]], "per_teacher_id": [[1, 3]]}]
     (g,) = study["by_group_fisher_exact"]
+    # teachers as units: the 3 splits of teachers (2/3, 0/3 | 2/3) into groups of 2 and 1 give |rate difference|
+    # 1/3 (observed), 2/3 ({2/3, 2/3} | 0/3), 1/3: p = 3/3, and the most lopsided split alone would give 1/3
+    assert g["teacher_permutation"] == {"p_value": pytest.approx(1.0), "min_p_value": pytest.approx(1 / 3), "splits": 3}
+    assert g["teacher_permutation_id"]["p_value"] == pytest.approx(1.0)
     # 2 of 6 vs 2 of 3 (margins 4 collapsed, 9 runs): P(k) = C(6,k) C(3,4-k) / C(9,4) for k = 1..4 = 6, 45, 60, 15
     # (/126); observed k = 2 (45), so p = (6 + 45 + 15) / 126
     assert (g["a"], g["b"]) == ("x", "y") and g["p_value"] == pytest.approx(66 / 126)
     md = (rdir / "collapse.md").read_text()
-    assert "## Teachers pooled by group" in md and "| x | 2 | 2/6 (1) | y | 1 | 2/3 (1) | 0.524 |" in md
+    assert "## Teachers pooled by group" in md
+    assert "| x | 2/3, 0/3 | 2/6 (1) | y | 2/3 | 2/3 (1) | 0.524 | 1.000 | 1.000 (0.333) | 1.000 (0.333) |" in md
     assert "| x/a | 2/3 (1) | y/a | 2/3 (1) | 1.000 | 1.000 |" in md
     capsys.readouterr()
     for argv, msg in ((["--runs", "nolabel"], "expected LABEL=DIR"),
