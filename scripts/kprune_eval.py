@@ -432,8 +432,8 @@ def aggregate(results, args):
 
 def pairwise(groups, teachers):
     """Method vs method at each budget, on the seeds both have: difference of mean accuracy (and F1) with a
-    95% hierarchical paired-bootstrap interval and p-value; exact McNemar on the pooled (seed, example) pairs."""
-    from sparsebert.eval import mcnemar_test
+    95% hierarchical paired-bootstrap interval and p-value; exact McNemar on the pooled (seed, example) pairs.
+    Then each method against itself at every smaller pruning-sample size (``sample_tokens`` "LARGE vs SMALL")."""
     out = []
     by = {}
     for (task, method, variant, tokens, keep, tkey), recs in groups.items():
@@ -448,27 +448,44 @@ def pairwise(groups, teachers):
                 continue
             vb = b.split("/")[1] if "/" in b else "full"
             recs_b = by.get((task, vb, tokens, keep, tkey, b))
-            if not recs_b:
-                continue
-            seeds = sorted(set(recs_a) & set(recs_b))
-            if not seeds:
-                continue
-            t = teachers[tkey]
-            labels = torch.tensor(t["labels"])
-            pa = torch.tensor([recs_a[s]["preds"] for s in seeds])
-            pb = torch.tensor([recs_b[s]["preds"] for s in seeds])
-            row = {"task": task, "flops_keep": keep, "sample_tokens": tokens, "a": a, "b": b, "seeds": len(seeds)}
-            for metric in ("accuracy", "f1") if t["summary"]["f1"] is not None else ("accuracy",):
-                obs, reps = boot_metric([pa, pb], labels, metric)
-                d = reps[:, 0] - reps[:, 1]
-                lo, hi = interval(d)
-                p = min(1.0, 2 * min(float((d <= 0).double().mean()), float((d >= 0).double().mean())))
-                row.update({f"{metric}_diff": obs[0] - obs[1], f"{metric}_diff_low": lo, f"{metric}_diff_high": hi,
-                            f"{metric}_p": p})
-            mc = mcnemar_test((pa == labels).flatten(), (pb == labels).flatten())
-            row.update({"mcnemar_p": mc["p_value"], "a_only_right": mc["b10"], "b_only_right": mc["b01"]})
-            out.append(row)
+            if recs_b:
+                row = _paired_row(task, keep, tokens, a, b, recs_a, recs_b, teachers[tkey])
+                if row:
+                    out.append(row)
+    # one method against itself with a larger pruning sample (the paper's 100k tokens against this study's 4-20k):
+    # the same sample seed draws both samples, and the dev examples pair the two pruned models
+    for (task, variant, tokens, keep, tkey, method), recs_a in sorted(by.items()):
+        if variant != "full" or "/" in method:
+            continue
+        for (task_b, variant_b, tokens_b, keep_b, tkey_b, method_b), recs_b in sorted(by.items()):
+            if (task_b, variant_b, keep_b, tkey_b, method_b) == (task, variant, keep, tkey, method) and tokens_b < tokens:
+                row = _paired_row(task, keep, f"{tokens} vs {tokens_b}", f"{method} @{tokens}", f"{method} @{tokens_b}",
+                                  recs_a, recs_b, teachers[tkey])
+                if row:
+                    out.append(row)
     return out
+
+
+def _paired_row(task, keep, tokens, a, b, recs_a, recs_b, teacher):
+    """a - b on the sample seeds both have, or None when they share none."""
+    from sparsebert.eval import mcnemar_test
+    seeds = sorted(set(recs_a) & set(recs_b))
+    if not seeds:
+        return None
+    labels = torch.tensor(teacher["labels"])
+    pa = torch.tensor([recs_a[s]["preds"] for s in seeds])
+    pb = torch.tensor([recs_b[s]["preds"] for s in seeds])
+    row = {"task": task, "flops_keep": keep, "sample_tokens": tokens, "a": a, "b": b, "seeds": len(seeds)}
+    for metric in ("accuracy", "f1") if teacher["summary"]["f1"] is not None else ("accuracy",):
+        obs, reps = boot_metric([pa, pb], labels, metric)
+        d = reps[:, 0] - reps[:, 1]
+        lo, hi = interval(d)
+        p = min(1.0, 2 * min(float((d <= 0).double().mean()), float((d >= 0).double().mean())))
+        row.update({f"{metric}_diff": obs[0] - obs[1], f"{metric}_diff_low": lo, f"{metric}_diff_high": hi,
+                    f"{metric}_p": p})
+    mc = mcnemar_test((pa == labels).flatten(), (pb == labels).flatten())
+    row.update({"mcnemar_p": mc["p_value"], "a_only_right": mc["b10"], "b_only_right": mc["b01"]})
+    return row
 
 
 def write_outputs(results, out: Path, args):

@@ -117,3 +117,28 @@ def test_report_files_are_written_whole_and_hold_every_group(tmp_path, classes):
     assert doc["scale"]["mnli"]["runs"]["full @ 4096 tokens"]["sample_seeds"] == [0, 1]
     (pair,) = list(csv.DictReader((out / "pairwise.csv").open()))
     assert ("f1_diff" in pair) == (classes == 2)  # F1 only where the task is binary
+
+
+def test_a_larger_pruning_sample_is_compared_with_the_same_method_on_the_same_seed(tmp_path):
+    """A kprune run on a 100,000-token sample (seed 0) beside the 4,096-token runs (seeds 0, 1): the report pairs it
+    with the 4,096-token kprune run of seed 0 (not seed 1, and not kwon), on the same dev examples."""
+    import argparse
+    import csv
+    recs = _records()
+    teacher = recs[0]
+    small = next(r for r in recs[1:] if r["config"]["method"] == "kprune" and r["config"]["sample_seed"] == 0)
+    cfg = {**small["config"], "sample_tokens": 100_000}
+    big = {**small, "key": KE.key_of(cfg), "config": cfg, "preds": teacher["labels"]}  # every dev example right
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs + [big]))
+    out = tmp_path / "report"
+    KE.write_outputs(KE.Results(path), out, argparse.Namespace())
+    pairs = list(csv.DictReader((out / "pairwise.csv").open()))
+    (row,) = [p for p in pairs if p["sample_tokens"] == "100000 vs 4096"]
+    labels = teacher["labels"]
+    small_acc = sum(p == y for p, y in zip(small["preds"], labels)) / len(labels)
+    assert (row["a"], row["b"], row["seeds"]) == ("kprune @100000", "kprune @4096", "1")
+    assert float(row["accuracy_diff"]) == pytest.approx(1 - small_acc, abs=1e-5)
+    assert int(row["a_only_right"]) == sum(p != y for p, y in zip(small["preds"], labels)) and row["b_only_right"] == "0"
+    assert [p["sample_tokens"] for p in pairs].count("4096") == 1  # kprune vs kwon at 4,096 tokens, as before
+    assert "| mnli | 100000 vs 4096 | 0.4 | kprune @100000 | kprune @4096 | 1 |" in (out / "tables.md").read_text()
