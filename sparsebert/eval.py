@@ -8,6 +8,8 @@ option ``hans_rule="sum"``.
 
 Every score comes with its trivial baselines (`classification_summary`: majority-class accuracy,
 constant-predictor F1, a `one_class` flag), and `bootstrap_ci` gives 95% intervals over examples and seeds.
+Rates of rare events over seeds (a mask search that collapses) are compared with `fisher_exact_2x2`, or with
+`cluster_permutation_test` when the seeds come in clusters (several searches from one teacher).
 """
 from __future__ import annotations
 
@@ -372,9 +374,9 @@ def cluster_permutation_test(clusters_a, clusters_b) -> Dict[str, float]:
     (runs that share one teacher): each cluster is a ``(hits, n)`` pair, and the cluster, not the run, is what is
     exchanged between the groups. Every split of the pooled clusters into groups of the observed sizes is
     enumerated; the statistic is the difference of the pooled rates, and p is the share of splits at least as far
-    from zero as the observed one (relative tolerance 1e-9 for ties). ``min_p_value`` is the smallest p that any split of
-    these same clusters could have given (at best 2 / C(k_a + k_b, k_a) for groups of equal size): with few clusters
-    even the most lopsided outcome cannot be significant, and a reader should see that next to p."""
+    from zero as the observed one (relative tolerance 1e-9 for ties). ``min_p_value`` is the smallest p that any
+    split of these same clusters could have given (at best 2 / C(k_a + k_b, k_a) for groups of equal size): with
+    few clusters even the most lopsided outcome cannot be significant, and a reader should see that next to p."""
     groups = []
     for name, clusters in (("clusters_a", clusters_a), ("clusters_b", clusters_b)):
         clusters = list(clusters)
@@ -384,7 +386,8 @@ def cluster_permutation_test(clusters_a, clusters_b) -> Dict[str, float]:
             ok = isinstance(c, (tuple, list)) and len(c) == 2 and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in c)
             if not ok or not 0 <= c[0] <= c[1] or c[1] == 0:
-                raise ValueError(f"{name}: expected (hits, n) pairs of integers with 0 <= hits <= n and n >= 1, got {c!r}")
+                raise ValueError(f"{name}: expected (hits, n) pairs of integers with 0 <= hits <= n and n >= 1, "
+                                 f"got {c!r}")
         groups.append(clusters)
     pooled = groups[0] + groups[1]
     k_a, total = len(groups[0]), len(pooled)
