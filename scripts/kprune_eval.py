@@ -454,11 +454,14 @@ def pairwise(groups, teachers):
                     out.append(row)
     # one method against itself with a larger pruning sample (the paper's 100k tokens against this study's 4-20k):
     # the same sample seed draws both samples, and the dev examples pair the two pruned models
+    sizes = {}  # (task, variant, keep, teacher, method) -> {sample tokens: records}
+    for (task, variant, tokens, keep, tkey, method), recs in by.items():
+        sizes.setdefault((task, variant, keep, tkey, method), {})[tokens] = recs
     for (task, variant, tokens, keep, tkey, method), recs_a in sorted(by.items()):
         if variant != "full" or "/" in method:
             continue
-        for (task_b, variant_b, tokens_b, keep_b, tkey_b, method_b), recs_b in sorted(by.items()):
-            if (task_b, variant_b, keep_b, tkey_b, method_b) == (task, variant, keep, tkey, method) and tokens_b < tokens:
+        for tokens_b, recs_b in sorted(sizes[(task, variant, keep, tkey, method)].items()):
+            if tokens_b < tokens:
                 row = _paired_row(task, keep, f"{tokens} vs {tokens_b}", f"{method} @{tokens}", f"{method} @{tokens_b}",
                                   recs_a, recs_b, teachers[tkey])
                 if row:

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -738,10 +739,10 @@ def collapse_study(labelled: Sequence[tuple], match: Sequence[str]) -> Dict[str,
     for g in groups:
         if "/" in g["label"]:  # GROUP/NAME: one of several teachers of GROUP (e.g. decay0/t1)
             agg = by_group.setdefault(g["label"].split("/", 1)[0], {"teachers": [], "collapsed": 0, "collapsed_id": 0,
-                                                                    "seeds": 0})
+                                                                    "seeds": 0, "per_teacher": [], "per_teacher_id": []})
             agg["teachers"].append(g["label"])
-            agg.setdefault("per_teacher", []).append([g["pooled"]["collapsed"], g["pooled"]["seeds"]])
-            agg.setdefault("per_teacher_id", []).append([g["pooled"]["collapsed_id"], g["pooled"]["seeds"]])
+            agg["per_teacher"].append([g["pooled"]["collapsed"], g["pooled"]["seeds"]])
+            agg["per_teacher_id"].append([g["pooled"]["collapsed_id"], g["pooled"]["seeds"]])
             for k in ("collapsed", "collapsed_id", "seeds"):
                 agg[k] += g["pooled"][k]
     names = sorted(by_group)
@@ -821,9 +822,10 @@ def collapse_markdown(study) -> str:
                   "| a | collapsed per teacher | pooled (on ID too) | b | collapsed per teacher | pooled (on ID too) | "
                   "p, runs as units (Fisher) | p, ID alone | p, teachers as units (least possible) | p, ID alone |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
+        def per(g):
+            return ", ".join(f"{h}/{n}" for h, n in g["per_teacher"])
         for t in study["by_group_fisher_exact"]:
             a, b = counts[t["a"]], counts[t["b"]]
-            per = lambda g: ", ".join(f"{h}/{n}" for h, n in g["per_teacher"])  # noqa: E731
             tp, tpi = t["teacher_permutation"], t["teacher_permutation_id"]
             lines.append(f"| {t['a']} | {per(a)} | {a['collapsed']}/{a['seeds']} ({a['collapsed_id']}) | "
                          f"{t['b']} | {per(b)} | {b['collapsed']}/{b['seeds']} ({b['collapsed_id']}) | "
@@ -873,9 +875,9 @@ def collapse_plot(study, path: Path) -> None:
                 handles.append(h)
                 labels.append(l)
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
-    import textwrap  # a long --match list wraps instead of running off the figure
-    fig.suptitle("\n".join(textwrap.wrap(f"Mask searches ({', '.join(study['match'])}) from each teacher, one point "
-                                          "per seed", width=max(60, int(fig.get_figwidth() * 14)))), fontsize=10)
+    title = f"Mask searches ({', '.join(study['match'])}) from each teacher, one point per seed"
+    width = max(60, int(fig.get_figwidth() * 14))  # a long --match list wraps instead of running off the figure
+    fig.suptitle("\n".join(textwrap.wrap(title, width=width)), fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
