@@ -682,7 +682,12 @@ def main(argv=None):
     args.teacher_epochs = task_map(args.teacher_epochs, float)
     torch.set_num_threads(args.threads)
     if args.report_only:
-        write_outputs(Results(Path(args.runs) / "results.jsonl"), Path(args.out), args)
+        results_path = Path(args.runs) / "results.jsonl"
+        results = Results(results_path)
+        if not results.rows:  # an empty report would silently replace the committed one in --out
+            sys.exit(f"--report-only: no results in {results_path} (--runs names the folder of a study's "
+                     f"results.jsonl); nothing written to {args.out}")
+        write_outputs(results, Path(args.out), args)
         return 0
     Experiment(args).run()
     return 0

@@ -142,3 +142,15 @@ def test_a_larger_pruning_sample_is_compared_with_the_same_method_on_the_same_se
     assert int(row["a_only_right"]) == sum(p != y for p, y in zip(small["preds"], labels)) and row["b_only_right"] == "0"
     assert [p["sample_tokens"] for p in pairs].count("4096") == 1  # kprune vs kwon at 4,096 tokens, as before
     assert "| mnli | 100000 vs 4096 | 0.4 | kprune @100000 | kprune @4096 | 1 |" in (out / "tables.md").read_text()
+
+
+def test_report_only_without_results_refuses_and_leaves_the_output_alone(tmp_path, capsys):
+    """A mistyped --runs must not replace a committed report with an empty one."""
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "table.csv").write_text("committed\n")
+    with pytest.raises(SystemExit) as exc:
+        KE.main(["--report-only", "--runs", str(tmp_path / "no_such_study"), "--out", str(out)])
+    assert "--report-only: no results in" in str(exc.value) and "no_such_study" in str(exc.value)
+    assert sorted(p.name for p in out.iterdir()) == ["table.csv"]
+    assert (out / "table.csv").read_text() == "committed\n"
