@@ -14,12 +14,14 @@ recomputed, never reused):
 4. ``big``       one run per task and method with ``--big-tokens`` at ``--big-keep``.
 5. ``speed``     forward time of the physically pruned structures vs the dense model on this CPU.
 
-``--report-only`` (or the end of any run) writes ``--out``: table.csv, pairwise.csv, results.json and
-metric_vs_flops.png (means over seeds with 95% bootstrap bands over seeds and dev examples).
+``--report-only`` (or the end of any run) writes ``--out`` (default: ``--runs``/report; a committed
+report is written only where ``--out`` names it): table.csv, pairwise.csv, results.json, tables.md,
+metric_vs_flops.png (means over seeds with 95% bootstrap bands over seeds and dev examples) and, where a
+budget ran at two sample sizes or more, metric_vs_sample_tokens.png.
 
     OMP_NUM_THREADS=1 python scripts/kprune_eval.py                 # everything, at the committed scale
     OMP_NUM_THREADS=1 python scripts/kprune_eval.py --stages teachers main
-    python scripts/kprune_eval.py --report-only                     # tables and plot from what is done
+    python scripts/kprune_eval.py --report-only --out results/kprune   # the committed tables and plot
 """
 from __future__ import annotations
 
@@ -537,6 +539,7 @@ def write_outputs(results, out: Path, args):
     atomic_write_text(json.dumps({"scale": scale, "teachers": teacher_rows, "aggregates": rows, "pairwise": pairs,
                                   "speed": speed, "runs": runs}, indent=1), out / "results.json")
     plot(rows, teachers, out / "metric_vs_flops.png", args)
+    plot_sample_sizes(rows, out / "metric_vs_sample_tokens.png")
     atomic_write_text(markdown_tables(rows, pairs, teacher_rows, speed), out / "tables.md")
 
 
@@ -592,6 +595,22 @@ def markdown_tables(rows, pairs, teacher_rows, speed):
     return "\n".join(L) + "\n"
 
 
+def _reference_lines(ax, row, metric):
+    """The dense teacher's level and the constant predictor's (majority class, or all-positive for F1)."""
+    ax.axhline(row[f"dense_{metric}"], color="k", lw=0.9, label="dense teacher")
+    base = row["majority_accuracy"] if metric == "accuracy" else row["constant_f1"]
+    ax.axhline(base, color="gray", lw=0.9, ls="-.", label="majority" if metric == "accuracy" else "all-positive")
+
+
+def _save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(png.getvalue(), path)
+
+
 def plot(rows, teachers, path, args):
     import matplotlib
     matplotlib.use("Agg")
@@ -624,22 +643,63 @@ def plot(rows, teachers, path, args):
             if pts:
                 x = [p[0] for p in pts]
                 ax.plot(x, [p[1] for p in pts], style, color=color, label=method, ms=4)
-                ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], color=color, alpha=0.18, lw=0)
+                if len(pts) > 1:
+                    ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], color=color, alpha=0.18, lw=0)
+                else:  # a band needs two budgets: one budget gets its interval as an error bar
+                    ax.errorbar(x, [pts[0][1]], yerr=[[pts[0][1] - pts[0][2]], [pts[0][3] - pts[0][1]]],
+                                fmt="none", ecolor=color, capsize=3, lw=1)
         r0 = next(r for r in main if r["task"] == task)
-        ax.axhline(r0[f"dense_{metric}"], color="k", lw=0.9, label="dense teacher")
-        base = r0["majority_accuracy"] if metric == "accuracy" else r0["constant_f1"]
-        ax.axhline(base, color="gray", lw=0.9, ls="-.", label="majority" if metric == "accuracy" else "all-positive")
+        _reference_lines(ax, r0, metric)
         ax.set_title(f"{task} ({metric}), {tokens[task]:,}-token samples", fontsize=9)
         ax.set_xlabel("FLOPs kept")
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("MiniLM-L6, mean of sample seeds, 95% bootstrap bands", fontsize=10)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(png.getvalue(), path)
+    _save_figure(fig, path)
+
+
+def plot_sample_sizes(rows, path):
+    """Accuracy (and F1 where binary) against the pruning sample's size, for every (task, budget) that ran at
+    two sizes or more: one panel per (task, budget, metric), a line per method with 95% error bars. Writes
+    nothing when no cell has two sizes."""
+    full = [r for r in rows if r["variant"] == "full" and "accuracy" in r]
+    sizes = {}
+    for r in full:
+        sizes.setdefault((r["task"], r["flops_keep"]), set()).add(r["sample_tokens"])
+    cells = [c for c in sorted(sizes, key=lambda c: (TASKS.index(c[0]), -c[1])) if len(sizes[c]) > 1]
+    if not cells:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(t, k, m) for t, k in cells for m in ("accuracy", "f1")
+              if m == "accuracy" or any(r["task"] == t and r.get("f1") is not None for r in full)]
+    cols = min(2, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (task, keep, metric) in zip(axes.flat, panels):
+        for i, (method, marker, color) in enumerate(zip(METHODS, "os^", ("C0", "C1", "C2"))):
+            pts = sorted((r["sample_tokens"], r[metric], r[f"{metric}_low"], r[f"{metric}_high"]) for r in full
+                         if (r["task"], r["flops_keep"], r["method"]) == (task, keep, method))
+            if pts:
+                x = [p[0] * (1.04 ** (i - 1)) for p in pts]  # methods side by side at each size
+                y = [p[1] for p in pts]
+                ax.errorbar(x, y, yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]], fmt=marker + "-",
+                            color=color, label=method, ms=4, capsize=3, lw=1)
+        r0 = next(r for r in full if r["task"] == task)
+        _reference_lines(ax, r0, metric)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(sizes[(task, keep)]), [f"{n:,}" for n in sorted(sizes[(task, keep)])])
+        ax.minorticks_off()
+        ax.set_title(f"{task} ({metric}), {keep:g} of the FLOPs kept", fontsize=9)
+        ax.set_xlabel("pruning sample (tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("MiniLM-L6, mean of sample seeds, 95% bootstrap intervals over seeds and dev examples", fontsize=10)
+    _save_figure(fig, path)
 
 
 def task_map(values, cast):
@@ -655,7 +715,8 @@ def task_map(values, cast):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default=str(ROOT / "runs" / "kprune_eval"))
-    p.add_argument("--out", default=str(ROOT / "results" / "kprune"))
+    p.add_argument("--out", default=None, help="report folder (default: RUNS/report; the committed study's is "
+                                                "results/kprune)")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=["sst2", "mrpc"])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -678,6 +739,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
+    if args.out is None:  # a study's report stays beside its runs unless --out names another folder
+        args.out = str(Path(args.runs) / "report")
     args.teacher_examples = task_map(args.teacher_examples, int)
     args.teacher_epochs = task_map(args.teacher_epochs, float)
     torch.set_num_threads(args.threads)

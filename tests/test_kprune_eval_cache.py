@@ -142,6 +142,8 @@ def test_a_larger_pruning_sample_is_compared_with_the_same_method_on_the_same_se
     assert int(row["a_only_right"]) == sum(p != y for p, y in zip(small["preds"], labels)) and row["b_only_right"] == "0"
     assert [p["sample_tokens"] for p in pairs].count("4096") == 1  # kprune vs kwon at 4,096 tokens, as before
     assert "| mnli | 100000 vs 4096 | 0.4 | kprune @100000 | kprune @4096 | 1 |" in (out / "tables.md").read_text()
+    # two sizes at one budget: the size plot is drawn (the single-size report above has none)
+    assert (out / "metric_vs_sample_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_only_without_results_refuses_and_leaves_the_output_alone(tmp_path, capsys):
@@ -154,3 +156,17 @@ def test_report_only_without_results_refuses_and_leaves_the_output_alone(tmp_pat
     assert "--report-only: no results in" in str(exc.value) and "no_such_study" in str(exc.value)
     assert sorted(p.name for p in out.iterdir()) == ["table.csv"]
     assert (out / "table.csv").read_text() == "committed\n"
+
+
+def test_a_study_reports_beside_its_runs_unless_out_names_a_folder(tmp_path):
+    """Without --out the report goes to RUNS/report, never over the committed results/kprune (a side study
+    run with the old default wrote its tables there)."""
+    runs = tmp_path / "side_study"
+    runs.mkdir()
+    (runs / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    committed = sorted((p.name, p.stat().st_mtime_ns) for p in (ROOT / "results" / "kprune").iterdir())
+    assert KE.main(["--report-only", "--runs", str(runs)]) == 0
+    assert (runs / "report" / "tables.md").is_file()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (ROOT / "results" / "kprune").iterdir()) == committed
+    assert KE.main(["--report-only", "--runs", str(runs), "--out", str(tmp_path / "named")]) == 0
+    assert (tmp_path / "named" / "tables.md").is_file()
