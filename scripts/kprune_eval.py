@@ -540,6 +540,7 @@ def write_outputs(results, out: Path, args):
                                   "speed": speed, "runs": runs}, indent=1), out / "results.json")
     plot(rows, teachers, out / "metric_vs_flops.png", args)
     plot_sample_sizes(rows, out / "metric_vs_sample_tokens.png")
+    plot_ablations(rows, out / "ablations.png")
     atomic_write_text(markdown_tables(rows, pairs, teacher_rows, speed), out / "tables.md")
 
 
@@ -595,11 +596,13 @@ def markdown_tables(rows, pairs, teacher_rows, speed):
     return "\n".join(L) + "\n"
 
 
-def _reference_lines(ax, row, metric):
-    """The dense teacher's level and the constant predictor's (majority class, or all-positive for F1)."""
-    ax.axhline(row[f"dense_{metric}"], color="k", lw=0.9, label="dense teacher")
+def _reference_lines(ax, row, metric, vertical=False):
+    """The dense teacher's level and the constant predictor's (majority class, or all-positive for F1):
+    horizontal lines, or vertical ones where the metric is on the x axis."""
+    line = ax.axvline if vertical else ax.axhline
+    line(row[f"dense_{metric}"], color="k", lw=0.9, label="dense teacher")
     base = row["majority_accuracy"] if metric == "accuracy" else row["constant_f1"]
-    ax.axhline(base, color="gray", lw=0.9, ls="-.", label="majority" if metric == "accuracy" else "all-positive")
+    line(base, color="gray", lw=0.9, ls="-.", label="majority" if metric == "accuracy" else "all-positive")
 
 
 def _save_figure(fig, path):
@@ -699,6 +702,45 @@ def plot_sample_sizes(rows, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("MiniLM-L6, mean of sample seeds, 95% bootstrap intervals over seeds and dev examples", fontsize=10)
+    _save_figure(fig, path)
+
+
+def plot_ablations(rows, path):
+    """Kprune and each of its ablations, per (task, budget, sample size) that ran any, with 95% error bars
+    and the baselines at the same cell beside them: one panel per metric. Writes nothing without ablations."""
+    full = [r for r in rows if "accuracy" in r and r["variant"] in ("full", *ABLATIONS)]
+    cells = sorted({(r["task"], r["flops_keep"], r["sample_tokens"]) for r in full if r["variant"] in ABLATIONS},
+                   key=lambda c: (TASKS.index(c[0]), -c[1], c[2]))
+    if not cells:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(c, m) for c in cells for m in ("accuracy", "f1")
+              if m == "accuracy" or any(r["task"] == c[0] and r.get("f1") is not None for r in full)]
+    cols = min(2, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.6 * cols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    order = [("kprune", "full"), *[("kprune", v) for v in ABLATIONS], *[(m, "full") for m in METHODS if m != "kprune"]]
+    for ax, ((task, keep, tokens), metric) in zip(axes.flat, panels):
+        here = {(r["method"], r["variant"]): r for r in full
+                if (r["task"], r["flops_keep"], r["sample_tokens"]) == (task, keep, tokens)}
+        bars = [(m if v == "full" else f"kprune/{v}", here[(m, v)]) for m, v in order if (m, v) in here]
+        y = list(range(len(bars)))[::-1]
+        for yi, (name, r) in zip(y, bars):
+            color = "C0" if name == "kprune" else ("C3" if name.startswith("kprune/") else "C7")
+            ax.errorbar([r[metric]], [yi], xerr=[[r[metric] - r[f"{metric}_low"]], [r[f"{metric}_high"] - r[metric]]],
+                        fmt="o", color=color, capsize=3, ms=4, lw=1)
+        ax.set_yticks(y, [f"{name} ({r['seeds']} seeds)" for name, r in bars], fontsize=7)
+        _reference_lines(ax, bars[0][1], metric, vertical=True)
+        ax.set_title(f"{task}: {keep:g} of the FLOPs kept, {tokens:,}-token samples", fontsize=8)
+        ax.set_xlabel(metric)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    fig.suptitle("Kprune without one component (red) against the full method (blue) and the baselines (gray);\n"
+                 "mean of sample seeds, 95% bootstrap intervals over seeds and dev examples", fontsize=9)
     _save_figure(fig, path)
 
 

@@ -170,3 +170,20 @@ def test_a_study_reports_beside_its_runs_unless_out_names_a_folder(tmp_path):
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (ROOT / "results" / "kprune").iterdir()) == committed
     assert KE.main(["--report-only", "--runs", str(runs), "--out", str(tmp_path / "named")]) == 0
     assert (tmp_path / "named" / "tables.md").is_file()
+
+
+def test_ablation_runs_get_their_plot_and_a_study_without_them_does_not(tmp_path):
+    import argparse
+    recs = _records(classes=2)
+    plain = tmp_path / "plain"
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    KE.write_outputs(KE.Results(tmp_path / "plain.jsonl"), plain, argparse.Namespace())
+    assert not (plain / "ablations.png").exists()
+    full = next(r for r in recs[1:] if r["config"]["method"] == "kprune")
+    cfg = {**full["config"], "variant": "no_tuning", "options": KE.resolved_options("kprune", {"weight_tuning": False})}
+    assert KE.variant_label(cfg) == "no_tuning"
+    (tmp_path / "abl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs + [{**full, "key": KE.key_of(cfg),
+                                                                                       "config": cfg}]))
+    out = tmp_path / "abl"
+    KE.write_outputs(KE.Results(tmp_path / "abl.jsonl"), out, argparse.Namespace())
+    assert (out / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
