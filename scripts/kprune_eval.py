@@ -17,7 +17,7 @@ recomputed, never reused):
 ``--report-only`` (or the end of any run) writes ``--out`` (default: ``--runs``/report; a committed
 report is written only where ``--out`` names it): table.csv, pairwise.csv, results.json, tables.md,
 metric_vs_flops.png (means over seeds with 95% bootstrap bands over seeds and dev examples) and, where a
-budget ran at two sample sizes or more, metric_vs_sample_tokens.png.
+budget ran at two sample sizes or more, metric_vs_sample_tokens.png; where ablations ran, ablations.png.
 
     OMP_NUM_THREADS=1 python scripts/kprune_eval.py                 # everything, at the committed scale
     OMP_NUM_THREADS=1 python scripts/kprune_eval.py --stages teachers main
