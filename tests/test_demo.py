@@ -38,12 +38,13 @@ def test_table_has_the_three_models_and_every_column(demo_run):
         assert col in lines[0], col
     assert set(lines[1]) <= {"-", " "}
     assert [r.split()[0] for r in rows] == list(demo.ROWS)
-    assert lines[5] == ""  # exactly three rows, then the notes
+    assert lines[5].startswith(demo.MAJORITY_ROW) and "constant prediction" in lines[5]  # the baseline row
+    assert lines[6] == ""  # exactly three models and the baseline, then the notes
     dense = rows[0]
     assert dense.count("1.00x") == 2  # dense against itself
     assert "50% FLOPs kept" in rows[2]
     assert f"{demo.SIZES['test'].sparsity:.0%} weights zero" in rows[1]
-    notes = "\n".join(lines[6:])
+    notes = "\n".join(lines[7:])
     assert "format='auto'" in notes and "demo.png" in notes
 
 
@@ -55,7 +56,8 @@ def test_report_files_hold_the_same_numbers(demo_run):
     assert (rep / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(rep / "demo.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["model"] for r in table] == list(demo.ROWS)
+    assert [r["model"] for r in table] == [*demo.ROWS, demo.MAJORITY_ROW]
+    assert float(table[-1]["id_acc"]) == result["majority"]["id_acc"] and 0.3 <= result["majority"]["id_acc"] <= 0.7
     by = {r["model"]: r for r in result["rows"]}
     for r in result["rows"]:
         assert 0.0 <= r["id_acc"] <= 1.0 and 0.0 <= r["ood_acc"] <= 1.0
@@ -67,7 +69,10 @@ def test_report_files_hold_the_same_numbers(demo_run):
     assert by["Kprune"]["weight_bytes"] < by["dense"]["weight_bytes"]
     # the SRNet format summary covers every compressed layer
     assert sum(result["srnet_formats"].values()) == len(result["srnet_compress_choices"]) > 0
-    assert demo.format_table(result["rows"]) in stdout
+    assert demo.format_table(result["rows"], result["majority"]) in stdout
+    # a model predicting one class is said so in the notes, and only then
+    collapsed = [r["model"] for r in result["rows"] if r["one_class"]]
+    assert ("predicts one class for every ID test example" in stdout) == bool(collapsed)
     # the demo's dense and SRNet rows score what their srnet runs recorded on the same test halves
     for name, key in (("dense", "dense_run"), ("SRNet", "srnet_run")):
         run = json.loads((out / "srnet" / "synthetic" / result[key].split("/")[-1] / "run.json").read_text())
@@ -148,3 +153,16 @@ def test_measure_latency_interleaves_and_reports_each_batch():
     assert set(lat) == {"a", "b"} and all(set(v) == {1, 32} and min(v.values()) > 0 for v in lat.values())
     timed = [c for c in calls if c[1] == 1][2:]  # after the warm-up
     assert timed == [("a", 1), ("b", 1), ("b", 1), ("a", 1), ("a", 1), ("b", 1), ("b", 1), ("a", 1)]
+
+
+def test_notes_name_a_collapsed_model_and_only_it(demo_run):
+    out, _, _ = demo_run
+    result = json.loads((out / "report" / "demo.json").read_text())
+    result["files"] = ["demo.json"]
+    for r in result["rows"]:
+        r["one_class"] = r["model"] == "SRNet"
+    notes = demo.format_notes(result)
+    assert notes.splitlines()[0].startswith("SRNet predicts one class for every ID test example")
+    for r in result["rows"]:
+        r["one_class"] = False
+    assert "one class" not in demo.format_notes(result)

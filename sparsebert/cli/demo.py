@@ -220,12 +220,18 @@ def _fmt_rows(rows: list) -> list:
     return table
 
 
-def format_table(rows: list) -> str:
-    """The closing table as aligned text."""
+MAJORITY_ROW = "majority class"
+
+
+def format_table(rows: list, majority: dict | None = None) -> str:
+    """The closing table as aligned text; `majority` ({"id_acc", "ood_acc"}) adds the constant predictor's row."""
     body = _fmt_rows(rows)
+    if majority is not None:
+        body.append([MAJORITY_ROW, f"{100 * majority['id_acc']:.1f}", f"{100 * majority['ood_acc']:.1f}",
+                     "constant prediction", "", "", "", "", ""])
     widths = [max(len(COLUMNS[i]), *(len(r[i]) for r in body)) for i in range(len(COLUMNS))]
     line = lambda cells: "  ".join(c.ljust(w) if i in (0, 3) else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *(line(r) for r in body)])
 
 
@@ -241,12 +247,14 @@ def write_outputs(report_dir: Path, result: dict) -> list:
     atomic_write_bytes(json.dumps(result, indent=1).encode(), paths[0])
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["model", "id_acc", "ood_acc", "pruned", "sparsity", "flops_keep", "weight_bytes",
+    w.writerow(["model", "id_acc", "ood_acc", "one_class", "pruned", "sparsity", "flops_keep", "weight_bytes",
                 *[f"b{b}_ms" for b in LATENCY_BATCHES], *[f"b{b}_speedup" for b in LATENCY_BATCHES]])
     for r in rows:
-        w.writerow([r["model"], r["id_acc"], r["ood_acc"], r["pruned"], r["sparsity"], r["flops_keep"],
+        w.writerow([r["model"], r["id_acc"], r["ood_acc"], r["one_class"], r["pruned"], r["sparsity"], r["flops_keep"],
                     r["weight_bytes"], *[r["latency_ms"][str(b)] for b in LATENCY_BATCHES],
                     *[r["speedup"][str(b)] for b in LATENCY_BATCHES]])
+    w.writerow([MAJORITY_ROW, result["majority"]["id_acc"], result["majority"]["ood_acc"], True, "constant prediction",
+                *[""] * (3 + 2 * len(LATENCY_BATCHES))])
     atomic_write_bytes(buf.getvalue().encode(), paths[1])
 
     names = [r["model"] for r in rows]
@@ -369,6 +377,7 @@ def run_demo(out, size: DemoSize, *, progress: bool = False) -> dict:
     for name, m in models.items():
         rows.append({
             "model": name, "id_acc": acc[name]["id_test"]["value"], "ood_acc": acc[name]["ood_test"]["value"],
+            "one_class": bool(acc[name]["id_test"]["summary"]["one_class"]),  # one label for every ID test example
             "pruned": pruned[name],
             "sparsity": sparsity if name == "SRNet" else 0.0,
             "flops_keep": rep["flops_keep_reached"] if name == "Kprune" else 1.0,
@@ -379,6 +388,8 @@ def run_demo(out, size: DemoSize, *, progress: bool = False) -> dict:
     result = {
         "task": "synthetic", "device": _device_info(device), "seq_len": seq_len, "size": dataclasses.asdict(size),
         "backbone": str(backbone), "rows": rows, "srnet_formats": formats,
+        "majority": {split.split("_")[0] + "_acc": acc["dense"][split]["summary"]["majority_accuracy"]
+                     for split in ("id_test", "ood_test")},
         "srnet_compress_choices": {k: {**v, "speedups": {str(t): s for t, s in v["speedups"].items()}}
                                    for k, v in sub.compress_choices.items()},
         "kprune": {"heads_per_layer": rep["heads_per_layer"], "neurons_per_layer": rep["neurons_per_layer"],
@@ -399,7 +410,12 @@ def format_notes(result: dict) -> str:
     verdict = ("the sparse CPU format measured faster than dense for those layers" if sparse_layers else
                "no layer's sparse format measured faster than dense here, so all stay dense (speedup ~1.0x is the "
                "honest result)")
-    return "\n".join([
+    collapsed = [r["model"] for r in result["rows"] if r["one_class"]]
+    warning = ([f"{' and '.join(collapsed)} predicts one class for every ID test example: its accuracy is the majority "
+                f"class's, not a result. The demo's {s['sparsity']:.0%} PoE mask training collapses like this on some seeds and "
+                f"machines (results/demo_seeds/README.md); its sparsity and speed columns still hold."]
+               if collapsed else [])
+    return "\n".join(warning + [
         f"Random BERT (hidden {s['hidden']}, {s['layers']} layers, FFN {s['ffn']}) on the synthetic task; ID = "
         f"spurious feature agrees 90% of the time, OOD = independent of the label.",
         f"SRNet: mask-trained to {s['sparsity']:.0%} sparsity (PoE loss) from the dense CE model, compressed with "
@@ -440,7 +456,7 @@ def run(args) -> int:
         return 2
     with _quiet_layer_choices(getattr(args, "verbose", 0)):
         result = run_demo(args.out, size, progress=sys.stderr.isatty())
-    print(format_table(result["rows"]))
+    print(format_table(result["rows"], result["majority"]))
     print()
     print(format_notes(result))
     return 0
