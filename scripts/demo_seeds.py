@@ -29,14 +29,19 @@ MODELS = ("dense", "SRNet")
 SPLITS = ("id_test", "ood_test")
 
 
-def seed_predictions(runner, size, backbone, device: str, seed: int) -> dict:
-    """Run (or reuse) the seed's dense and SRNet runs; per model and split the per-example correctness."""
+def seed_predictions(runner, size, backbone, device: str, seed: int, recipe: dict | None = None) -> dict:
+    """Run (or reuse) the seed's dense and SRNet runs; per model and split the per-example correctness.
+    `recipe`: SRNetConfig fields of the mask training that differ from the demo's (e.g. lr_scores)."""
+    import dataclasses
+
     import torch
 
     from sparsebert.cli.demo import _dense_model, _subnetwork_model, srnet_configs
     from sparsebert.eval import classification_summary, predict
 
     dense_cfg, srnet_cfg = srnet_configs(runner.out, size, backbone, device, seed=seed)
+    if recipe:
+        srnet_cfg = dataclasses.replace(srnet_cfg, **recipe).validate()
     srnet_run = runner.run(srnet_cfg)
     data = runner.data(dense_cfg)
     models = {"dense": _dense_model(runner, dense_cfg, data), "SRNet": _subnetwork_model(runner, srnet_cfg, data)}
@@ -157,12 +162,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/demo_seeds", help="run folder (resumable)")
     p.add_argument("--report-dir", default="results/demo_seeds")
     p.add_argument("--size", default="default", help=argparse.SUPPRESS)  # "test": the demo's seconds-long size
+    p.add_argument("--lr-scores", type=float, default=None, help="mask training's score lr (default: the demo's)")
+    p.add_argument("--mask-epochs", type=float, default=None, help="mask training's epochs (default: the demo's)")
     args = p.parse_args(argv)
     from sparsebert.cli.demo import SIZES, write_backbone
     if args.size not in SIZES:
         p.error(f"--size: expected one of {sorted(SIZES)}, got {args.size!r}")
     if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
         p.error(f"--seeds: expected distinct seeds >= 0, got {args.seeds}")
+    for name in ("lr_scores", "mask_epochs"):
+        v = getattr(args, name)
+        if v is not None and not (v > 0 and v == v and v != float("inf")):
+            p.error(f"--{name.replace('_', '-')}: expected a finite number > 0, got {v}")
+    recipe = {k: v for k, v in (("lr_scores", args.lr_scores), ("mask_epochs", args.mask_epochs)) if v is not None}
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
     import torch
@@ -172,17 +184,19 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     backbone = write_backbone(out, size)
-    runner = Runner(out / "srnet", progress=False, log_fn=logging.getLogger("demo_seeds").info)
+    # another recipe gets its own run folder: a run folder's name does not hold these fields
+    folder = "srnet" + "".join(f"-{k}{v:g}" for k, v in sorted(recipe.items()))
+    runner = Runner(out / folder, progress=False, log_fn=logging.getLogger("demo_seeds").info)
     per_seed = []
     for seed in args.seeds:
         t0 = time.perf_counter()
-        per_seed.append(seed_predictions(runner, size, backbone, device, seed))
+        per_seed.append(seed_predictions(runner, size, backbone, device, seed, recipe))
         m = per_seed[-1]["models"]
         print(f"seed {seed}: dense ID {_pct(m['dense']['id_test']['accuracy'])} OOD "
               f"{_pct(m['dense']['ood_test']['accuracy'])} | SRNet ID {_pct(m['SRNet']['id_test']['accuracy'])} OOD "
               f"{_pct(m['SRNet']['ood_test']['accuracy'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
     settings = {"size": args.size, "seeds": args.seeds, "device": device, "backbone": backbone.name,
-                "recipe": "sparsebert.cli.demo.srnet_configs"}
+                "recipe": "sparsebert.cli.demo.srnet_configs", "recipe_changes": recipe}
     for path in write_report(Path(args.report_dir), per_seed, settings):
         print(path)
     return 0

@@ -67,3 +67,21 @@ def test_bad_seeds_are_refused_before_any_run(tmp_path, seeds, capsys):
         _module().main(["--size", "test", "--seeds", *seeds, "--out", str(tmp_path / "runs")])
     assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_another_mask_recipe_runs_in_its_own_folder_and_is_recorded(study):
+    mod, tmp, _ = study
+    assert mod.main(["--size", "test", "--seeds", "3", "--lr-scores", "0.05", "--out", str(tmp / "runs"),
+                     "--report-dir", str(tmp / "report_lr")]) == 0
+    run = next((tmp / "runs" / "srnet-lr_scores0.05").rglob("a-*seed3"))
+    assert json.loads((run / "run.json").read_text())["config"]["lr_scores"] == 0.05
+    doc = json.loads((tmp / "report_lr" / "seeds.json").read_text())
+    assert doc["settings"]["recipe_changes"] == {"lr_scores": 0.05}
+
+
+@pytest.mark.parametrize("flag,value", [("--lr-scores", "0"), ("--mask-epochs", "nan"), ("--lr-scores", "-1")])
+def test_bad_recipe_values_are_refused_before_any_run(tmp_path, flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        _module().main(["--size", "test", flag, value, "--out", str(tmp_path / "runs")])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
