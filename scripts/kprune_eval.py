@@ -32,6 +32,7 @@ import functools
 import hashlib
 import io
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -163,6 +164,22 @@ class Results:
         self.rows[rec["key"]] = rec
 
 
+def check_retrained_teacher(task, recorded, preds, weights, runs):
+    """A teacher retrained because only its record survived (e.g. the study's results.jsonl moved to another
+    machine) must predict what the record says: the pruning results of ``runs`` were made from the recorded
+    teacher and its key cannot tell the two apart. Floating-point differences between machines can change a
+    3-epoch fine-tuning slightly; then the new weights are removed (they would be loaded beside the old record
+    next time) and the study stops, naming a way on."""
+    differ = sum(a != b for a, b in zip(recorded["preds"], preds))
+    if differ or len(recorded["preds"]) != len(preds):
+        shutil.rmtree(weights, ignore_errors=True)
+        sys.exit(f"teacher {task}: retrained here, it differs from the teacher recorded in {runs} on {differ} of "
+                 f"{len(preds)} dev predictions (floating-point differences between machines change a fine-tuning "
+                 f"slightly); the pruning results recorded there were made from the other one and would be mixed "
+                 f"with this one under the same key. Run this study in a new --runs folder (its teachers are "
+                 f"trained there), or bring the recorded teacher's weights to {weights}.")
+
+
 class Experiment:
     def __init__(self, args):
         from transformers import AutoTokenizer
@@ -227,6 +244,8 @@ class Experiment:
         model.save_pretrained(folder / "final")
         t0 = time.perf_counter()
         probs, labels = self.dev_probs(model, task)
+        if rec is not None:  # the record is here, its weights were not: retrained, it must be the same teacher
+            check_retrained_teacher(task, rec, probs.argmax(1).tolist(), folder / "final", self.runs)
         summ = classification_summary(probs.argmax(1), labels, probs.shape[1])
         rec = {"key": key, "config": cfg, "train_steps": res["steps"], "train_seconds": res["seconds"],
                "train_examples_used": len(train), "eval_seconds": time.perf_counter() - t0, "summary": summ,

@@ -187,3 +187,18 @@ def test_ablation_runs_get_their_plot_and_a_study_without_them_does_not(tmp_path
     out = tmp_path / "abl"
     KE.write_outputs(KE.Results(tmp_path / "abl.jsonl"), out, argparse.Namespace())
     assert (out / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_retrained_teacher_that_differs_from_its_record_stops_the_study(tmp_path):
+    """Only the record survived (a study moved to another machine); the teacher trained again predicts one dev
+    example differently: its weights are removed and the study stops, instead of pruning it under the old key."""
+    weights = tmp_path / "ft" / "final"
+    weights.mkdir(parents=True)
+    (weights / "config.json").write_text("{}")
+    recorded = {"preds": [0, 1, 2, 1]}
+    KE.check_retrained_teacher("mnli", recorded, [0, 1, 2, 1], weights, tmp_path)  # the same teacher: no error
+    assert weights.is_dir()
+    with pytest.raises(SystemExit) as exc:
+        KE.check_retrained_teacher("mnli", recorded, [0, 1, 2, 0], weights, tmp_path)
+    assert "differs from the teacher recorded" in str(exc.value) and "on 1 of 4 dev predictions" in str(exc.value)
+    assert not weights.exists()
