@@ -719,8 +719,8 @@ def plot_sample_sizes(rows, path):
         ax.set_title(f"{task} ({metric}), {keep:g} of the FLOPs kept", fontsize=9)
         ax.set_xlabel("pruning sample (tokens)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("MiniLM-L6, mean of sample seeds, 95% bootstrap intervals over seeds and dev examples", fontsize=10)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
+    fig.suptitle("MiniLM-L6, mean of sample seeds,\n95% bootstrap intervals over seeds and dev examples", fontsize=9)
     _save_figure(fig, path)
 
 
